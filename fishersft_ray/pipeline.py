@@ -1,0 +1,301 @@
+"""The curation job, one direction only:
+
+    corpus → featurize (Ray Data actor pool) → feature shards → select (driver) → subset + report
+
+Each stage hands the next a columnar object (Arrow table, Ray Dataset, FeatureSet,
+Selection); nothing flows back. Feature shards are cached under a key made of the model
+fingerprint, the corpus fingerprint and the featurizer settings, so a re-run with another
+budget re-uses them instead of embedding the corpus again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .corpus import Corpus, CorpusSpec, read_corpus
+from .features import FeatureSet
+from .storage import MANIFEST_NAME, Location, fingerprint
+from .tokenod import Selection, select
+
+log = logging.getLogger("fishersft_ray")
+
+FEATURES_COMPLETE = "_COMPLETE.json"
+
+
+@dataclass
+class JobSettings:
+    """Everything a selection run depends on; the CLI and ``ray job submit`` fill it."""
+
+    input: str
+    output: str
+    budget: int
+    budget_unit: str = "examples"
+    model: str | None = None
+    format: str = "auto"
+    text_field: str = "text"
+    id_field: str | None = None
+    lam: float = 1.0
+    project_dim: int | None = None
+    prior: str | None = None
+    ray_address: str | None = None
+    num_actors: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    storage_options: dict = field(default_factory=dict)
+    output_format: str = "parquet"
+    features: str | None = None  # feature-shard cache; default: <output>/features
+    on_bad_row: str = "error"
+    max_length: int | None = None
+
+    def validate(self) -> None:
+        if self.budget < 0:
+            raise ValueError(f"--budget must be ≥ 0, got {self.budget}")
+        if self.budget_unit not in ("examples", "tokens"):
+            raise ValueError(f"--budget-unit must be 'examples' or 'tokens', got {self.budget_unit!r}")
+        if not self.lam > 0:
+            raise ValueError(f"--lam must be > 0, got {self.lam}")
+        if self.output_format not in ("parquet", "jsonl"):
+            raise ValueError(f"--output-format must be 'parquet' or 'jsonl', got {self.output_format!r}")
+        if self.project_dim is not None and self.project_dim <= 0:
+            raise ValueError(f"--project-dim must be > 0, got {self.project_dim}")
+
+
+@dataclass
+class JobResult:
+    output: str
+    manifest: dict
+    selection: Selection
+
+
+class StageTimer:
+    """Wall time per stage, reported in the manifest and the summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("stage %s …", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def run_selection(settings: JobSettings) -> JobResult:
+    """Run the whole job and return the manifest it wrote last."""
+    from .featurize import FeaturizeConfig, resolve_model
+
+    settings.validate()
+    timer = StageTimer()
+    output = Location.of(settings.output, settings.storage_options)
+    with timer.stage("check_storage"):
+        Location.of(settings.input, settings.storage_options).check_readable()
+        output.check_writable()
+        # An earlier complete run here is no longer complete once we start rewriting it.
+        output.remove(MANIFEST_NAME)
+
+    with timer.stage("read_corpus"):
+        corpus = read_corpus(_corpus_spec(settings, settings.input))
+        prior_corpus = read_corpus(_corpus_spec(settings, settings.prior)) if settings.prior else None
+    log.info("corpus: %s rows read, %s kept (%s), format %s", corpus.stats["rows_read"],
+             corpus.stats["kept"], corpus.stats["skipped"], corpus.format)
+
+    with timer.stage("load_model"):
+        model = resolve_model(settings.model)
+        config = FeaturizeConfig(model=model.path, format=corpus.format, device=settings.device,
+                                 project_dim=settings.project_dim, max_length=settings.max_length)
+
+    features_root = Location.of(settings.features or f"{settings.output}/features",
+                                settings.storage_options)
+    with timer.stage("featurize"):
+        features, features_info = _featurized(corpus, model, config, features_root, settings)
+        prior = None
+        if prior_corpus is not None:
+            prior_config = dataclasses.replace(config, format=prior_corpus.format)
+            prior, _ = _featurized(prior_corpus, model, prior_config, features_root, settings)
+
+    with timer.stage("select"):
+        if settings.budget_unit == "examples" and settings.budget > features.n:
+            warnings.warn(f"budget {settings.budget} exceeds the {features.n} usable examples: "
+                          "every example is selected (in greedy order)", stacklevel=2)
+        selection = select(features, settings.budget, lam=settings.lam, method="lazy",
+                           budget_unit=settings.budget_unit, prior=prior,
+                           device=_torch_device(settings.device), progress=_progress_bar())
+
+    with timer.stage("write_outputs"):
+        manifest = _write_outputs(output, settings, corpus, features, selection, model,
+                                  features_info, timer)
+    return JobResult(output=settings.output, manifest=manifest, selection=selection)
+
+
+def _corpus_spec(settings: JobSettings, path: str) -> CorpusSpec:
+    return CorpusSpec(path=path, format=settings.format, text_field=settings.text_field,
+                      id_field=settings.id_field, storage_options=settings.storage_options,
+                      on_bad_row=settings.on_bad_row)
+
+
+def _torch_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _featurized(corpus: Corpus, model, config, root: Location, settings: JobSettings
+                ) -> tuple[FeatureSet, dict]:
+    """Load the feature shards for this corpus/model/settings, computing them if absent."""
+    key = fingerprint(model.fingerprint, corpus.examples, dataclasses.asdict(config) | {"model": None})
+    shards = root.child(key)
+    reused = shards.exists(FEATURES_COMPLETE)
+    if not reused:
+        shards.remove()  # a previous attempt that did not finish
+        _write_shards(corpus.examples, config, shards, settings)
+        shards.write_json(FEATURES_COMPLETE, {"rows": corpus.examples.num_rows, "model": model.name,
+                                              "model_fingerprint": model.fingerprint})
+    features = FeatureSet.load(shards.url, storage_options=settings.storage_options)
+    if features.n != corpus.examples.num_rows:
+        raise RuntimeError(f"feature shards at {shards.url} hold {features.n} examples but the corpus "
+                           f"has {corpus.examples.num_rows}; delete that directory and re-run")
+    log.info("features %s at %s (%d examples, d=%d)", "reused" if reused else "computed",
+             shards.url, features.n, features.dim)
+    return features, {"key": key, "location": shards.url, "reused": reused}
+
+
+def _write_shards(examples: pa.Table, config, shards: Location, settings: JobSettings) -> None:
+    import ray
+
+    from .featurize import featurize_dataset
+
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, log_to_driver=False, configure_logging=False)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if settings.device != "cpu" else 0
+    num_actors = settings.num_actors or max(1, gpus or int(resources.get("CPU", 1)) // 2)
+    blocks = max(num_actors * 4, 1)
+    rows_per_block = max(1, -(-examples.num_rows // blocks))
+    ds = ray.data.from_arrow([examples.slice(i, rows_per_block)
+                              for i in range(0, examples.num_rows, rows_per_block)] or [examples])
+    featurized = featurize_dataset(ds, config, num_actors=num_actors, batch_size=settings.batch_size,
+                                   num_gpus_per_actor=1 if gpus else 0)
+    featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem())
+
+
+def _progress_bar():
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(step: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="select", unit="pick", mininterval=1.0)
+        bar.n = step
+        bar.refresh()
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+def _selected_rows(corpus: Corpus, features: FeatureSet, selection: Selection) -> pa.Table:
+    """The picked rows with every original column, plus rank and gain, in greedy order."""
+    picked_row_index = features.row_index[selection.indices]
+    position_of = {int(r): i for i, r in enumerate(corpus.rows.column("row_index").to_numpy())}
+    positions = np.fromiter((position_of[int(r)] for r in picked_row_index), dtype=np.int64,
+                            count=len(picked_row_index))
+    rows = corpus.rows.take(pa.array(positions))
+    rows = rows.append_column("fishersft_rank", pa.array(np.arange(len(positions)), pa.int64()))
+    return rows.append_column("fishersft_gain", pa.array(selection.gains, pa.float64()))
+
+
+def _ranking(features: FeatureSet, selection: Selection) -> pa.Table:
+    picked = selection.indices
+    return pa.table({
+        "id": pa.array(np.asarray(features.ids, dtype=object)[picked], pa.string()),
+        "row_index": pa.array(features.row_index[picked], pa.int64()),
+        "rank": pa.array(np.arange(len(picked)), pa.int64()),
+        "gain": pa.array(selection.gains, pa.float64()),
+        "objective": pa.array(selection.objective, pa.float64()),
+        "num_targets": pa.array(features.num_targets[picked], pa.int64()),
+    })
+
+
+def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> str:
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    if fmt == "parquet":
+        pq.write_table(table, sink)
+        filename = f"{name}.parquet"
+    else:
+        filename = f"{name}.jsonl"
+        lines = (json.dumps(row, ensure_ascii=False, default=str) for row in table.to_pylist())
+        sink.write(("\n".join(lines) + ("\n" if table.num_rows else "")).encode())
+    location.write_bytes(filename, sink.getvalue().to_pybytes())
+    return filename
+
+
+def _write_outputs(output: Location, settings: JobSettings, corpus: Corpus, features: FeatureSet,
+                   selection: Selection, model, features_info: dict, timer: StageTimer) -> dict:
+    from .report import render_report
+
+    subset_file = _write_table(output, "subset", _selected_rows(corpus, features, selection),
+                               settings.output_format)
+    ranking_file = _write_table(output, "ranking", _ranking(features, selection), "parquet")
+    output.write_bytes("report.png", render_report(features, selection, lam=settings.lam))
+    manifest = _manifest(settings, corpus, features, selection, model, features_info, timer,
+                         files=[subset_file, ranking_file, "report.png"])
+    output.write_json(MANIFEST_NAME, manifest)  # last: its presence means the output is complete
+    return manifest
+
+
+def _manifest(settings: JobSettings, corpus: Corpus, features: FeatureSet, selection: Selection,
+              model, features_info: dict, timer: StageTimer, files: list[str]) -> dict:
+    import ray
+    import torch
+    import transformers
+
+    settings_dict = dataclasses.asdict(settings)
+    settings_dict["storage_options"] = sorted(settings.storage_options)  # keys only: no secrets
+    objective = float(selection.objective[-1]) if len(selection.indices) else 0.0
+    return {
+        "fishersft_ray_version": __version__,
+        "output": settings.output,
+        "created_unix": time.time(),
+        "settings": settings_dict,
+        "model": {"name": model.name, "path": model.path, "fingerprint": model.fingerprint,
+                  "dim": features.dim},
+        "corpus": {"format": corpus.format, **corpus.stats,
+                   "target_tokens": int(features.num_targets.sum())},
+        "features": features_info,
+        "selection": {
+            "selected": int(len(selection.indices)),
+            "budget": settings.budget,
+            "budget_unit": settings.budget_unit,
+            "selected_target_tokens": int(features.num_targets[selection.indices].sum()),
+            "objective": objective,
+            "upper_bound": float(selection.upper_bound),
+            "certificate_ratio": float(selection.certificate_ratio),
+            "evaluations": int(selection.evaluations),
+            "variant": selection.variant,
+        },
+        "files": files,
+        "timings_s": dict(timer.seconds),
+        "versions": {"ray": ray.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "pyarrow": pa.__version__,
+                     "numpy": np.__version__},
+    }

@@ -1,0 +1,99 @@
+"""Human-facing outputs of a run: the report figure and the end-of-run summary table."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .features import FeatureSet
+from .tokenod import Selection
+
+
+def information_matrix(features: FeatureSet, positions: np.ndarray | None = None, *,
+                       chunk_rows: int = 1 << 16) -> np.ndarray:
+    """Σ_{i∈positions} A_i = Σ F_iᵀF_i in float64 (all examples when ``positions`` is None),
+    streaming the factor rows in chunks."""
+    total = np.zeros((features.dim, features.dim))
+    if positions is None:
+        rows = np.arange(len(features.factors))
+    else:
+        rows = np.concatenate([np.arange(features.offsets[i], features.offsets[i + 1])
+                               for i in positions] or [np.zeros(0, dtype=np.int64)])
+    for start in range(0, len(rows), chunk_rows):
+        block = np.asarray(features.factors[rows[start:start + chunk_rows]], dtype=np.float64)
+        total += block.T @ block
+    return total
+
+
+def render_report(features: FeatureSet, selection: Selection, *, lam: float) -> bytes:
+    """A 2×2 PNG: objective and marginal gain per step; target lengths, selected vs corpus;
+    eigen-spectrum of Σ_S against a same-size uniform subset's expected Σ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = selection.indices
+    steps = np.arange(1, len(picked) + 1)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+
+    ax = axes[0, 0]
+    ax.plot(steps, selection.objective, color="tab:blue")
+    ax.set_xlabel("greedy step")
+    ax.set_ylabel("f(S) = log det Σ_S − log det Σ_0", color="tab:blue")
+    ax.set_title(f"objective (certified ≥ {selection.certificate_ratio:.3f} of optimum)")
+
+    ax = axes[0, 1]
+    ax.semilogy(steps, np.maximum(selection.gains, 1e-12), color="tab:orange")
+    ax.set_xlabel("greedy step")
+    ax.set_ylabel("marginal gain Δ(i | S)")
+    ax.set_title("marginal gain of each pick")
+
+    ax = axes[1, 0]
+    lengths = features.num_targets
+    bins = np.histogram_bin_edges(lengths, bins=40)
+    ax.hist(lengths, bins=bins, density=True, alpha=0.5, label=f"corpus (n={features.n})")
+    ax.hist(lengths[picked], bins=bins, density=True, alpha=0.6, label=f"selected (n={len(picked)})")
+    ax.set_xlabel("target tokens per example")
+    ax.set_ylabel("density")
+    ax.set_title("target length: selected vs corpus")
+    ax.legend()
+
+    ax = axes[1, 1]
+    eye = lam * np.eye(features.dim)
+    selected_eigs = np.linalg.eigvalsh(eye + information_matrix(features, picked))[::-1]
+    share = len(picked) / max(features.n, 1)
+    uniform_eigs = np.linalg.eigvalsh(eye + share * information_matrix(features))[::-1]
+    ax.semilogy(selected_eigs, label="Σ_S (selected)")
+    ax.semilogy(uniform_eigs, label="E[Σ] of a uniform subset of the same size", linestyle="--")
+    ax.set_xlabel("eigenvalue index")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title("spectrum of the design matrix")
+    ax.legend()
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def summary_table(manifest: dict) -> str:
+    """A short plain-text table of what a run read, skipped, selected and how long it took."""
+    corpus, sel = manifest["corpus"], manifest["selection"]
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(corpus["skipped"].items()) if v) or "none"
+    rows = [
+        ("output", manifest["output"]),
+        ("model", f"{manifest['model']['name']} (d={manifest['model']['dim']})"),
+        ("rows read / kept", f"{corpus['rows_read']} / {corpus['kept']}  (skipped: {skipped})"),
+        ("features", "reused from cache" if manifest["features"]["reused"] else "computed"),
+        ("selected", f"{sel['selected']} examples, {sel['selected_target_tokens']} of "
+                     f"{corpus['target_tokens']} target tokens ({sel['budget_unit']} budget "
+                     f"{sel['budget']})"),
+        ("objective", f"{sel['objective']:.4f}  (≥ {sel['certificate_ratio']:.3f} of optimum, "
+                      f"{sel['evaluations']} gain evaluations)"),
+        ("time", "  ".join(f"{k}={v:.1f}s" for k, v in manifest["timings_s"].items())),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
