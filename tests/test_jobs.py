@@ -1,0 +1,123 @@
+"""The job as users run it: `ray job submit` to a real head, and object storage in and out."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from fishersft_ray.pipeline import JobSettings, run_selection
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _write_text_corpus(path, n=30):
+    speeches = [f"SPEAKER {i}:\n" + " ".join(f"word{(i * 7 + k) % 53}" for k in range(5 + (i * 3) % 40))
+                for i in range(n)]
+    path.write_text("\n\n".join(speeches) + "\n")
+    return speeches
+
+
+@pytest.fixture()
+def ray_head(tmp_path, free_port):
+    """A real Ray head on 127.0.0.1 (free ports), stopped after the test."""
+    port, dashboard = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"
+    temp_dir = f"/tmp/fsr-head-{os.getpid()}"
+    head = subprocess.Popen(
+        [str(pathlib.Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            if head.poll() is not None or time.time() > deadline:
+                head.kill()
+                pytest.fail("the Ray head did not start")
+            time.sleep(1)
+    yield address, env
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, 9)
+
+
+def test_ray_job_submit_runs_the_job(ray_head, tiny_llama_dir, tmp_path):
+    address, env = ray_head
+    corpus = tmp_path / "speeches.txt"
+    speeches = _write_text_corpus(corpus)
+    out = tmp_path / "job-out"
+    cmd = [str(pathlib.Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+           "--working-dir", str(REPO), "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
+           "python", "jobs/select_subset.py", "--input", str(corpus), "--output", str(out),
+           "--budget", "6", "--model", str(tiny_llama_dir), "--num-actors", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["corpus"]["rows_read"] == len(speeches)
+    subset = pq.read_table(out / "subset.parquet")
+    assert subset.num_rows == 6
+    assert set(subset.column("text").to_pylist()) <= {s.strip() for s in speeches}
+
+
+def test_s3_in_and_out(ray_local, s3_server, tiny_llama_dir, tmp_path):
+    client, options = s3_server["client"], s3_server["storage_options"]
+    client.create_bucket(Bucket="corpora")
+    client.create_bucket(Bucket="runs")
+    rows = [{"id": f"r{i}", "text": " ".join(f"tok{(i * k) % 31}" for k in range(3 + i % 25))} for i in range(25)]
+    client.put_object(Bucket="corpora", Key="sft/part-0.jsonl",
+                      Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    result = run_selection(JobSettings(input="s3://corpora/sft/part-0.jsonl", output="s3://runs/r1",
+                                       budget=7, model=str(tiny_llama_dir), id_field="id",
+                                       storage_options=options))
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="runs", Prefix="r1/")["Contents"]}
+    assert {"r1/subset.parquet", "r1/ranking.parquet", "r1/report.png", "r1/manifest.json"} <= keys
+    assert any(k.startswith("r1/features/") for k in keys)
+    manifest = json.loads(client.get_object(Bucket="runs", Key="r1/manifest.json")["Body"].read())
+    assert manifest["selection"]["selected"] == 7 == result.manifest["selection"]["selected"]
+    assert "testing" not in json.dumps(manifest)  # storage options are recorded by key only
+    local = tmp_path / "subset.parquet"
+    local.write_bytes(client.get_object(Bucket="runs", Key="r1/subset.parquet")["Body"].read())
+    subset = pq.read_table(local)
+    assert subset.num_rows == 7
+    assert set(subset.column("id").to_pylist()) <= {r["id"] for r in rows}
+
+
+def test_unwritable_output_fails_before_model_load(s3_server, tmp_path, monkeypatch):
+    import fishersft_ray.featurize as featurize
+    from fishersft_ray.storage import StorageError
+
+    monkeypatch.setattr(featurize, "resolve_model", lambda *a, **k: pytest.fail("model loaded first"))
+    corpus = tmp_path / "c.txt"
+    _write_text_corpus(corpus)
+    with pytest.raises(StorageError, match="cannot write to output s3://no-such-bucket/run"):
+        run_selection(JobSettings(input=str(corpus), output="s3://no-such-bucket/run", budget=1,
+                                  storage_options=s3_server["storage_options"]))
+
+
+def test_cluster_yaml_validates_against_ray_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    node_types = config["available_node_types"]
+    assert node_types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert any(t["resources"].get("GPU", 0) >= 1 and t["max_workers"] > t.get("min_workers", 0)
+               for t in node_types.values())
+    assert any("torch==2.13.0" in cmd for cmd in config["setup_commands"])

@@ -1,0 +1,152 @@
+"""End-to-end runs of the curation job on a real local Ray instance with a tiny random model."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fishersft_ray.cli import main
+from fishersft_ray.pipeline import JobSettings, run_selection
+from fishersft_ray.storage import StorageError
+
+WORDS = ("love war king crown night sword heart blood honour grace fortune sorrow "
+         "death life dream tongue gentle noble foul fair").split()
+
+
+def _alpaca_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(3, 40))
+        rows.append({
+            "instruction": f"Question {i}: say something about {rng.choice(WORDS)}.",
+            "input": "" if i % 3 else f"context {i}",
+            "output": " ".join(rng.choice(WORDS, size=length)),
+            "source": f"synthetic-{i % 4}",
+        })
+    return rows
+
+
+@pytest.fixture()
+def alpaca_corpus(tmp_path):
+    rows = _alpaca_rows(40)
+    rows.append(dict(rows[5]))                      # an exact duplicate
+    rows.append({**rows[7], "output": "   "})       # an empty response
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def test_end_to_end_subset_ranking_manifest(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
+    path, rows = alpaca_corpus
+    out = tmp_path / "out"
+    result = run_selection(JobSettings(input=str(path), output=str(out), budget=8,
+                                       model=str(tiny_llama_dir), num_actors=2, batch_size=8))
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    subset = pq.read_table(out / "subset.parquet")
+    ranking = pq.read_table(out / "ranking.parquet")
+
+    # The budgeted rows, original columns intact, ranks 0..n-1 in greedy order.
+    assert subset.num_rows == 8
+    assert {"instruction", "input", "output", "source", "fishersft_rank", "fishersft_gain"} <= set(subset.column_names)
+    assert subset.column("fishersft_rank").to_pylist() == list(range(8))
+    originals = {json.dumps(r, sort_keys=True) for r in rows}
+    for row in subset.select(["instruction", "input", "output", "source"]).to_pylist():
+        assert json.dumps(row, sort_keys=True) in originals
+    # Never two rows with identical content.
+    assert len({(r["instruction"], r["input"], r["output"]) for r in subset.to_pylist()}) == 8
+    gains = subset.column("fishersft_gain").to_numpy()
+    assert np.all(gains > 0)
+    np.testing.assert_allclose(np.cumsum(gains), ranking.column("objective").to_numpy(), rtol=1e-9)
+
+    # The manifest is written last and agrees with the files.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert mtimes["manifest.json"] >= max(mtimes.values())
+    assert manifest["corpus"]["rows_read"] == len(rows)
+    assert manifest["corpus"]["skipped"]["duplicate"] == 1
+    assert manifest["corpus"]["skipped"]["empty"] == 1
+    assert manifest["corpus"]["kept"] == len(rows) - 2
+    assert manifest["selection"]["selected"] == 8
+    assert manifest["selection"]["objective"] == pytest.approx(float(np.sum(gains)))
+    assert 0 < manifest["selection"]["certificate_ratio"] <= 1
+    assert manifest["features"]["reused"] is False
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.manifest == manifest
+
+
+def test_rerun_reuses_feature_shards_and_prefix_property(ray_local, tiny_llama_dir, alpaca_corpus,
+                                                         tmp_path, monkeypatch):
+    path, _ = alpaca_corpus
+    features = tmp_path / "features"
+    first = run_selection(JobSettings(input=str(path), output=str(tmp_path / "a"), budget=12,
+                                      model=str(tiny_llama_dir), features=str(features)))
+    # A second run with another budget must not embed anything again.
+    import fishersft_ray.featurize as featurize
+
+    def no_featurizing(*args, **kwargs):
+        raise AssertionError("featurized again despite cached shards")
+
+    monkeypatch.setattr(featurize, "featurize_dataset", no_featurizing)
+    second = run_selection(JobSettings(input=str(path), output=str(tmp_path / "b"), budget=5,
+                                       model=str(tiny_llama_dir), features=str(features)))
+    assert second.manifest["features"]["reused"] is True
+    # Nested ranking: the smaller budget's answer is the prefix of the larger one's.
+    np.testing.assert_array_equal(second.selection.indices, first.selection.indices[:5])
+
+
+def test_budget_larger_than_corpus_selects_all_with_warning(ray_local, tiny_llama_dir, alpaca_corpus,
+                                                            tmp_path):
+    path, rows = alpaca_corpus
+    with pytest.warns(UserWarning, match="exceeds"):
+        result = run_selection(JobSettings(input=str(path), output=str(tmp_path / "all"), budget=10_000,
+                                           model=str(tiny_llama_dir)))
+    assert result.manifest["selection"]["selected"] == len(rows) - 2
+
+
+def test_token_budget_is_respected_and_jsonl_output(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
+    path, _ = alpaca_corpus
+    out = tmp_path / "tok"
+    result = run_selection(JobSettings(input=str(path), output=str(out), budget=120,
+                                       budget_unit="tokens", model=str(tiny_llama_dir),
+                                       output_format="jsonl"))
+    assert 0 < result.manifest["selection"]["selected_target_tokens"] <= 120
+    lines = (out / "subset.jsonl").read_text().splitlines()
+    assert len(lines) == result.manifest["selection"]["selected"]
+    assert all("fishersft_rank" in json.loads(line) for line in lines)
+
+
+def test_cli_reports_missing_field_with_fields_present(tiny_llama_dir, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "answer": "b"}\n')
+    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "1",
+                 "--model", str(tiny_llama_dir), "--format", "text"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "text" in err and "prompt" in err and "answer" in err
+
+
+def test_cli_names_malformed_json_line(tiny_llama_dir, tmp_path, capsys):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
+    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "1",
+                 "--model", str(tiny_llama_dir)])
+    assert code == 2
+    assert ":3" in capsys.readouterr().err
+
+
+def test_unreachable_input_fails_before_model_load(tmp_path, monkeypatch):
+    import fishersft_ray.featurize as featurize
+
+    def model_must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(featurize, "resolve_model", model_must_not_load)
+    with pytest.raises(StorageError, match="does not exist"):
+        run_selection(JobSettings(input=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "o"), budget=1))
+    with pytest.raises(StorageError, match="cannot reach input"):
+        run_selection(JobSettings(input="s3://bucket/corpus.jsonl", output=str(tmp_path / "o"), budget=1,
+                                  storage_options={"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9",
+                                                   "config_kwargs": {"retries": {"max_attempts": 1},
+                                                                     "connect_timeout": 1}}))
