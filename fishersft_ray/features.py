@@ -1,0 +1,311 @@
+"""Feature shards: the stored factors of each example's information matrix A_i = X_iᵀ X_i.
+
+One Parquet row per example (``SHARD_SCHEMA``); ``FeatureSet`` holds a whole corpus as
+contiguous arrays so that ``tokenod.select`` can gather any batch of factors with one
+fancy index. See docs/CONTRACTS.md for the column meanings and the storage rule.
+
+Imports numpy and pyarrow only (fsspec lazily, for ``load``/``save``): no torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHARD_SCHEMA = pa.schema([
+    pa.field("row_index", pa.int64()),
+    pa.field("id", pa.string()),
+    pa.field("num_tokens", pa.int32()),
+    pa.field("num_targets", pa.int32()),
+    pa.field("truncated", pa.bool_()),
+    pa.field("factor", pa.list_(pa.float32())),
+    pa.field("spectrum", pa.list_(pa.float32())),
+])
+METADATA_KEY = b"fishersft"
+_SCALAR_COLUMNS = ("row_index", "id", "num_tokens", "num_targets", "truncated")
+
+
+def factor_from_rows(X: np.ndarray, max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Storage rule: a factor F (r, d) float32 with Fᵀ F = Xᵀ X, and its spectrum (r,).
+
+    m ≤ d: F = X itself (lossless, r = m) and the spectrum is eigvalsh(X Xᵀ) clipped at 0.
+    m > d: F = diag(√w) Vᵀ from Xᵀ X = V diag(w) Vᵀ, dropping numerically-zero pairs.
+    ``max_rank`` keeps only the top eigenpairs (A_i is then approximated from below).
+    Eigen-decompositions run in float64; the spectrum is sorted in decreasing order.
+    """
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"rows must be a 2-D (m, d) array, got shape {X.shape}")
+    m, d = X.shape
+    if max_rank is not None and max_rank < 0:
+        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+    if m == 0 or max_rank == 0:
+        return np.zeros((0, d), np.float32), np.zeros(0, np.float32)
+    X64 = X.astype(np.float64, copy=False)
+    keep = min(m, d) if max_rank is None else min(m, d, max_rank)
+    if m <= d:
+        gram = X64 @ X64.T
+        if keep == m:
+            spectrum = np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
+            return np.ascontiguousarray(X, np.float32), spectrum.astype(np.float32)
+        w, U = np.linalg.eigh(gram)
+        w, U = np.clip(w[::-1][:keep], 0.0, None), U[:, ::-1][:, :keep]
+        # Rows U_kᵀ X are √w_k times the k-th right singular vector of X.
+        return (U.T @ X64).astype(np.float32), w.astype(np.float32)
+    w, V = np.linalg.eigh(X64.T @ X64)
+    w, V = w[::-1], V[:, ::-1]
+    nonzero = int(np.count_nonzero(w > max(w[0], 0.0) * d * np.finfo(np.float64).eps))
+    keep = min(keep, nonzero)
+    w, V = w[:keep], V[:, :keep]
+    return (V * np.sqrt(w)).T.astype(np.float32), w.astype(np.float32)
+
+
+def _list_column(values: list[np.ndarray], width: int) -> pa.ListArray:
+    """A list<float32> column from per-row arrays: flat values + offsets, one copy."""
+    lengths = np.fromiter((v.size for v in values), np.int64, len(values))
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = (np.concatenate([np.asarray(v, np.float32).ravel() for v in values])
+            if values else np.zeros(0, np.float32))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))
+
+
+def _schema_with_meta(dim: int, meta: Mapping | None) -> pa.Schema:
+    return SHARD_SCHEMA.with_metadata({METADATA_KEY: json.dumps({**(meta or {}), "dim": int(dim)})})
+
+
+def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
+                meta: Mapping | None = None) -> pa.Table:
+    """Build one feature shard in ``SHARD_SCHEMA``.
+
+    ``records`` is either a sequence of per-example dicts or a dict of columns; both
+    carry row_index, id, num_tokens, num_targets, truncated, factor ((r, d) array) and
+    spectrum ((r,) array). ``meta`` is stored as JSON under the ``fishersft`` key.
+    """
+    if isinstance(records, Mapping):
+        columns = records
+    else:
+        names = _SCALAR_COLUMNS + ("factor", "spectrum")
+        columns = {name: [record[name] for record in records] for name in names}
+    factors = [np.asarray(f, np.float32).reshape(-1, dim) for f in columns["factor"]]
+    spectra = [np.asarray(s, np.float32).ravel() for s in columns["spectrum"]]
+    for position, (factor, spectrum) in enumerate(zip(factors, spectra)):
+        if factor.shape[0] != spectrum.shape[0]:
+            raise ValueError(f"record {position}: factor has {factor.shape[0]} rows but "
+                             f"spectrum has {spectrum.shape[0]} values")
+    arrays = [
+        pa.array(np.asarray(columns["row_index"], np.int64)),
+        pa.array([str(i) for i in columns["id"]], pa.string()),
+        pa.array(np.asarray(columns["num_tokens"], np.int32)),
+        pa.array(np.asarray(columns["num_targets"], np.int32)),
+        pa.array(np.asarray(columns["truncated"], bool)),
+        _list_column(factors, dim),
+        _list_column(spectra, 1),
+    ]
+    return pa.Table.from_arrays(arrays, schema=_schema_with_meta(dim, meta))
+
+
+def _segment_starts_nonempty(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
+    return nonempty, offsets[:-1][nonempty]
+
+
+class FeatureSet:
+    """All examples' factors as contiguous arrays; example i owns rows offsets[i]:offsets[i+1].
+
+    ``factors`` may be an ``np.memmap``: selection only gathers the rows it evaluates.
+    """
+
+    def __init__(self, factors: np.ndarray, spectrum: np.ndarray, offsets: np.ndarray,
+                 num_targets: np.ndarray | None = None, row_index: np.ndarray | None = None,
+                 ids: Sequence[str] | None = None, meta: Mapping | None = None,
+                 num_tokens: np.ndarray | None = None, truncated: np.ndarray | None = None):
+        if factors.ndim != 2:
+            raise ValueError(f"factors must be (R, d), got shape {factors.shape}")
+        self.factors = factors
+        self.spectrum = np.asarray(spectrum, np.float32)
+        self.offsets = np.asarray(offsets, np.int64)
+        n = len(self.offsets) - 1
+        if n < 0 or self.offsets[0] != 0 or self.offsets[-1] != len(factors) \
+                or len(self.spectrum) != len(factors) or np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets must rise from 0 to len(factors) == len(spectrum)")
+        self.row_index = np.arange(n, dtype=np.int64) if row_index is None \
+            else np.asarray(row_index, np.int64)
+        self.num_targets = np.diff(self.offsets) if num_targets is None \
+            else np.asarray(num_targets, np.int64)
+        self.num_tokens = self.num_targets + 1 if num_tokens is None \
+            else np.asarray(num_tokens, np.int64)
+        self.truncated = np.zeros(n, bool) if truncated is None else np.asarray(truncated, bool)
+        self.ids = [str(r) for r in self.row_index] if ids is None else list(ids)
+        self.meta = {**(meta or {}), "dim": int(factors.shape[1])}
+        for name in ("row_index", "num_targets", "num_tokens", "truncated", "ids"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n}")
+
+    @property
+    def n(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dim(self) -> int:
+        return int(self.factors.shape[1])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def factor(self, i: int) -> np.ndarray:
+        """Example i's factor rows (r_i, d), a view."""
+        return self.factors[self.offsets[i]:self.offsets[i + 1]]
+
+    def initial_gains(self, lam: float, rel_tol: float = 0.0) -> np.ndarray:
+        """Δ(i|∅) = Σ_k log1p(s_ik / λ) per example (float64).
+
+        ``rel_tol`` > 0 inflates each eigenvalue by rel_tol · max_k s_ik, which turns the
+        value into a certified upper bound on the gain of the float32-rounded factor
+        (Weyl: rounding moves every eigenvalue by at most a small multiple of the largest).
+        """
+        spectrum = self.spectrum.astype(np.float64)
+        gains = np.zeros(self.n)
+        nonempty, starts = _segment_starts_nonempty(self.offsets)
+        if len(starts) == 0:
+            return gains
+        if rel_tol > 0:
+            largest = np.maximum.reduceat(spectrum, starts)
+            spectrum = spectrum + rel_tol * np.repeat(largest, np.diff(self.offsets)[nonempty])
+        gains[nonempty] = np.add.reduceat(np.log1p(spectrum / lam), starts)
+        return gains
+
+    def subset(self, positions: Sequence[int]) -> FeatureSet:
+        """A new FeatureSet holding the given positions, in that order (factors copied)."""
+        positions = np.asarray(positions, np.int64)
+        lengths = np.diff(self.offsets)[positions]
+        offsets = np.zeros(len(positions) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        rows = np.repeat(self.offsets[positions] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return FeatureSet(np.ascontiguousarray(self.factors[rows]), self.spectrum[rows], offsets,
+                          self.num_targets[positions], self.row_index[positions],
+                          [self.ids[p] for p in positions], self.meta,
+                          self.num_tokens[positions], self.truncated[positions])
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[np.ndarray], num_targets=None, ids=None,
+                      row_index=None, max_rank: int | None = None, meta=None) -> FeatureSet:
+        """Apply the storage rule to each (m_i, d) array of target-token embeddings."""
+        dim = None
+        factors, spectra = [], []
+        for position, X in enumerate(examples):
+            X = np.asarray(X)
+            if X.ndim != 2:
+                raise ValueError(f"example {position}: expected a 2-D (m, d) array, got {X.shape}")
+            if dim is None:
+                dim = X.shape[1]
+            if X.shape[1] != dim:
+                raise ValueError(f"example {position}: dimension {X.shape[1]} != {dim} (ragged d)")
+            if not np.all(np.isfinite(X)):
+                raise ValueError(f"example {position}: non-finite values (NaN or Inf)")
+            factor, spectrum = factor_from_rows(X, max_rank)
+            factors.append(factor)
+            spectra.append(spectrum)
+        if dim is None:
+            raise ValueError("examples is empty: cannot infer the dimension d")
+        offsets = np.zeros(len(factors) + 1, np.int64)
+        np.cumsum([len(f) for f in factors], out=offsets[1:])
+        if num_targets is None:
+            num_targets = [len(X) for X in examples]
+        return cls(np.concatenate(factors), np.concatenate(spectra), offsets,
+                   num_targets, row_index, ids, meta)
+
+    def to_table(self) -> pa.Table:
+        """This set as one table in SHARD_SCHEMA (factor lists built from flat arrays)."""
+        d = self.dim
+        arrays = [
+            pa.array(self.row_index),
+            pa.array(self.ids, pa.string()),
+            pa.array(self.num_tokens.astype(np.int32)),
+            pa.array(self.num_targets.astype(np.int32)),
+            pa.array(self.truncated),
+            pa.ListArray.from_arrays(pa.array(self.offsets * d),
+                                     pa.array(np.asarray(self.factors, np.float32).ravel())),
+            pa.ListArray.from_arrays(pa.array(self.offsets), pa.array(self.spectrum)),
+        ]
+        return pa.Table.from_arrays(arrays, schema=_schema_with_meta(d, self.meta))
+
+    def save(self, path: str, storage_options: Mapping | None = None) -> str:
+        """Write this set as ``path/part-00000.parquet``; returns the file path."""
+        import fsspec.core
+
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        fs.makedirs(root, exist_ok=True)
+        target = f"{root.rstrip('/')}/part-00000.parquet"
+        with fs.open(target, "wb") as handle:
+            pq.write_table(self.to_table(), handle)
+        return target
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> FeatureSet:
+        """Contiguous arrays from shard rows, sorted by row_index (no per-row Python loop)."""
+        if not table.schema.remove_metadata().equals(SHARD_SCHEMA):
+            raise ValueError(f"feature shard schema mismatch:\n{table.schema}\nexpected\n{SHARD_SCHEMA}")
+        raw_meta = (table.schema.metadata or {}).get(METADATA_KEY)
+        if raw_meta is None:
+            raise ValueError("feature shards carry no 'fishersft' metadata (need at least dim)")
+        meta = json.loads(raw_meta)
+        d = int(meta["dim"])
+        row_index = table.column("row_index").to_numpy()
+        order = np.argsort(row_index, kind="stable")
+        if np.any(np.diff(row_index[order]) == 0):
+            raise ValueError("duplicate row_index values across shards")
+        table = table.take(pa.array(order)).combine_chunks()
+        row_index = row_index[order]
+        factor_col = table.column("factor").chunk(0) if table.num_rows else None
+        spectrum_col = table.column("spectrum").chunk(0) if table.num_rows else None
+        if factor_col is None:
+            return cls(np.zeros((0, d), np.float32), np.zeros(0, np.float32),
+                       np.zeros(1, np.int64), meta=meta)
+        if factor_col.null_count or spectrum_col.null_count:
+            raise ValueError("null factor/spectrum in feature shards")
+        flat = factor_col.flatten().to_numpy(zero_copy_only=False)
+        spectrum = spectrum_col.flatten().to_numpy(zero_copy_only=False)
+        factor_offsets = factor_col.offsets.to_numpy().astype(np.int64)
+        factor_offsets -= factor_offsets[0]
+        spectrum_offsets = spectrum_col.offsets.to_numpy().astype(np.int64)
+        spectrum_offsets -= spectrum_offsets[0]
+        if np.any(factor_offsets != spectrum_offsets * d):
+            bad = int(np.flatnonzero(factor_offsets != spectrum_offsets * d)[0]) - 1
+            raise ValueError(f"row_index {row_index[max(bad, 0)]}: factor length is not "
+                             f"len(spectrum) * dim ({d})")
+        finite = np.isfinite(flat).reshape(-1, d).all(axis=1) & np.isfinite(spectrum)
+        if not finite.all():
+            bad_row = int(np.flatnonzero(~finite)[0])
+            example = int(np.searchsorted(spectrum_offsets, bad_row, side="right") - 1)
+            raise ValueError(f"row_index {row_index[example]}: non-finite factor or spectrum")
+        return cls(flat.reshape(-1, d), spectrum, spectrum_offsets,
+                   table.column("num_targets").to_numpy(), row_index,
+                   table.column("id").to_pylist(), meta,
+                   table.column("num_tokens").to_numpy(), table.column("truncated").to_numpy())
+
+    @classmethod
+    def load(cls, path: str, storage_options: Mapping | None = None) -> FeatureSet:
+        """Read every ``*.parquet`` under a local path or fsspec URL into one FeatureSet."""
+        import fsspec.core
+
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        files = [root] if fs.isfile(root) else sorted(
+            f for f in fs.find(root) if f.endswith(".parquet"))
+        if not files:
+            raise ValueError(f"no *.parquet feature shards under {path}")
+        tables = []
+        for file in files:
+            with fs.open(file, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        dims = {json.loads((t.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim")
+                for t in tables}
+        if len(dims) != 1:
+            raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
+        meta = tables[0].schema.metadata
+        tables = [t.replace_schema_metadata(meta) for t in tables]
+        return cls.from_table(pa.concat_tables(tables))
