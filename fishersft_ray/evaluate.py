@@ -1,0 +1,618 @@
+"""`fishersft-ray evaluate`: does a selected subset fine-tune better than baselines of the same size?
+
+Protocol (one command, seeded, identical for every method):
+1. Split the corpus into a held-out test set and the rest; carve a validation split from
+   the rest (never from the test set); the remainder is the selection pool.
+2. Featurize pool, validation and test with the same model (`keep_states=True`), cached as
+   Parquet under `<cache>/<fingerprint>-<part>.parquet` (fingerprint: model + examples of
+   that part + featurize settings), so a rerun does not re-embed.
+3. `head` mode: fine-tune only the LM head (the paper's linearised model) from the
+   pretrained head on a subset's target tokens, using the stored pre-logit states. The
+   softmax runs over the restricted vocabulary of token ids that occur as targets in
+   pool ∪ validation ∪ test, for the pretrained and every fine-tuned head alike.
+   Score: held-out NLL per target token on the test set.
+4. The recipe (Adam, constant-then-linear-decay lr, steps = epochs x subset tokens / batch
+   tokens) is a rule chosen once: each (lr, epochs) candidate fine-tunes uniform random
+   subsets of the pool at the smallest and largest budget and is scored on the validation
+   split; the best mean validation NLL wins and is then used for every method.
+5. A run is void when the uniform baseline at the largest budget does not beat the
+   pretrained head on the test set: no method comparison means anything then.
+
+Only `head` mode is implemented; whole-model (`full`/LoRA) fine-tuning is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from fishersft_ray import baselines
+
+log = logging.getLogger(__name__)
+
+METHODS = ("tokenod", "tokenod_tokens", "uniform", "length_matched", "longest_first",
+           "density", "sentence_od")
+RANDOM_METHODS = frozenset({"uniform", "length_matched", "density"})
+METHOD_LABELS = {
+    "tokenod": "TokenOD (n examples)",
+    "tokenod_tokens": "TokenOD (tokens of uniform@n)",
+    "uniform": "uniform random (n examples)",
+    "length_matched": "random, tokens of TokenOD@n",
+    "longest_first": "longest first (n examples)",
+    "density": "density sampling (n examples)",
+    "sentence_od": "sentence-level OD (n examples)",
+}
+NEAR_TWIN_COSINE = 0.98
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TokenStates:
+    """Pre-logit states of a set of examples, concatenated over their target tokens."""
+
+    states: np.ndarray  # (T, d) float32
+    targets: np.ndarray  # (T,) int64 token ids, the token each state predicts
+    offsets: np.ndarray  # (N+1,) int64: example i owns rows offsets[i]:offsets[i+1]
+    row_index: np.ndarray  # (N,) int64 corpus keys
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_targets(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def token_rows(self, positions: Sequence[int]) -> np.ndarray:
+        """Row numbers of the target tokens of the examples at `positions`."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts, lengths = self.offsets[positions], self.num_targets[positions]
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.repeat(starts, lengths) + within
+
+    def subset(self, positions: Sequence[int]) -> "TokenStates":
+        """The examples at `positions`, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.token_rows(positions)
+        offsets = np.zeros(len(positions) + 1, np.int64)
+        np.cumsum(self.num_targets[positions], out=offsets[1:])
+        return TokenStates(self.states[rows], self.targets[rows], offsets,
+                           self.row_index[positions])
+
+    def per_example(self) -> list[np.ndarray]:
+        return [self.states[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    @classmethod
+    def from_featurized(cls, table: pa.Table, dim: int) -> "TokenStates":
+        """From `featurize_local(..., keep_states=True)` output; drops examples without targets."""
+        table = table.filter(pc.greater(pc.list_value_length(table.column("target_ids")), 0))
+        states = table.column("states").combine_chunks()
+        while pa.types.is_list(states.type) or pa.types.is_large_list(states.type):
+            states = states.flatten()
+        targets = table.column("target_ids").combine_chunks()
+        lengths = pc.list_value_length(targets).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.asarray(states.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim),
+                   targets.flatten().to_numpy(zero_copy_only=False).astype(np.int64), offsets,
+                   table.column("row_index").to_numpy().astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Split:
+    """Positions into the corpus's examples: selection pool, validation (from the non-test
+    part) and held-out test."""
+
+    pool: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def split_examples(num_examples: int, *, test_fraction: float, validation_size: int, seed: int,
+                   max_pool: int | None = None, max_test: int | None = None) -> Split:
+    """Seeded split; the pool and test caps subsample (documented in settings.json)."""
+    order = np.random.default_rng(seed).permutation(num_examples)
+    num_test = int(round(num_examples * test_fraction))
+    test, rest = order[:num_test], order[num_test:]
+    if validation_size >= len(rest):
+        raise ValueError(f"validation_size={validation_size} leaves no pool ({len(rest)} rows)")
+    validation, pool = rest[:validation_size], rest[validation_size:]
+    if max_test is not None:
+        test = test[:max_test]
+    if max_pool is not None:
+        pool = pool[:max_pool]
+    return Split(np.sort(pool), np.sort(validation), np.sort(test))
+
+
+def make_redundant(pool: TokenStates, *, share: float, num_sources: int, near_copy_noise: float,
+                   seed: int) -> tuple[TokenStates, np.ndarray]:
+    """Redundant-pool scenario: replace `share` of the pool by copies of `num_sources` rows.
+
+    Copies are exact (identical states and targets) unless `near_copy_noise` > 0, in which
+    case each copy's states get Gaussian noise of that size relative to the rows' RMS
+    (synthetic near-copies in state space). Returns the pool and each example's content
+    group: exact copies share their source's group, everything else has its own.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(pool.num_examples)
+    sources = order[:num_sources]
+    replaced = order[num_sources:num_sources + int(round(share * pool.num_examples))]
+    layout = np.arange(pool.num_examples)
+    layout[replaced] = sources[np.arange(len(replaced)) % num_sources]
+    redundant = pool.subset(layout)
+    groups = np.arange(pool.num_examples)
+    if near_copy_noise > 0:
+        rows = redundant.token_rows(replaced)
+        scale = near_copy_noise * np.sqrt(np.mean(redundant.states[rows] ** 2, axis=1, keepdims=True))
+        redundant.states[rows] += (scale * rng.standard_normal((len(rows), pool.states.shape[1]))
+                                   ).astype(np.float32)
+    else:
+        groups = layout.copy()
+    return redundant, groups
+
+
+def restricted_vocabulary(*parts: TokenStates) -> np.ndarray:
+    """Sorted token ids occurring as targets in any part (the softmax's support)."""
+    return np.unique(np.concatenate([part.targets for part in parts]))
+
+
+# --------------------------------------------------------------------------- head fine-tuning
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """Fixed fine-tuning rule: Adam at `lr` (linear decay to 0), `epochs` passes over the
+    subset's target tokens in shuffled batches of `batch_tokens`, at least `min_steps` steps."""
+
+    lr: float
+    epochs: float
+    batch_tokens: int = 1024
+    min_steps: int = 10
+
+    def num_steps(self, num_tokens: int) -> int:
+        return max(self.min_steps, math.ceil(self.epochs * num_tokens / self.batch_tokens))
+
+
+@dataclass
+class Head:
+    """An LM head restricted to a vocabulary: logits = states @ weight.T (+ bias)."""
+
+    weight: torch.Tensor  # (K, d)
+    bias: torch.Tensor | None  # (K,)
+
+    @classmethod
+    def restricted(cls, weight: np.ndarray, bias: np.ndarray | None, vocabulary: np.ndarray) -> "Head":
+        return cls(torch.tensor(np.asarray(weight)[vocabulary], dtype=torch.float32),
+                   None if bias is None else torch.tensor(np.asarray(bias)[vocabulary],
+                                                          dtype=torch.float32))
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        logits = states @ self.weight.T
+        return logits if self.bias is None else logits + self.bias
+
+
+def head_nll(head: Head, states: np.ndarray, targets: np.ndarray, chunk_tokens: int = 4096) -> float:
+    """Mean NLL per target token; `targets` index the head's (restricted) vocabulary."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(targets), chunk_tokens):
+            x = torch.from_numpy(states[start:start + chunk_tokens])
+            y = torch.from_numpy(targets[start:start + chunk_tokens])
+            total += float(torch.nn.functional.cross_entropy(head.logits(x), y, reduction="sum"))
+    return total / len(targets)
+
+
+def finetune_head(head: Head, states: np.ndarray, targets: np.ndarray, recipe: HeadRecipe,
+                  seed: int = 0) -> Head:
+    """Fine-tune a copy of `head` on (state, target) pairs with the recipe; same seed for
+    every method so only the data differs."""
+    weight = head.weight.clone().requires_grad_(True)
+    bias = None if head.bias is None else head.bias.clone().requires_grad_(True)
+    tuned = Head(weight, bias)
+    parameters = [p for p in (weight, bias) if p is not None]
+    steps = recipe.num_steps(len(targets))
+    optimizer = torch.optim.Adam(parameters, lr=recipe.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    x_all, y_all = torch.from_numpy(states), torch.from_numpy(targets)
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(len(targets), generator=generator), 0
+    for _ in range(steps):
+        if cursor >= len(order):
+            order, cursor = torch.randperm(len(targets), generator=generator), 0
+        batch = order[cursor:cursor + recipe.batch_tokens]
+        cursor += recipe.batch_tokens
+        loss = torch.nn.functional.cross_entropy(tuned.logits(x_all[batch]), y_all[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return Head(weight.detach(), None if bias is None else bias.detach())
+
+
+# --------------------------------------------------------------------------- picks
+
+
+@dataclass
+class Pick:
+    method: str
+    budget: int  # the example budget n this pick is compared at
+    seed: int | None
+    positions: np.ndarray
+
+
+def example_embeddings(pool: TokenStates) -> np.ndarray:
+    return baselines.mean_embeddings(pool.states, pool.offsets)
+
+
+def pool_features(pool: TokenStates):
+    from fishersft_ray.features import FeatureSet
+
+    return FeatureSet.from_examples(pool.per_example(), num_targets=pool.num_targets,
+                                    row_index=pool.row_index)
+
+
+def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int], methods: Sequence[str],
+                 *, lam: float, device: str = "cpu") -> list[Pick]:
+    """Every method's subset at every budget (random methods once per seed).
+
+    Example-budget rankings (TokenOD, sentence OD, longest first) are nested, so one run to
+    the largest budget gives every smaller budget as a prefix.
+    """
+    from fishersft_ray.tokenod import select
+
+    features = pool_features(pool)
+    embeddings = example_embeddings(pool)
+    costs = pool.num_targets
+    largest = max(budgets)
+    picks: list[Pick] = []
+
+    def tokens(positions):
+        return int(costs[positions].sum())
+
+    uniform = {(n, s): baselines.uniform_random(features, n, seed=s) for n in budgets for s in seeds}
+    needs_tokenod = {"tokenod", "length_matched"} & set(methods)
+    tokenod_order = (np.asarray(select(features, largest, lam=lam, method="lazy",
+                                       budget_unit="examples", device=device).indices)
+                     if needs_tokenod else None)
+    sentence_order = (baselines.sentence_od(features, embeddings, largest, lam=lam, device=device)
+                      if "sentence_od" in methods else None)
+    for n in budgets:
+        if "tokenod" in methods:
+            picks.append(Pick("tokenod", n, None, tokenod_order[:n]))
+        if "tokenod_tokens" in methods:
+            budget = float(np.mean([tokens(uniform[n, s]) for s in seeds]))
+            selection = select(features, budget, lam=lam, method="lazy", budget_unit="tokens",
+                               device=device)
+            picks.append(Pick("tokenod_tokens", n, None, np.asarray(selection.indices, np.int64)))
+        if "longest_first" in methods:
+            picks.append(Pick("longest_first", n, None, baselines.longest_first(features, n)))
+        if "sentence_od" in methods:
+            picks.append(Pick("sentence_od", n, None, sentence_order[:n]))
+        for s in seeds:
+            if "uniform" in methods:
+                picks.append(Pick("uniform", n, s, uniform[n, s]))
+            if "length_matched" in methods:
+                picks.append(Pick("length_matched", n, s, baselines.uniform_random(
+                    features, tokens(tokenod_order[:n]), budget_unit="tokens", seed=s)))
+            if "density" in methods:
+                picks.append(Pick("density", n, s, baselines.density_sampling(
+                    features, embeddings, n, seed=s)))
+    return picks
+
+
+def redundancy_counts(positions: np.ndarray, groups: np.ndarray, unit_embeddings: np.ndarray
+                      ) -> tuple[int, int]:
+    """(picks that exactly copy an earlier pick, picks with a cosine >= 0.98 twin in the subset)."""
+    exact_copies = len(positions) - len(np.unique(groups[positions]))
+    chosen = unit_embeddings[positions]
+    cosine = chosen @ chosen.T
+    np.fill_diagonal(cosine, -1.0)
+    near_twins = int(np.sum(cosine.max(axis=1) >= NEAR_TWIN_COSINE)) if len(positions) > 1 else 0
+    return int(exact_copies), near_twins
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@dataclass
+class EvalSettings:
+    budgets: list[int]
+    seeds: int = 3
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
+    lam: float = 1.0
+    recipe_lrs: list[float] = dataclasses.field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3])
+    recipe_epochs: list[float] = dataclasses.field(default_factory=lambda: [1.0, 3.0])
+    batch_tokens: int = 1024
+    train_seed: int = 0
+    device: str = "cpu"
+
+
+def choose_recipe(pool: TokenStates, validation: TokenStates, head: Head, settings: EvalSettings
+                  ) -> tuple[HeadRecipe, list[dict]]:
+    """Pick the recipe once: uniform subsets of the pool at the smallest and largest budget,
+    scored by mean validation NLL. Never uses the test set; never looks at any method."""
+    subsets = [pool.subset(baselines.uniform_random(pool, n, seed=settings.train_seed))
+               for n in sorted({min(settings.budgets), max(settings.budgets)})]
+    scores = []
+    for lr in settings.recipe_lrs:
+        for epochs in settings.recipe_epochs:
+            recipe = HeadRecipe(lr=lr, epochs=epochs, batch_tokens=settings.batch_tokens)
+            nlls = [head_nll(finetune_head(head, s.states, s.targets, recipe, settings.train_seed),
+                             validation.states, validation.targets) for s in subsets]
+            scores.append({"lr": lr, "epochs": epochs, "validation_nll": float(np.mean(nlls)),
+                           "per_budget": nlls})
+            log.info("recipe lr=%g epochs=%g: validation NLL %.4f", lr, epochs, np.mean(nlls))
+    best = min(scores, key=lambda row: row["validation_nll"])
+    return HeadRecipe(lr=best["lr"], epochs=best["epochs"], batch_tokens=settings.batch_tokens), scores
+
+
+def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, weight: np.ndarray,
+                 bias: np.ndarray | None, settings: EvalSettings, groups: np.ndarray | None = None
+                 ) -> dict:
+    """Everything after featurization: vocabulary, recipe, picks, fine-tuning, scores.
+
+    Returns {"rows": per-run dicts, "summary": per (method, budget) dicts, "info": settings
+    and protocol facts (vocabulary size, pretrained NLL, recipe, void flag)}.
+    """
+    unknown = set(settings.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    vocabulary = restricted_vocabulary(pool, validation, test)
+    head = Head.restricted(weight, bias, vocabulary)
+
+    def restrict(part: TokenStates) -> TokenStates:
+        return dataclasses.replace(part, targets=np.searchsorted(vocabulary, part.targets))
+
+    pool, validation, test = restrict(pool), restrict(validation), restrict(test)
+    groups = np.arange(pool.num_examples) if groups is None else groups
+    started = time.time()
+    recipe, recipe_scores = choose_recipe(pool, validation, head, settings)
+    pretrained_validation = head_nll(head, validation.states, validation.targets)
+    pretrained_test = head_nll(head, test.states, test.targets)
+    log.info("recipe %s (pretrained validation NLL %.4f)", recipe, pretrained_validation)
+
+    picks = pick_subsets(pool, settings.budgets, list(range(settings.seeds)), settings.methods,
+                         lam=settings.lam, device=settings.device)
+    embeddings = example_embeddings(pool)
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    rows = []
+    for pick in picks:
+        subset = pool.subset(pick.positions)
+        tuned = finetune_head(head, subset.states, subset.targets, recipe, settings.train_seed)
+        exact_copies, near_twins = redundancy_counts(pick.positions, groups, unit)
+        rows.append({"method": pick.method, "budget": pick.budget, "seed": pick.seed,
+                     "examples": len(pick.positions), "tokens": int(subset.targets.size),
+                     "test_nll": head_nll(tuned, test.states, test.targets),
+                     "exact_copies": exact_copies, "near_twins": near_twins})
+        log.info("%s n=%d seed=%s: %d examples, %d tokens, test NLL %.4f", pick.method, pick.budget,
+                 pick.seed, rows[-1]["examples"], rows[-1]["tokens"], rows[-1]["test_nll"])
+    summary = summarise(rows)
+    largest_uniform = [r for r in summary if r["method"] == "uniform" and r["budget"] == max(settings.budgets)]
+    void = bool(largest_uniform) and largest_uniform[0]["test_nll_mean"] >= pretrained_test
+    if void:
+        log.warning("VOID: uniform at n=%d does not beat the pretrained head (%.4f >= %.4f)",
+                    max(settings.budgets), largest_uniform[0]["test_nll_mean"], pretrained_test)
+    info = {"settings": dataclasses.asdict(settings), "vocabulary_size": int(len(vocabulary)),
+            "pool_examples": pool.num_examples, "pool_tokens": int(pool.targets.size),
+            "validation_examples": validation.num_examples, "test_examples": test.num_examples,
+            "test_tokens": int(test.targets.size), "recipe": dataclasses.asdict(recipe),
+            "recipe_search": recipe_scores, "pretrained_validation_nll": pretrained_validation,
+            "pretrained_test_nll": pretrained_test, "void": void,
+            "exact_copy_rows_in_pool": int(pool.num_examples - len(np.unique(groups))),
+            "protocol_seconds": round(time.time() - started, 1)}
+    return {"rows": rows, "summary": summary, "info": info}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sample std (ddof=1; 0 for one run) per (method, budget), in METHODS order."""
+    keys = sorted({(r["method"], r["budget"]) for r in rows},
+                  key=lambda key: (METHODS.index(key[0]), key[1]))
+    summary = []
+    for method, budget in keys:
+        runs = [r for r in rows if r["method"] == method and r["budget"] == budget]
+        entry = {"method": method, "budget": budget, "runs": len(runs)}
+        for column in ("test_nll", "tokens", "examples", "exact_copies", "near_twins"):
+            values = np.array([r[column] for r in runs], dtype=np.float64)
+            entry[f"{column}_mean"] = float(values.mean())
+            entry[f"{column}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def markdown_table(summary: list[dict], info: dict) -> str:
+    """Budget x method table: NLL mean ± std, tokens, exact copies / near twins."""
+    lines = [f"pretrained head NLL {info['pretrained_test_nll']:.4f} (test, {info['test_tokens']} "
+             f"target tokens, vocabulary {info['vocabulary_size']}); recipe Adam lr="
+             f"{info['recipe']['lr']:g}, {info['recipe']['epochs']:g} epochs"
+             + (" — **VOID: uniform at the largest budget does not beat the pretrained head**"
+                if info["void"] else ""),
+             "",
+             "| n | method | test NLL (mean ± std) | target tokens | examples | exact copies | near twins | runs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in summary:
+        std = f" ± {row['test_nll_std']:.4f}" if row["runs"] > 1 else ""
+        lines.append(f"| {row['budget']} | {METHOD_LABELS[row['method']]} | {row['test_nll_mean']:.4f}{std} "
+                     f"| {row['tokens_mean']:.0f} | {row['examples_mean']:.0f} "
+                     f"| {row['exact_copies_mean']:.1f} | {row['near_twins_mean']:.1f} | {row['runs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(summary: list[dict], info: dict, path: str, title: str) -> None:
+    """Two panels: NLL vs example budget, NLL vs target tokens actually used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in METHODS:
+        entries = [row for row in summary if row["method"] == method]
+        if not entries:
+            continue
+        nll = [row["test_nll_mean"] for row in entries]
+        err = [row["test_nll_std"] for row in entries]
+        axes[0].errorbar([row["budget"] for row in entries], nll, yerr=err, marker="o", capsize=3,
+                         label=METHOD_LABELS[method])
+        axes[1].errorbar([row["tokens_mean"] for row in entries], nll, yerr=err, marker="o", capsize=3,
+                         label=METHOD_LABELS[method])
+    for axis, xlabel in zip(axes, ("example budget n", "target tokens fine-tuned on")):
+        axis.axhline(info["pretrained_test_nll"], color="grey", linestyle="--", label="pretrained head")
+        axis.set_xscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("held-out NLL per target token")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    figure.suptitle(title + (" (VOID)" if info["void"] else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_outputs(result: dict, output: str, title: str) -> dict[str, str]:
+    """results.csv (one line per run), summary.csv, summary.md, nll_vs_budget.png, settings.json."""
+    os.makedirs(output, exist_ok=True)
+    paths = {name: os.path.join(output, name) for name in
+             ("results.csv", "summary.csv", "summary.md", "nll_vs_budget.png", "settings.json")}
+    for name, records in (("results.csv", result["rows"]), ("summary.csv", result["summary"])):
+        with open(paths[name], "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    with open(paths["summary.md"], "w") as handle:
+        handle.write(f"## {title}\n\n" + markdown_table(result["summary"], result["info"]))
+    plot_results(result["summary"], result["info"], paths["nll_vs_budget.png"], title)
+    with open(paths["settings.json"], "w") as handle:
+        json.dump(result["info"], handle, indent=2, default=str)
+    return paths
+
+
+# --------------------------------------------------------------------------- corpus → states
+
+
+def featurize_cached(examples: pa.Table, part: str, model, config, cache_dir: str) -> pa.Table:
+    """Featurize `examples` with states kept, cached as `<cache_dir>/<fingerprint>-<part>.parquet`."""
+    import pyarrow.parquet as pq
+
+    from fishersft_ray.featurize import featurize_local
+    from fishersft_ray.storage import fingerprint
+
+    key = fingerprint(model.fingerprint, examples, dataclasses.asdict(config) | {"model": None})
+    path = os.path.join(cache_dir, f"{key}-{part}.parquet")
+    if os.path.exists(path):
+        log.info("%s: reusing featurized cache %s", part, path)
+        return pq.read_table(path)
+    started = time.time()
+    table = featurize_local(examples, config)
+    os.makedirs(cache_dir, exist_ok=True)
+    pq.write_table(table, path + ".partial")
+    os.replace(path + ".partial", path)
+    log.info("%s: featurized %d examples in %.0f s -> %s", part, examples.num_rows,
+             time.time() - started, path)
+    return table
+
+
+def corpus_states(args) -> tuple[dict[str, TokenStates], np.ndarray, np.ndarray | None, dict]:
+    """Read, split and featurize the corpus; returns parts, LM head weight, bias, facts."""
+    from fishersft_ray.corpus import CorpusSpec, read_corpus
+    from fishersft_ray.featurize import FeaturizeConfig, lm_head_weight, resolve_model
+
+    corpus = read_corpus(CorpusSpec(path=args.input, format=args.format))
+    split = split_examples(corpus.examples.num_rows, test_fraction=args.test_fraction,
+                           validation_size=args.validation_size, seed=args.split_seed,
+                           max_pool=args.max_pool, max_test=args.max_test)
+    model = resolve_model(args.model)
+    config = FeaturizeConfig(model=model, keep_states=True)
+    weight, bias = lm_head_weight(model)
+    cache_dir = args.cache_dir or os.path.join(args.output, "cache")
+    parts = {}
+    for part, positions in (("pool", split.pool), ("validation", split.validation), ("test", split.test)):
+        table = featurize_cached(corpus.examples.take(pa.array(positions)), part, model, config, cache_dir)
+        parts[part] = TokenStates.from_featurized(table, weight.shape[1])
+    facts = {"input": args.input, "format": corpus.format, "corpus_stats": corpus.stats,
+             "model": getattr(model, "name", str(model)), "split_seed": args.split_seed,
+             "split_sizes": {k: int(len(v)) for k, v in dataclasses.asdict(split).items()},
+             "cache_dir": cache_dir}
+    return parts, weight, bias, facts
+
+
+def _numbers(text: str, kind=float) -> list:
+    return [kind(value) for value in text.split(",") if value.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fishersft-ray evaluate",
+        description="Fine-tune on subsets picked by TokenOD and baselines; report held-out NLL.")
+    parser.add_argument("--input", required=True, help="corpus file/dir/glob (txt, jsonl, json, parquet)")
+    parser.add_argument("--output", required=True, help="directory for tables, plot, settings.json")
+    parser.add_argument("--format", default="auto", help="auto | text | alpaca | chat")
+    parser.add_argument("--model", default=None, help="HF id, local dir or GGUF (default: offline SmolLM2-135M)")
+    parser.add_argument("--mode", default="head", choices=["head"],
+                        help="head: fine-tune the LM head on stored states (whole-model modes not implemented)")
+    parser.add_argument("--budgets", default="100,250,500,1000", help="example budgets, comma-separated")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per random method")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--lam", type=float, default=1.0, help="TokenOD / sentence-OD prior λ")
+    parser.add_argument("--test-fraction", type=float, default=1 / 6)
+    parser.add_argument("--validation-size", type=int, default=300, help="rows carved from the non-test part")
+    parser.add_argument("--max-pool", type=int, default=None, help="subsample the pool to this many rows")
+    parser.add_argument("--max-test", type=int, default=None, help="subsample the test set to this many rows")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--recipe-lrs", default="3e-5,1e-4,3e-4,1e-3", help="recipe candidates: Adam lr")
+    parser.add_argument("--recipe-epochs", default="1,3", help="recipe candidates: epochs")
+    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--redundant-share", type=float, default=0.0,
+                        help="share of the pool replaced by copies of --redundant-sources rows")
+    parser.add_argument("--redundant-sources", type=int, default=60)
+    parser.add_argument("--near-copy-noise", type=float, default=0.0,
+                        help="> 0: copies become near-copies (relative Gaussian noise on their states)")
+    parser.add_argument("--cache-dir", default=None, help="featurized-table cache (default OUTPUT/cache)")
+    parser.add_argument("--device", default="cpu", help="device for the selection")
+    parser.add_argument("--title", default=None, help="plot/table title (default: the input's name)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `fishersft-ray evaluate` (and `python -m fishersft_ray.evaluate`)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = EvalSettings(budgets=_numbers(args.budgets, int), seeds=args.seeds,
+                            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                            lam=args.lam, recipe_lrs=_numbers(args.recipe_lrs),
+                            recipe_epochs=_numbers(args.recipe_epochs), batch_tokens=args.batch_tokens,
+                            device=args.device)
+    parts, weight, bias, facts = corpus_states(args)
+    pool, groups = parts["pool"], None
+    if args.redundant_share > 0:
+        pool, groups = make_redundant(pool, share=args.redundant_share, num_sources=args.redundant_sources,
+                                      near_copy_noise=args.near_copy_noise, seed=args.split_seed)
+        facts["redundant"] = {"share": args.redundant_share, "sources": args.redundant_sources,
+                              "near_copy_noise": args.near_copy_noise}
+    result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, settings, groups)
+    result["info"] = facts | {"mode": args.mode} | result["info"]
+    paths = write_outputs(result, args.output, args.title or os.path.basename(args.input))
+    print(markdown_table(result["summary"], result["info"]))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
