@@ -1,0 +1,182 @@
+"""Selection-engine benchmark: naive (paper Alg. 1) vs batched lazy greedy, and a 1M-example scale run.
+
+    python benchmarks/bench_select.py            # side-by-side configs, ends with the speedup line
+    python benchmarks/bench_select.py --quick    # small smoke run (< 1 min)
+    python benchmarks/bench_select.py --scale    # N=1,000,000, d=128, n=10,000 from an on-disk memmap
+
+Instances are synthetic: lognormal target counts (mean ~40), token embeddings with a decaying
+spectrum around a per-example offset, stored by the featurizer's rule (features.factor_from_rows)
+in a FeatureSet — what the pipeline hands to ``select``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from fishersft_ray.features import FeatureSet, factor_from_rows
+from fishersft_ray.tokenod import select
+
+MEAN_TARGETS = 40
+LENGTH_SIGMA = 0.8
+
+
+def sample_lengths(rng, n):
+    mu = np.log(MEAN_TARGETS) - LENGTH_SIGMA ** 2 / 2
+    return np.maximum(1, np.rint(rng.lognormal(mu, LENGTH_SIGMA, size=n))).astype(np.int64)
+
+
+def token_embeddings(rng, lengths, d, axis_scales):
+    """Rows x_ij = (z_ij · axis_scales) + example offset: one (m_i, d) block per example, flat."""
+    offsets = np.repeat(rng.normal(scale=0.3, size=(len(lengths), d)), lengths, axis=0)
+    return (rng.standard_normal((int(lengths.sum()), d), dtype=np.float32) * axis_scales
+            + offsets).astype(np.float32)
+
+
+def synthetic_feature_set(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = sample_lengths(rng, n)
+    axis_scales = (1.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float32)
+    rows = token_embeddings(rng, lengths, d, axis_scales)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return FeatureSet.from_examples([rows[bounds[i]:bounds[i + 1]] for i in range(n)])
+
+
+def timed_select(features, budget, **kwargs):
+    start = time.perf_counter()
+    selection = select(features, budget, **kwargs)
+    return selection, time.perf_counter() - start
+
+
+def compare(n, budget, d, budget_unit="examples", lam=1.0):
+    features = synthetic_feature_set(n, d, seed=n + d)
+    naive, naive_s = timed_select(features, budget, lam=lam, method="naive", budget_unit=budget_unit)
+    lazy, lazy_s = timed_select(features, budget, lam=lam, method="lazy", budget_unit=budget_unit)
+    picks_equal = bool(np.array_equal(naive.indices, lazy.indices))
+    speedup = naive_s / lazy_s
+    print(f"config N={n} budget={budget} unit={budget_unit} d={d} lam={lam}: "
+          f"naive_s={naive_s:.2f} lazy_s={lazy_s:.3f} speedup={speedup:.1f} "
+          f"naive_evals={naive.evaluations} lazy_evals={lazy.evaluations} picks_equal={picks_equal} "
+          f"objective={lazy.objective[-1]:.3f} certificate_ratio={lazy.certificate_ratio:.4f} "
+          f"variant={lazy.variant}", flush=True)
+    return speedup, picks_equal
+
+
+def peak_rss_gb(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def generate_scale_features(directory, n, d, seed, chunk=20_000):
+    """Featurizer stand-in: generate chunk by chunk, apply the storage rule, append to disk.
+
+    Short examples (m ≤ d) keep their rows and get eigvalsh(X Xᵀ) batched by length;
+    long ones get the eigen factor. Factors are written with plain file writes (no
+    mapping), so this process's memory stays at one chunk.
+    """
+    rng = np.random.default_rng(seed)
+    axis_scales = (1.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float32)
+    lengths_all = sample_lengths(rng, n)
+    widths_all = np.minimum(lengths_all, d)
+    with open(f"{directory}/factors.f32", "wb") as factor_file, \
+            open(f"{directory}/spectrum.f32", "wb") as spectrum_file:
+        for start in range(0, n, chunk):
+            lengths = lengths_all[start:start + chunk]
+            rows = token_embeddings(rng, lengths, d, axis_scales)
+            bounds = np.concatenate([[0], np.cumsum(lengths)])
+            widths = widths_all[start:start + chunk]
+            out_bounds = np.concatenate([[0], np.cumsum(widths)])
+            factors = np.empty((out_bounds[-1], d), np.float32)
+            spectrum = np.empty(out_bounds[-1], np.float32)
+            for m in np.unique(lengths[lengths <= d]):
+                group = np.flatnonzero(lengths == m)
+                stack = rows[bounds[group][:, None] + np.arange(m)].astype(np.float64)
+                eigenvalues = np.linalg.eigvalsh(stack @ stack.transpose(0, 2, 1))[:, ::-1]
+                targets = out_bounds[group][:, None] + np.arange(m)
+                factors[targets] = stack.astype(np.float32)
+                spectrum[targets] = np.clip(eigenvalues, 0, None)
+            for i in np.flatnonzero(lengths > d):
+                factor, values = factor_from_rows(rows[bounds[i]:bounds[i + 1]])
+                # Keep r_i = d rows (pad dropped zero pairs) so offsets follow from lengths alone.
+                factors[out_bounds[i]:out_bounds[i + 1]] = 0.0
+                spectrum[out_bounds[i]:out_bounds[i + 1]] = 0.0
+                factors[out_bounds[i]:out_bounds[i] + len(factor)] = factor
+                spectrum[out_bounds[i]:out_bounds[i] + len(values)] = values
+            factor_file.write(factors.tobytes())
+            spectrum_file.write(spectrum.tobytes())
+    np.save(f"{directory}/lengths.npy", lengths_all)
+
+
+def scale_run(n=1_000_000, d=128, budget=10_000, seed=0):
+    directory = tempfile.mkdtemp(prefix="fishersft_scale_")
+    try:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--generate-into", directory, "--n", str(n),
+                        "--d", str(d), "--seed", str(seed)], check=True)
+        generate_s = time.perf_counter() - start
+        generator_rss = peak_rss_gb(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        lengths = np.load(f"{directory}/lengths.npy")
+        offsets = np.concatenate([[0], np.cumsum(np.minimum(lengths, d))])
+        factors = np.memmap(f"{directory}/factors.f32", np.float32, "r", shape=(offsets[-1], d))
+        spectrum = np.fromfile(f"{directory}/spectrum.f32", np.float32)
+        features = FeatureSet(factors, spectrum, offsets, num_targets=lengths)
+        load_s = time.perf_counter() - start
+        last_report = [time.perf_counter()]
+
+        def progress(step, total):
+            if time.perf_counter() - last_report[0] > 30:
+                last_report[0] = time.perf_counter()
+                print(f"  step {step}/{total} rss={peak_rss_gb():.2f}GB", flush=True)
+
+        selection, select_s = timed_select(features, budget, progress=progress)
+        print(f"scale N={n} d={d} n={budget}: factor_rows={offsets[-1]} "
+              f"factor_file_gb={factors.nbytes / 2 ** 30:.1f} generate_s={generate_s:.0f} "
+              f"generator_peak_rss_gb={generator_rss:.2f} load_s={load_s:.1f} select_s={select_s:.1f} "
+              f"select_process_peak_rss_gb={peak_rss_gb():.2f} evaluations={selection.evaluations} "
+              f"objective={selection.objective[-1]:.1f} upper_bound={selection.upper_bound:.1f} "
+              f"certificate_ratio={selection.certificate_ratio:.4f}", flush=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small smoke run (< 1 min)")
+    parser.add_argument("--scale", action="store_true", help="N=1M, d=128, n=10k from an on-disk memmap")
+    parser.add_argument("--generate-into", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1_000_000, help=argparse.SUPPRESS)
+    parser.add_argument("--d", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate_into:
+        generate_scale_features(args.generate_into, args.n, args.d, args.seed)
+        return
+    # One intra-op thread for both methods: on a shared 2-core box, torch's thread pool
+    # spin-waits on small batched ops and makes both slower and noisier.
+    torch.set_num_threads(1)
+    print(f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()}")
+    if args.scale:
+        scale_run()
+        return
+    if args.quick:
+        compare(500, 20, 16, "tokens")
+        n, budget, d = 2000, 50, 32
+    else:
+        compare(2000, 50, 32)
+        compare(5000, 100, 64, "tokens")
+        n, budget, d = 20000, 200, 64
+    speedup, picks_equal = compare(n, budget, d)
+    print(f"lazy_speedup_vs_naive N={n} n={budget} d={d}: {speedup:.1f} picks_equal={picks_equal}")
+
+
+if __name__ == "__main__":
+    main()
