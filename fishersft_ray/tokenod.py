@@ -183,7 +183,7 @@ class _GainEvaluator:
         batch, width, d = len(ids), int(widths.max()), self.pool.dim
         columns = np.arange(width)
         mask = columns[None, :] < widths[:, None]
-        padded = np.zeros((batch, width, d), np.float32)
+        padded = np.zeros((batch, width, d), self.pool.factors.dtype)
         padded[mask] = self.pool.factors[(self.pool.offsets[ids][:, None] + columns[None, :])[mask]]
         rows = torch.from_numpy(padded).to(self.device, torch.float64)
         z_rows = rows @ self.chol_inverse_t  # row k of example b: (L⁻¹ f_bk)ᵀ
