@@ -261,6 +261,7 @@ class FeaturizeConfig:
     device: str = "auto"                   # "auto" | "cpu" | "cuda"
     max_length: int | None = None          # None → the model's max positions
     micro_batch_tokens: int = 8192         # padded tokens per forward pass
+    max_padding: float = 0.05              # start a new micro-batch rather than pad more than this
     project_dim: int | None = None         # opt-in projection d → k before the products
     projection: str = "random"             # "random" (seeded orthonormal) | "pca"
     projection_seed: int = 0
@@ -319,43 +320,54 @@ class Featurizer:
         return [encode_with_targets(self.tokenizer, fmt, {name: columns[name][i] for name in fields})
                 for i in range(batch.num_rows)]
 
-    def target_states(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Per example, X_i (m_i, d) float32: the pre-logit states predicting its target tokens."""
-        pieces = []  # (example, window ids, positions in the window whose NEXT token is a target)
+    def pieces(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(example, window token ids, window positions whose NEXT token is a target) per window."""
+        pieces = []
         for example, (ids, targets) in enumerate(encoded):
             for start, end in windows(len(ids), self.max_length, self.config.overlong):
-                predictors = np.flatnonzero(targets[start + 1:end])
-                pieces.append((example, ids[start:end], predictors))
-        states = [[] for _ in encoded]
-        order = sorted(range(len(pieces)), key=lambda p: -len(pieces[p][1]))
-        for micro_batch in self._micro_batches([len(pieces[p][1]) for p in order], order):
-            for p, rows in zip(micro_batch, self._forward([pieces[p] for p in micro_batch])):
-                states[pieces[p][0]].append(rows)
-        return [np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
-                for rows in states]
+                pieces.append((example, ids[start:end], np.flatnonzero(targets[start + 1:end])))
+        return pieces
 
-    def _micro_batches(self, lengths: list[int], order: list[int]) -> list[list[int]]:
-        """Split length-sorted (descending) pieces so that count × longest ≤ micro_batch_tokens."""
-        batches, current = [], []
-        for length, piece in zip(lengths, order):
-            if current and (len(current) + 1) * current_longest > self.config.micro_batch_tokens:
+    def micro_batches(self, pieces: list) -> list[list]:
+        """Pieces sorted by length (longest first), cut when count × longest would pass
+        micro_batch_tokens or the batch's padding share would pass max_padding."""
+        batches, current, longest, real = [], [], 0, 0
+        for piece in sorted(pieces, key=lambda p: -len(p[1])):
+            length, slots = len(piece[1]), (len(current) + 1) * longest
+            if current and (slots > self.config.micro_batch_tokens
+                            or 1 - (real + length) / slots > self.config.max_padding):
                 batches.append(current)
                 current = []
             if not current:
-                current_longest = length
+                longest, real = length, 0
             current.append(piece)
+            real += length
         return batches + ([current] if current else [])
+
+    def target_states(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Per example, X_i (m_i, d) float32: the pre-logit states predicting its target tokens."""
+        states = [[] for _ in encoded]
+        for micro_batch in self.micro_batches(self.pieces(encoded)):
+            for (example, _, _), rows in zip(micro_batch, self._forward(micro_batch)):
+                states[example].append(rows)
+        return [np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+                for rows in states]
+
+    def pad(self, micro_batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids) of a micro-batch, padded on the tokenizer's side."""
+        padded = self.tokenizer.pad({"input_ids": [ids.tolist() for _, ids, _ in micro_batch]},
+                                    return_tensors="pt")
+        attention_mask = padded["attention_mask"]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # right for either padding side
+        return padded["input_ids"], attention_mask, position_ids
 
     @torch.inference_mode()
     def _forward(self, pieces) -> list[np.ndarray]:
         """One padded forward pass; per piece, the fp32 states at its predictor positions."""
-        padded = self.tokenizer.pad({"input_ids": [ids.tolist() for _, ids, _ in pieces]},
-                                    return_tensors="pt")
-        attention_mask = padded["attention_mask"]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # right for either padding side
+        input_ids, attention_mask, position_ids = self.pad(pieces)
         self.real_tokens += int(attention_mask.sum())
         self.padded_tokens += int(attention_mask.numel() - attention_mask.sum())
-        hidden = self.model(input_ids=padded["input_ids"].to(self.device),
+        hidden = self.model(input_ids=input_ids.to(self.device),
                             attention_mask=attention_mask.to(self.device),
                             position_ids=position_ids.to(self.device), use_cache=False).last_hidden_state
         width = hidden.shape[1]

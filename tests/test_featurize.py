@@ -128,7 +128,8 @@ def test_factors_reproduce_reference_gram(tiny_models, arch):
 
 
 def test_results_independent_of_batching_order_and_padding_side(tiny_models):
-    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", micro_batch_tokens=10_000)
+    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", micro_batch_tokens=10_000,
+                             max_padding=1.0)  # one padded micro-batch
     examples = examples_table("text", TEXT_ROWS)
     baseline = gram_matrices(featurize_local(examples, config), 32)
     one_at_a_time = Featurizer(replace(config, micro_batch_tokens=1))
@@ -140,6 +141,19 @@ def test_results_independent_of_batching_order_and_padding_side(tiny_models):
         for row, gram in enumerate(baseline):
             np.testing.assert_allclose(by_row[row], gram, rtol=1e-4, atol=1e-4)
     assert left_padded.padding_fraction > 0 and one_at_a_time.padding_fraction == 0
+
+
+def test_micro_batches_respect_token_budget_and_padding_cap(tiny_models):
+    featurizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"], micro_batch_tokens=64, max_padding=0.1))
+    lengths = [3, 40, 5, 5, 6, 30, 31, 4, 12, 12, 11, 2]
+    pieces = [(i, np.zeros(n, np.int64), np.arange(n - 1)) for i, n in enumerate(lengths)]
+    batches = featurizer.micro_batches(pieces)
+    assert sorted(p[0] for batch in batches for p in batch) == list(range(len(lengths)))
+    for batch in batches:
+        sizes = [len(p[1]) for p in batch]
+        assert sizes == sorted(sizes, reverse=True)
+        assert len(batch) == 1 or (len(batch) * sizes[0] <= 64 and 1 - sum(sizes) / (len(batch) * sizes[0]) <= 0.1)
+    assert len(batches) < len(lengths)
 
 
 def test_text_mask_every_token_after_the_first(tiny_models):
