@@ -3,10 +3,10 @@
 import json
 import os
 import pathlib
+import secrets
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
@@ -24,36 +24,40 @@ def _write_text_corpus(path, n=30):
     return speeches
 
 
+def _stop_processes_under(marker: str) -> None:
+    """Stop every process whose command line names ``marker`` (the head's own temp dir):
+    `ray start --block` does not take its children down with it, and `ray stop` would stop
+    every Ray instance on the machine."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for proc in alive:
+        proc.kill()
+
+
 @pytest.fixture()
-def ray_head(tmp_path, free_port):
-    """A real Ray head on 127.0.0.1 (free ports), stopped after the test."""
+def ray_head(free_port):
+    """A real Ray head on 127.0.0.1 (free ports, token auth as Ray enables it), stopped after the test."""
     port, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"
-    temp_dir = f"/tmp/fsr-head-{os.getpid()}"
-    head = subprocess.Popen(
-        [str(pathlib.Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-         "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            if head.poll() is not None or time.time() > deadline:
-                head.kill()
-                pytest.fail("the Ray head did not start")
-            time.sleep(1)
-    yield address, env
-    head.terminate()
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    temp_dir = f"/tmp/fsr-head-{os.getpid()}-{port}"
+    ray_cli = str(pathlib.Path(sys.executable).parent / "ray")
+    started = subprocess.run(
+        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, capture_output=True, text=True, timeout=180)
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, 9)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _stop_processes_under(temp_dir)
 
 
 def test_ray_job_submit_runs_the_job(ray_head, tiny_llama_dir, tmp_path):
@@ -65,7 +69,11 @@ def test_ray_job_submit_runs_the_job(ray_head, tiny_llama_dir, tmp_path):
            "--working-dir", str(REPO), "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
            "python", "jobs/select_subset.py", "--input", str(corpus), "--output", str(out),
            "--budget", "6", "--model", str(tiny_llama_dir), "--num-actors", "1"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # right after `ray start` the job agent may not be up yet
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     manifest = json.loads((out / "manifest.json").read_text())
