@@ -56,6 +56,7 @@ METHOD_LABELS = {
     "sentence_od": "sentence-level OD (n examples)",
 }
 NEAR_TWIN_COSINE = 0.98
+FEATURIZE_CHUNK_ROWS = 256  # progress granularity of the in-process featurization
 
 
 # --------------------------------------------------------------------------- data
@@ -511,7 +512,7 @@ def featurize_cached(examples: pa.Table, part: str, model, config, cache_dir: st
     """Featurize `examples` with states kept, cached as `<cache_dir>/<fingerprint>-<part>.parquet`."""
     import pyarrow.parquet as pq
 
-    from fishersft_ray.featurize import featurize_local
+    from fishersft_ray.featurize import Featurizer
     from fishersft_ray.storage import fingerprint
 
     key = fingerprint(model.fingerprint, examples, dataclasses.asdict(config) | {"model": None})
@@ -519,8 +520,12 @@ def featurize_cached(examples: pa.Table, part: str, model, config, cache_dir: st
     if os.path.exists(path):
         log.info("%s: reusing featurized cache %s", part, path)
         return pq.read_table(path)
-    started = time.time()
-    table = featurize_local(examples, config)
+    started, chunks, featurizer = time.time(), [], Featurizer(config)  # loads the model once
+    for start in range(0, examples.num_rows, FEATURIZE_CHUNK_ROWS):
+        chunks.append(featurizer(examples.slice(start, FEATURIZE_CHUNK_ROWS)))
+        log.info("%s: featurized %d/%d examples (%.0f s)", part, min(start + FEATURIZE_CHUNK_ROWS,
+                 examples.num_rows), examples.num_rows, time.time() - started)
+    table = pa.concat_tables(chunks)
     os.makedirs(cache_dir, exist_ok=True)
     pq.write_table(table, path + ".partial")
     os.replace(path + ".partial", path)
@@ -539,7 +544,7 @@ def corpus_states(args) -> tuple[dict[str, TokenStates], np.ndarray, np.ndarray 
                            validation_size=args.validation_size, seed=args.split_seed,
                            max_pool=args.max_pool, max_test=args.max_test)
     model = resolve_model(args.model)
-    config = FeaturizeConfig(model=model, keep_states=True)
+    config = FeaturizeConfig(model=model.path, keep_states=True)
     weight, bias = lm_head_weight(model)
     cache_dir = args.cache_dir or os.path.join(args.output, "cache")
     parts = {}
@@ -547,7 +552,7 @@ def corpus_states(args) -> tuple[dict[str, TokenStates], np.ndarray, np.ndarray 
         table = featurize_cached(corpus.examples.take(pa.array(positions)), part, model, config, cache_dir)
         parts[part] = TokenStates.from_featurized(table, weight.shape[1])
     facts = {"input": args.input, "format": corpus.format, "corpus_stats": corpus.stats,
-             "model": getattr(model, "name", str(model)), "split_seed": args.split_seed,
+             "model": model.name, "model_fingerprint": model.fingerprint, "split_seed": args.split_seed,
              "split_sizes": {k: int(len(v)) for k, v in dataclasses.asdict(split).items()},
              "cache_dir": cache_dir}
     return parts, weight, bias, facts
