@@ -119,8 +119,10 @@ def scale_run(n=1_000_000, d=128, budget=10_000, seed=0):
     directory = tempfile.mkdtemp(prefix="fishersft_scale_")
     try:
         start = time.perf_counter()
+        # Single-threaded BLAS: small eigen-problems with a contended thread pool run ~10× slower.
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         subprocess.run([sys.executable, __file__, "--generate-into", directory, "--n", str(n),
-                        "--d", str(d), "--seed", str(seed)], check=True)
+                        "--d", str(d), "--seed", str(seed)], check=True, env=env)
         generate_s = time.perf_counter() - start
         generator_rss = peak_rss_gb(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
@@ -153,8 +155,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 1 min)")
     parser.add_argument("--scale", action="store_true", help="N=1M, d=128, n=10k from an on-disk memmap")
     parser.add_argument("--generate-into", help=argparse.SUPPRESS)
-    parser.add_argument("--n", type=int, default=1_000_000, help=argparse.SUPPRESS)
-    parser.add_argument("--d", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1_000_000, help="--scale: number of examples")
+    parser.add_argument("--d", type=int, default=128, help="--scale: embedding dimension")
+    parser.add_argument("--budget", type=int, default=10_000, help="--scale: examples to pick")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate_into:
@@ -165,7 +168,7 @@ def main():
     torch.set_num_threads(1)
     print(f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()}")
     if args.scale:
-        scale_run()
+        scale_run(args.n, args.d, args.budget, args.seed)
         return
     if args.quick:
         compare(500, 20, 16, "tokens")
