@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import __version__
 from .corpus import Corpus, CorpusSpec, read_corpus
@@ -161,9 +162,18 @@ def _featurized(corpus: Corpus, model, config, root: Location, settings: JobSett
     key = fingerprint(model.fingerprint, corpus.examples, dataclasses.asdict(config) | {"model": None})
     shards = root.child(key)
     reused = shards.exists(FEATURES_COMPLETE)
+    resumed_rows = 0
     if not reused:
-        shards.remove()  # a previous attempt that did not finish
-        _write_shards(corpus.examples, config, shards, settings)
+        # A previous attempt may have died after writing some shards: keep those.
+        done = _rows_in_readable_shards(shards)
+        todo = corpus.examples.filter(pc.invert(pc.is_in(corpus.examples.column("row_index"),
+                                                         pa.array(sorted(done), pa.int64()))))
+        resumed_rows = corpus.examples.num_rows - todo.num_rows
+        if resumed_rows:
+            log.info("resuming featurization: %d examples already in shards, %d to go",
+                     resumed_rows, todo.num_rows)
+        if todo.num_rows:
+            _write_shards(todo, config, shards, settings)
         shards.write_json(FEATURES_COMPLETE, {"rows": corpus.examples.num_rows, "model": model.name,
                                               "model_fingerprint": model.fingerprint})
     features = FeatureSet.load(shards.url, storage_options=settings.storage_options)
@@ -172,7 +182,26 @@ def _featurized(corpus: Corpus, model, config, root: Location, settings: JobSett
                            f"has {corpus.examples.num_rows}; delete that directory and re-run")
     log.info("features %s at %s (%d examples, d=%d)", "reused" if reused else "computed",
              shards.url, features.n, features.dim)
-    return features, {"key": key, "location": shards.url, "reused": reused}
+    return features, {"key": key, "location": shards.url, "reused": reused,
+                      "resumed_rows": resumed_rows}
+
+
+def _rows_in_readable_shards(shards: Location) -> set[int]:
+    """row_index values held by the complete shard files under ``shards``; a file cut short
+    by a crash cannot be read back and is deleted so its rows are featurized again."""
+    import pyarrow.parquet as pq
+
+    if not shards.exists():
+        return set()
+    done: set[int] = set()
+    for path in sorted(shards.fs.glob(f"{shards.path}/*.parquet")):
+        try:
+            with shards.fs.open(path, "rb") as handle:
+                done.update(pq.read_table(handle, columns=["row_index"]).column(0).to_pylist())
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            log.warning("dropping unreadable feature shard %s (%s)", path, exc)
+            shards.fs.rm(path)
+    return done
 
 
 def _write_shards(examples: pa.Table, config, shards: Location, settings: JobSettings) -> None:
@@ -182,16 +211,28 @@ def _write_shards(examples: pa.Table, config, shards: Location, settings: JobSet
 
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, log_to_driver=False, configure_logging=False)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0)) if settings.device != "cpu" else 0
-    num_actors = settings.num_actors or max(1, gpus or int(resources.get("CPU", 1)) // 2)
+    num_actors, cpus_per_actor, gpus_per_actor = _actor_resources(ray.cluster_resources(), settings)
     blocks = max(num_actors * 4, 1)
     rows_per_block = max(1, -(-examples.num_rows // blocks))
     ds = ray.data.from_arrow([examples.slice(i, rows_per_block)
                               for i in range(0, examples.num_rows, rows_per_block)] or [examples])
     featurized = featurize_dataset(ds, config, num_actors=num_actors, batch_size=settings.batch_size,
-                                   num_gpus_per_actor=1 if gpus else 0)
-    featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem())
+                                   num_gpus_per_actor=gpus_per_actor, num_cpus_per_actor=cpus_per_actor)
+    # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold.
+    featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
+                             ray_remote_args={"num_cpus": 0.1})
+
+
+def _actor_resources(resources: dict, settings: JobSettings) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor): one actor per GPU when the cluster has GPUs;
+    otherwise the CPUs are split between the actors (torch's intra-op threads follow the
+    actor's CPU count), one actor per 8 CPUs by default."""
+    gpus = int(resources.get("GPU", 0)) if settings.device != "cpu" else 0
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if gpus:
+        return settings.num_actors or gpus, 1.0, 1.0
+    num_actors = settings.num_actors or max(1, cpus // 8)
+    return num_actors, float(max(1, cpus // num_actors)), 0.0
 
 
 def _progress_bar():
