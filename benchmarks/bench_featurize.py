@@ -21,13 +21,15 @@ from fishersft_ray.featurize import Featurizer, FeaturizeConfig
 DEFAULT_CORPUS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def best_time(run, repeats: int) -> float:
-    timings = []
+def best_times(runs: dict, repeats: int) -> dict:
+    """Best of `repeats` wall times per path; paths are interleaved so load drift hits all alike."""
+    best = {name: float("inf") for name in runs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - started)
-    return min(timings)
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
 
 
 def main() -> None:
@@ -76,9 +78,7 @@ def main() -> None:
 
     featurizer(examples.slice(0, 16))  # warm-up (allocator, kernels)
     featurizer.real_tokens = featurizer.padded_tokens = 0
-    seconds = {"featurize": best_time(run_featurizer, args.repeats),
-               "bare": best_time(run_bare, args.repeats),
-               "naive": best_time(run_naive, args.repeats)}
+    seconds = best_times({"featurize": run_featurizer, "bare": run_bare, "naive": run_naive}, args.repeats)
     tokens_per_second = {name: real_tokens / s for name, s in seconds.items()}
     print(f"model {featurizer.model_ref.name} ({featurizer.model_ref.fingerprint}) d={featurizer.dim} "
           f"device={device} threads={args.threads} examples={examples.num_rows} tokens={real_tokens} "

@@ -403,6 +403,7 @@ class Featurizer:
             "factor": factors, "spectrum": spectra,
         }, dim=out_dim, meta={"model": self.model_ref.name, "model_fingerprint": self.model_ref.fingerprint})
         if self.config.keep_states:
+            # Truncation keeps a prefix of the targets, so the first len(X) target ids match X's rows.
             target_ids = [ids_[1:][targets[1:]][:len(X)] for (ids_, targets), X in zip(encoded, all_states)]
             table = table.append_column("states", _list_array(all_states, pa.float32()))
             table = table.append_column("target_ids", _list_array(target_ids, pa.int32()))
