@@ -20,6 +20,7 @@ used by duck typing (``factors``, ``offsets``, ``spectrum``, ``num_targets``,
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +37,15 @@ SPECTRUM_REL_TOL = 1e-5
 CHUNK_ELEMENTS = 1 << 22
 MAX_LAZY_BATCH = 4096
 CERTIFICATE_CHECKPOINTS = 64
+# Tightened-bound refreshes happen at steps ≥ REFRESH_GROWTH × the previous one.
+REFRESH_GROWTH = 1.25
+MAX_SNAPSHOTS = 4
+# eigvalsh is backward stable: computed eigenvalues are within a small multiple of
+# d·eps·λ_max of the true ones; EIGEN_TOL·λ_max is a generous margin for d ≤ 10⁵.
+EIGEN_TOL = 1e-10
+# Relative slack on tightened bounds for the rounding of the gains they are compared with.
+BOUND_SLACK = 1e-9
+CHECKPOINT_FORMAT = "fishersft.select.checkpoint/1"
 
 
 @dataclass(frozen=True)
@@ -157,10 +167,11 @@ class _GainEvaluator:
     def objective(self) -> float:
         return self.logdet - self.logdet0
 
-    def gains(self, ids) -> np.ndarray:
-        """Δ(i|S) for each id against the current Σ_S, float64."""
+    def gains(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Δ(i|S) and ‖L⁻¹F_iᵀ‖_F² for each id against the current Σ_S, float64."""
         ids = np.asarray(ids, np.int64)
         out = np.zeros(len(ids))
+        traces = np.zeros(len(ids))
         widths = self.pool.widths[ids]
         order = np.argsort(widths, kind="stable")
         order = order[widths[order] > 0]  # empty examples: gain exactly 0
@@ -174,11 +185,11 @@ class _GainEvaluator:
             by_width = int(np.searchsorted(sorted_widths, 1.25 * sorted_widths[0] + 4, side="right"))
             stop = start + max(1, min(by_size, by_width))
             chunk = order[start:stop]
-            out[chunk] = self._chunk_gains(ids[chunk])
+            out[chunk], traces[chunk] = self._chunk_gains(ids[chunk])
             start = stop
-        return out
+        return out, traces
 
-    def _chunk_gains(self, ids: np.ndarray) -> np.ndarray:
+    def _chunk_gains(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         widths = self.pool.widths[ids]
         batch, width, d = len(ids), int(widths.max()), self.pool.dim
         columns = np.arange(width)
@@ -188,9 +199,128 @@ class _GainEvaluator:
         rows = torch.from_numpy(padded).to(self.device, torch.float64)
         z_rows = rows @ self.chol_inverse_t  # row k of example b: (L⁻¹ f_bk)ᵀ
         gram = z_rows @ z_rows.transpose(1, 2) if width <= d else z_rows.transpose(1, 2) @ z_rows
+        traces = gram.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy()
         gram.diagonal(dim1=1, dim2=2).add_(1.0)
         factor, _ = torch.linalg.cholesky_ex(gram)  # I + ZᵀZ ⪰ I: always positive definite
-        return (2.0 * torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(-1)).cpu().numpy()
+        gains = 2.0 * torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(-1)
+        return gains.cpu().numpy(), traces
+
+
+class _BoundTightener:
+    """Upper bounds on Δ(i|Σ_now) tighter than the stale gain, from how much Σ has grown.
+
+    Two families, both valid for every later Σ (Σ only grows), refreshed on a geometric
+    schedule of steps (``due``):
+
+    * Spectral (entries with a stored spectrum): with a_k↓ the eigenvalues of A_i and ν_k↑
+      those of Σ_now, Δ(i|Σ_now) ≤ Σ_k log(1 + a_k/ν_k). Proof: the eigenvalues of
+      Σ^{-½}AΣ^{-½} are the squared singular values of A^{½}Σ^{-½}, and Horn's inequality
+      Π_{k≤j} σ_k(XY) ≤ Π_{k≤j} σ_k(X)σ_k(Y) makes them weakly log-majorised by a_k/ν_k;
+      x ↦ log(1 + e^x) is convex and increasing, so the sum of log(1 + ·) obeys the same
+      order (Weyl's majorant theorem). Needs no evaluation, so it also covers entries that
+      were never evaluated, and it tightens as ν grows.
+    * Snapshot (evaluated entries): an entry evaluated at step t against Σ_t had gain
+      g = Σ_k log(1 + σ_k) and T = Σ_k σ_k = ‖Z‖_F², σ_k the eigenvalues of ZᵀZ,
+      Z = L_t⁻¹F_i, r = rank ≤ min(width, d). Let c ≥ t be a snapshot step (Σ_c ⪰ Σ_t) and
+      μ = λ_min(L_c⁻¹ Σ_now L_c⁻ᵀ) ≥ 1. Then Σ_now ⪰ μΣ_c ⪰ μΣ_t, so Σ_now⁻¹ ⪯ Σ_t⁻¹/μ
+      and Δ(i|Σ_now) ≤ Σ_k log(1 + σ_k/μ), which is at most each of
+        (a) r·log(1 + T/(rμ))              — Jensen (log(1 + x/μ) is concave);
+        (b) h(g), h(x) = log(1 + (e^x − 1)/μ) — h is convex with h(0) = 0, hence
+            superadditive, and log(1 + σ_k/μ) = h(log(1 + σ_k));
+        (c) g.
+      μ(c, now) only grows with now, so a cached μ stays valid (just weaker).
+
+    The d³ work per refresh is one eigvalsh of Σ_now plus one product and eigvalsh per
+    kept snapshot (at most ``MAX_SNAPSHOTS``); refreshes are geometric in the step.
+    """
+
+    def __init__(self, pool: _Pool, evaluator: _GainEvaluator, lam: float,
+                 evaluated_gain: np.ndarray, trace: np.ndarray, evaluated_at_start: bool):
+        self.evaluator = evaluator
+        self.lam = lam
+        self.ranks = np.minimum(pool.widths, pool.dim).astype(np.float64)
+        self.evaluated_gain = evaluated_gain.copy()
+        self.trace = trace.copy()
+        # Step each entry's stale gain was evaluated at; −1: never (spectral bound only).
+        self.evaluated_step = np.full(pool.n, 0 if evaluated_at_start else -1, np.int64)
+        self.snapshot_steps: list[int] = []
+        self.snapshot_inverses: list[torch.Tensor] = []
+        self.last_refresh = -1
+        self.spectrum = _SortedSpectrum(pool.feature_set) if pool.feature_set is not None else None
+
+    def due(self, step: int) -> bool:
+        return step >= max(self.last_refresh + 1, math.ceil(REFRESH_GROWTH * self.last_refresh))
+
+    def record(self, ids, gains: np.ndarray, traces: np.ndarray, step: int):
+        self.evaluated_gain[ids] = gains
+        self.trace[ids] = traces
+        self.evaluated_step[ids] = step
+
+    def refresh(self, step: int) -> np.ndarray:
+        """Bounds valid from ``step`` on for every entry (inf where none applies), then snapshot Σ_step."""
+        sigma = self.evaluator.sigma
+        bounds = np.full(len(self.ranks), np.inf)
+        if self.snapshot_steps:
+            stacked = torch.stack(self.snapshot_inverses)  # L_c⁻ᵀ
+            grown = stacked.transpose(1, 2) @ sigma @ stacked
+            eigenvalues = torch.linalg.eigvalsh(grown).cpu().numpy()
+            mu = np.maximum(1.0, eigenvalues[:, 0] - EIGEN_TOL * eigenvalues[:, -1])
+            bounds = self._snapshot_bounds(mu)
+        if self.spectrum is not None:
+            nu = torch.linalg.eigvalsh(sigma).cpu().numpy()
+            nu = np.maximum(nu - EIGEN_TOL * nu[-1], self.lam)  # Σ_now ⪰ λI
+            bounds = np.minimum(bounds, self.spectrum.bounds(nu))
+        self.snapshot_steps.append(step)
+        self.snapshot_inverses.append(self.evaluator.chol_inverse_t.clone())
+        if len(self.snapshot_steps) > MAX_SNAPSHOTS:  # later snapshots stay valid for old entries
+            del self.snapshot_steps[0], self.snapshot_inverses[0]
+        self.last_refresh = step
+        return bounds * (1.0 + BOUND_SLACK)
+
+    def _snapshot_bounds(self, mu: np.ndarray) -> np.ndarray:
+        """min of (a), (b), (c) for entries evaluated at or before the newest snapshot."""
+        bounds = np.full(len(self.ranks), np.inf)
+        charged = np.searchsorted(self.snapshot_steps, self.evaluated_step, side="left")
+        has = (self.evaluated_step >= 0) & (charged < len(self.snapshot_steps))
+        m = mu[charged[has]]
+        g, total, rank = self.evaluated_gain[has], self.trace[has], self.ranks[has]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            jensen = np.where(rank > 0, rank * np.log1p(total / (np.maximum(rank, 1) * m)), 0.0)
+        superadditive = g + np.log1p((m - 1.0) * np.exp(-g)) - np.log(m)
+        bounds[has] = np.minimum(np.minimum(jensen, superadditive), g)
+        return bounds
+
+
+class _SortedSpectrum:
+    """Per-example eigenvalues of A_i in decreasing order, inflated to cover float32 factors."""
+
+    def __init__(self, feature_set):
+        offsets = np.asarray(feature_set.offsets, np.int64)
+        widths = np.diff(offsets)
+        self.nonempty = np.flatnonzero(widths > 0)
+        self.starts = offsets[:-1][self.nonempty]
+        self.n = len(widths)
+        position = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], widths)
+        values = np.asarray(feature_set.spectrum, np.float32)
+        descending = np.diff(values) <= 0
+        if not np.all(descending | (position[1:] == 0)):
+            order = np.lexsort((-values, np.repeat(np.arange(self.n), widths)))
+            values = values[order]
+        if len(self.starts):
+            largest = np.repeat(np.maximum.reduceat(values, self.starts), widths[self.nonempty])
+            inflated = values.astype(np.float64) + SPECTRUM_REL_TOL * largest
+            # One float32 ulp up, so the stored value stays ≥ the inflated float64 one.
+            values = np.nextafter(inflated.astype(np.float32), np.float32(np.inf))
+        self.values = values
+        self.position = position.astype(np.int32)
+
+    def bounds(self, nu_ascending: np.ndarray) -> np.ndarray:
+        """Σ_k log1p(a_k↓ / ν_k↑) per example (0 for empty ones)."""
+        out = np.zeros(self.n)
+        if len(self.starts):
+            terms = np.log1p(self.values / nu_ascending[self.position])
+            out[self.nonempty] = np.add.reduceat(terms, self.starts)
+        return out
 
 
 def _knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_cost: bool) -> float:
@@ -217,11 +347,13 @@ class _Run:
     """State shared by the naive and lazy loops: picks, budget left, stale bounds, certificate.
 
     ``bounds[i]`` always holds an upper bound on Δ(i|S) for every unpicked eligible i (its
-    last evaluated gain, or the initial bound); picked and ineligible entries hold 0.
+    last evaluated gain, the initial bound, or a tightened bound); picked and ineligible
+    entries hold 0. ``on_pick(run)`` is called after each pick.
     """
 
     def __init__(self, evaluator: _GainEvaluator, bounds: np.ndarray, costs: np.ndarray,
-                 budget: float, max_picks: int, unit_cost: bool, progress):
+                 budget: float, max_picks: int, unit_cost: bool,
+                 tightener: _BoundTightener | None = None, on_pick=None):
         self.evaluator = evaluator
         self.bounds = bounds
         self.costs = costs
@@ -229,7 +361,8 @@ class _Run:
         self.remaining = budget
         self.max_picks = max_picks
         self.unit_cost = unit_cost
-        self.progress = progress
+        self.tightener = tightener
+        self.on_pick = on_pick
         self.picks, self.gains, self.objective = [], [], []
         self.evaluations = 0
         self.upper_bound = math.inf
@@ -241,10 +374,21 @@ class _Run:
         return len(self.picks)
 
     def evaluate(self, ids) -> np.ndarray:
-        gains = self.evaluator.gains(ids)
+        gains, traces = self.evaluator.gains(ids)
         self.evaluations += len(ids)
         self.bounds[ids] = gains
+        if self.tightener is not None:
+            self.tightener.record(ids, gains, traces, self.step)
         return gains
+
+    def tighten(self) -> bool:
+        """Lower the stale bounds with the tightener's when a refresh is due; True if it ran."""
+        if self.tightener is None or not self.tightener.due(self.step):
+            return False
+        open_entries = self.bounds > 0
+        tightened = self.tightener.refresh(self.step)
+        self.bounds[open_entries] = np.minimum(self.bounds, tightened)[open_entries]
+        return True
 
     def certify(self, force: bool = False):
         """Tighten upper_bound with f(S_t) + knapsack value of the current stale bounds."""
@@ -260,8 +404,8 @@ class _Run:
         self.bounds[i] = 0.0
         self.evaluator.add(i)
         self.objective.append(self.evaluator.objective)
-        if self.progress is not None:
-            self.progress(self.step, self.max_picks)
+        if self.on_pick is not None:
+            self.on_pick(self)
 
     def finish(self, variant: str) -> Selection:
         self.certify(force=True)
@@ -273,7 +417,7 @@ class _Run:
 
 def _naive_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray):
     """Paper Alg. 1: every step evaluates every candidate that still fits, in batched calls."""
-    active = eligible
+    active = np.setdiff1d(eligible, run.picks)
     while run.step < run.max_picks:
         active = active[run.costs[active] <= run.remaining]
         if len(active) == 0:
@@ -289,18 +433,28 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     """Lazy greedy on a max-queue of stale priorities (bound · weight), refreshed in batches.
 
     Entries are (−priority, index, step evaluated at); ties pop the lowest index, as in the
-    naive argmax. Each round pops the top B entries not yet fresh for this step (dropping
-    those that no longer fit: the budget left only shrinks), evaluates them in one batched
-    call and pushes them back. A fresh entry on top is the greedy pick. Without a
+    naive argmax. Whenever the tightener lowers the bounds, the queue is rebuilt from them.
+    Each round pops the top B entries not yet fresh for this step (dropping those that no
+    longer fit: the budget left only shrinks), evaluates them in one batched call and
+    pushes them back fresh. A fresh entry on top is the greedy pick. Without a
     ``batch_size``, B follows a running average of how many entries per step had a
     stale priority above the pick's (the evaluations a one-at-a-time lazy greedy needs):
     B starts at half that average and grows 1.5× per extra round within a step, which
     balances per-call overhead against evaluations a one-at-a-time queue would skip.
     """
-    heap = [(-run.bounds[i] * weights[i], int(i), -1) for i in eligible]
-    heapq.heapify(heap)
+    is_open = np.zeros(len(run.bounds), bool)
+    is_open[eligible] = True
+    is_open[run.picks] = False
+    heap = None
     average_needed = 16.0
-    while run.step < run.max_picks and heap:
+    while run.step < run.max_picks and (heap is None or heap):
+        if run.tighten() or heap is None:
+            is_open[run.picks] = False
+            is_open &= run.costs <= run.remaining
+            entries = np.flatnonzero(is_open)
+            keys = -run.bounds[entries] * weights[entries]
+            order = np.lexsort((entries, keys))  # sorted by (−priority, index): a valid heap
+            heap = list(zip(keys[order].tolist(), entries[order].tolist(), itertools.repeat(-1)))
         run.certify()
         step = run.step
         batch_limit = batch_size or int(min(MAX_LAZY_BATCH, max(8, average_needed / 2)))
@@ -308,10 +462,10 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
         while heap and heap[0][2] != step:
             batch = []
             while heap and heap[0][2] != step and len(batch) < batch_limit:
-                priority, i, _ = heapq.heappop(heap)
+                key, i, _ = heapq.heappop(heap)
                 if run.costs[i] <= run.remaining:
                     batch.append(i)
-                    stale_priorities.append(-priority)
+                    stale_priorities.append(-key)
             if batch:
                 gains = run.evaluate(batch)
                 for i, gain in zip(batch, gains):
@@ -320,16 +474,35 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
                 batch_limit = min(MAX_LAZY_BATCH, batch_limit * 3 // 2)
         if not heap:
             break
-        priority, i, _ = heapq.heappop(heap)
-        needed = sum(p >= -priority for p in stale_priorities)
+        key, i, _ = heapq.heappop(heap)
+        needed = sum(p >= -key for p in stale_priorities)
         average_needed = 0.8 * average_needed + 0.2 * needed
         run.take(i, float(run.bounds[i]))
+
+
+def _checkpoint_header(n: int, budget: float, budget_unit: str, lam: float, method: str) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "n": n, "budget": budget, "budget_unit": budget_unit,
+            "lam": lam, "method": method}
+
+
+def _check_resume(resume: dict, header: dict, variants: tuple[str, ...]) -> dict:
+    """The per-variant records of a checkpoint, after checking it belongs to this call."""
+    mismatched = [key for key, value in header.items() if resume.get(key) != value]
+    if mismatched:
+        raise ValueError(f"resume: checkpoint does not match this call ({', '.join(mismatched)} "
+                         f"differ)")
+    records = resume.get("variants", {})
+    if set(records) - set(variants):
+        raise ValueError(f"resume: unknown variants {sorted(set(records) - set(variants))}")
+    return records
 
 
 def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
            budget_unit: str = "examples", prior=None, device: str = "cpu",
            batch_size: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> Selection:
+           progress: Callable[[int, int], None] | None = None,
+           checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+           threads: int | None = None) -> Selection:
     """Greedy TokenOD selection: maximise log det(Σ_0 + Σ_{i∈S} A_i) − log det Σ_0.
 
     ``examples``: a FeatureSet or a sequence of (m_i, d) arrays of target-token embeddings
@@ -343,6 +516,17 @@ def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
     restricted to what fits, and keeps the better objective (Leskovec et al. 2007); its
     ``upper_bound`` is the min over both runs of the fractional-knapsack certificate.
     ``progress(step, total)`` is called after each pick.
+
+    Resume: ``checkpoint(state)`` is called after each pick with a small JSON-serialisable
+    dict (the picks and gains so far of each budget variant, which variant is running, and
+    the call's settings); passing the last state received as ``resume=`` to the same call
+    replays those picks into Σ in order and continues. Guaranteed: the same ``indices``,
+    ``gains`` and ``objective`` as an uninterrupted run (greedy's argmax is exact with
+    lowest-index ties, so the stale bounds may restart from the initial ones). Not
+    guaranteed: ``evaluations`` and ``upper_bound`` (the certificate restarts too).
+
+    ``threads``: torch intra-op threads for this call (restored after); 1 is fastest on a
+    shared or contended CPU (see benchmarks/RESULTS.md); None keeps torch's setting.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -355,6 +539,22 @@ def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
         raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
+    if threads is None:
+        return _select(examples, budget, lam, method, budget_unit, prior, device, batch_size,
+                       progress, checkpoint, resume)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _select(examples, budget, lam, method, budget_unit, prior, device, batch_size,
+                       progress, checkpoint, resume)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _select(examples, budget, lam, method, budget_unit, prior, device, batch_size,
+            progress, checkpoint, resume) -> Selection:
     pool = _as_pool(examples, "example")
     if pool.n == 0:
         empty = np.zeros(0)
@@ -372,37 +572,62 @@ def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
         costs = np.ones(pool.n)
         budget = float(min(int(budget), pool.n))
         eligible = np.arange(pool.n)
+        variants = {"examples": np.ones(pool.n)}
     else:
         costs = pool.costs
         budget = float(budget)
         eligible = np.flatnonzero((costs > 0) & (costs <= budget))
+        with np.errstate(divide="ignore"):
+            variants = {"cost_benefit": np.where(costs > 0, 1.0 / costs, 0.0),
+                        "unit_cost": np.ones(pool.n)}
+    header = _checkpoint_header(pool.n, budget, budget_unit, float(lam), method)
+    records = {} if resume is None else _check_resume(resume, header, tuple(variants))
     initial = np.zeros(pool.n)
+    initial_traces = np.zeros(pool.n)
+    evaluated_at_start = pool.feature_set is None
     evaluations = 0
     if method == "lazy" and len(eligible):
         if pool.feature_set is not None:
             # Free bounds from the stored spectra (valid with a prior too: Σ_0 ⪰ λI).
             initial[eligible] = pool.feature_set.initial_gains(lam, SPECTRUM_REL_TOL)[eligible]
         else:
-            initial[eligible] = evaluator.gains(eligible)
+            initial[eligible], initial_traces[eligible] = evaluator.gains(eligible)
             evaluations = len(eligible)
+
+    def save_state(running: str, run: _Run):
+        records[running] = {"picks": [int(i) for i in run.picks],
+                            "gains": [float(g) for g in run.gains], "finished": False}
+        if checkpoint is not None:
+            checkpoint({**header, "running": running,
+                        "variants": {name: dict(record) for name, record in records.items()}})
+
+    def on_pick(running: str, run: _Run):
+        if progress is not None:
+            progress(run.step, run.max_picks)
+        save_state(running, run)
 
     def run(variant: str, weights: np.ndarray) -> Selection:
         evaluator.reset()
         max_picks = int(budget) if budget_unit == "examples" else len(eligible)
+        tightener = None if method == "naive" else _BoundTightener(
+            pool, evaluator, lam, initial, initial_traces, evaluated_at_start)
         state = _Run(evaluator, initial.copy(), costs, budget, max_picks,
-                     budget_unit == "examples", progress)
-        if method == "naive":
-            _naive_greedy(state, eligible, weights)
-        else:
-            _lazy_greedy(state, eligible, weights, batch_size)
-        return state.finish(variant)
+                     budget_unit == "examples", tightener)
+        replay = records.get(variant, {"picks": [], "gains": []})
+        for i, gain in zip(replay["picks"], replay["gains"]):
+            state.take(int(i), float(gain))
+        state.on_pick = lambda current: on_pick(variant, current)
+        if not records.get(variant, {}).get("finished"):
+            if method == "naive":
+                _naive_greedy(state, eligible, weights)
+            else:
+                _lazy_greedy(state, eligible, weights, batch_size)
+        result = state.finish(variant)
+        save_state(variant, state)
+        records[variant]["finished"] = True
+        return result
 
-    if budget_unit == "examples":
-        result = run("examples", np.ones(pool.n))
-        return replace(result, evaluations=result.evaluations + evaluations)
-    with np.errstate(divide="ignore"):
-        cost_benefit = run("cost_benefit", np.where(costs > 0, 1.0 / costs, 0.0))
-    unit_cost = run("unit_cost", np.ones(pool.n))
-    best = max((cost_benefit, unit_cost), key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
-    return replace(best, evaluations=cost_benefit.evaluations + unit_cost.evaluations + evaluations,
-                   upper_bound=min(cost_benefit.upper_bound, unit_cost.upper_bound))
+    results = [run(name, weights) for name, weights in variants.items()]
+    best = max(results, key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
+    return replace(best, evaluations=sum(r.evaluations for r in results) + evaluations,
+                   upper_bound=min(r.upper_bound for r in results))

@@ -5,9 +5,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fishersft_ray.features import FeatureSet
 from fishersft_ray.tokenod import select
+
+# Small batched ops: one intra-op thread is much faster on a shared, loaded CPU.
+torch.set_num_threads(1)
 
 
 def random_examples(rng, n, d, max_len):
