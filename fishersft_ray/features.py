@@ -247,7 +247,11 @@ class FeatureSet:
 
     @classmethod
     def from_table(cls, table: pa.Table) -> FeatureSet:
-        """Contiguous arrays from shard rows, sorted by row_index (no per-row Python loop)."""
+        """Contiguous arrays from shard rows, sorted by row_index (no per-row Python loop).
+
+        Rows repeating a row_index are dropped (the first copy in table order is kept) and
+        counted in ``meta["duplicate_rows_dropped"]``.
+        """
         if not table.schema.remove_metadata().equals(SHARD_SCHEMA):
             raise ValueError(f"feature shard schema mismatch:\n{table.schema}\nexpected\n{SHARD_SCHEMA}")
         raw_meta = (table.schema.metadata or {}).get(METADATA_KEY)
@@ -257,8 +261,12 @@ class FeatureSet:
         d = int(meta["dim"])
         row_index = table.column("row_index").to_numpy()
         order = np.argsort(row_index, kind="stable")
-        if np.any(np.diff(row_index[order]) == 0):
-            raise ValueError("duplicate row_index values across shards")
+        # A retried shard write can hold rows already stored: keep the first copy of each
+        # row_index (in table order) so no example is counted twice.
+        first_copy = np.concatenate([[True], np.diff(row_index[order]) != 0])
+        if not first_copy.all():
+            meta["duplicate_rows_dropped"] = int(np.count_nonzero(~first_copy))
+            order = order[first_copy]
         table = table.take(pa.array(order)).combine_chunks()
         row_index = row_index[order]
         factor_col = table.column("factor").chunk(0) if table.num_rows else None
@@ -290,7 +298,11 @@ class FeatureSet:
 
     @classmethod
     def load(cls, path: str, storage_options: Mapping | None = None) -> FeatureSet:
-        """Read every ``*.parquet`` under a local path or fsspec URL into one FeatureSet."""
+        """Read every ``*.parquet`` under a local path or fsspec URL into one FeatureSet.
+
+        Files are read in sorted path order; a row_index held by several files (a retried
+        write) is kept once, see ``from_table``.
+        """
         import fsspec.core
 
         fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))

@@ -38,7 +38,7 @@ CHUNK_ELEMENTS = 1 << 22
 MAX_LAZY_BATCH = 4096
 CERTIFICATE_CHECKPOINTS = 64
 # Tightened-bound refreshes happen at steps ≥ REFRESH_GROWTH × the previous one.
-REFRESH_GROWTH = 1.25
+REFRESH_GROWTH = 1.1
 MAX_SNAPSHOTS = 4
 # eigvalsh is backward stable: computed eigenvalues are within a small multiple of
 # d·eps·λ_max of the true ones; EIGEN_TOL·λ_max is a generous margin for d ≤ 10⁵.
@@ -594,9 +594,9 @@ def _select(examples, budget, lam, method, budget_unit, prior, device, batch_siz
             initial[eligible], initial_traces[eligible] = evaluator.gains(eligible)
             evaluations = len(eligible)
 
-    def save_state(running: str, run: _Run):
+    def save_state(running: str, run: _Run, finished: bool = False):
         records[running] = {"picks": [int(i) for i in run.picks],
-                            "gains": [float(g) for g in run.gains], "finished": False}
+                            "gains": [float(g) for g in run.gains], "finished": finished}
         if checkpoint is not None:
             checkpoint({**header, "running": running,
                         "variants": {name: dict(record) for name, record in records.items()}})
@@ -623,8 +623,7 @@ def _select(examples, budget, lam, method, budget_unit, prior, device, batch_siz
             else:
                 _lazy_greedy(state, eligible, weights, batch_size)
         result = state.finish(variant)
-        save_state(variant, state)
-        records[variant]["finished"] = True
+        save_state(variant, state, finished=True)
         return result
 
     results = [run(name, weights) for name, weights in variants.items()]

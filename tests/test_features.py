@@ -150,3 +150,18 @@ def test_load_rejects_bad_shards(tmp_path):
     no_meta = pa.Table.from_arrays(table.columns, schema=SHARD_SCHEMA)
     with pytest.raises(ValueError, match="metadata"):
         FeatureSet.from_table(no_meta)
+
+
+def test_load_keeps_one_copy_of_rows_written_twice(tmp_path):
+    _, features = random_feature_set(seed=6)
+    first, second = np.array_split(np.arange(features.n), 2)
+    pq.write_table(features.subset(first).to_table(), tmp_path / "part-0.parquet")
+    pq.write_table(features.subset(second).to_table(), tmp_path / "part-1.parquet")
+    # A retried task rewrote part of the first shard under another name.
+    pq.write_table(features.subset(first[:5]).to_table(), tmp_path / "part-0-retry.parquet")
+    loaded = FeatureSet.load(str(tmp_path))
+    assert loaded.meta["duplicate_rows_dropped"] == 5
+    np.testing.assert_array_equal(loaded.row_index, features.row_index)
+    np.testing.assert_array_equal(loaded.offsets, features.offsets)
+    np.testing.assert_array_equal(loaded.factors, features.factors)
+    assert "duplicate_rows_dropped" not in FeatureSet.load(str(tmp_path / "part-1.parquet")).meta

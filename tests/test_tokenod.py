@@ -1,6 +1,7 @@
 """TokenOD engine: lazy == naive, exact objective, budgets, prior, certificate, validation."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from fishersft_ray.features import FeatureSet
-from fishersft_ray.tokenod import select
+from fishersft_ray.tokenod import _as_pool, _BoundTightener, _GainEvaluator, select
 
 # Small batched ops: one intra-op thread is much faster on a shared, loaded CPU.
 torch.set_num_threads(1)
@@ -210,3 +211,97 @@ def test_progress_callback_and_empty_input():
     select(examples, 2, progress=lambda step, total: calls.append((step, total)))
     assert calls == [(1, 2), (2, 2)]
     assert select([], 5).indices.size == 0
+
+
+def grown_design(seed, d, as_feature_set):
+    """A pool, its evaluator after 0 picks and a tightener with every entry evaluated at Σ_0."""
+    rng = np.random.default_rng(seed)
+    examples = random_examples(rng, 40, d, 2 * d)
+    data = FeatureSet.from_examples(examples) if as_feature_set else examples
+    pool = _as_pool(data, "example")
+    evaluator = _GainEvaluator(pool, 0.5 * np.eye(d), "cpu")
+    gains, traces = evaluator.gains(np.arange(pool.n))
+    tightener = _BoundTightener(pool, evaluator, 0.5, gains, traces,
+                                evaluated_at_start=not as_feature_set)
+    return rng, pool, evaluator, tightener, gains
+
+
+@pytest.mark.parametrize("seed,d", [(0, 3), (1, 8), (2, 16)])
+@pytest.mark.parametrize("as_feature_set", [False, True])
+def test_tightened_bounds_are_valid_and_beat_the_stale_gain(seed, d, as_feature_set):
+    # Arrays: snapshot (μ) bounds only; FeatureSet: spectral bounds only (never evaluated).
+    rng, pool, evaluator, tightener, stale = grown_design(seed, d, as_feature_set)
+    tightener.refresh(0)
+    for step, i in enumerate(rng.choice(pool.n, size=12, replace=False), start=1):
+        evaluator.add(int(i))
+        bounds = tightener.refresh(step)
+        true, _ = evaluator.gains(np.arange(pool.n))
+        assert np.all(bounds >= true * (1 - 1e-12) - 1e-12)
+    grown = stale > 1e-3
+    assert np.all(bounds[grown] < stale[grown])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_each_snapshot_bound_dominates_the_shrunk_gain(seed):
+    rng = np.random.default_rng(seed)
+    r = int(rng.integers(1, 9))
+    sigma = rng.lognormal(0, 2, size=r) * (rng.random(r) < 0.8)  # eigenvalues of ZᵀZ
+    stale, total = np.log1p(sigma).sum(), sigma.sum()
+    for mu in [1.0, 1.01, 2.0, 37.0]:
+        shrunk = np.log1p(sigma / mu).sum()
+        jensen = r * np.log1p(total / (r * mu))
+        superadditive = stale + np.log1p((mu - 1) * np.exp(-stale)) - np.log(mu)
+        assert shrunk <= min(jensen, superadditive, stale) * (1 + 1e-12) + 1e-15
+        if mu > 1 and stale > 0:
+            assert min(jensen, superadditive) < stale
+
+
+class Crash(Exception):
+    pass
+
+
+def run_crashing_at(data, budget, crash_at, **kwargs):
+    """Run select, raising from the checkpoint hook at its ``crash_at``-th call; the last state."""
+    states = []
+
+    def hook(state):
+        states.append(json.loads(json.dumps(state)))
+        if len(states) == crash_at:
+            raise Crash
+
+    with pytest.raises(Crash):
+        select(data, budget, checkpoint=hook, **kwargs)
+    return states[-1]
+
+
+@pytest.mark.parametrize("budget_unit,method", [("examples", "lazy"), ("tokens", "lazy"),
+                                                ("examples", "naive")])
+def test_resume_after_a_crash_gives_the_identical_answer(budget_unit, method):
+    rng = np.random.default_rng(21)
+    examples = random_examples(rng, 80, 8, 24)
+    data = FeatureSet.from_examples(examples)
+    budget = 12 if budget_unit == "examples" else 200
+    kwargs = dict(lam=0.5, budget_unit=budget_unit, method=method)
+    reference = select(data, budget, **kwargs)
+    calls = []
+    select(data, budget, checkpoint=calls.append, **kwargs)
+    for crash_at in sorted({1, 5, len(calls) // 2, len(calls) - 1}):
+        state = run_crashing_at(data, budget, crash_at, **kwargs)
+        resumed = select(data, budget, resume=state, **kwargs)
+        np.testing.assert_array_equal(resumed.indices, reference.indices)
+        np.testing.assert_array_equal(resumed.gains, reference.gains)
+        np.testing.assert_array_equal(resumed.objective, reference.objective)
+        assert resumed.variant == reference.variant
+        assert resumed.upper_bound >= resumed.objective[-1] - 1e-9
+    if budget_unit == "tokens":  # crashes landed in both knapsack variants
+        assert {c["running"] for c in calls} == {"cost_benefit", "unit_cost"}
+    with pytest.raises(ValueError, match="budget"):
+        select(data, budget + 1, resume=state, **kwargs)
+
+
+def test_threads_argument_is_restored():
+    before = torch.get_num_threads()
+    select([np.eye(3)], 1, threads=2)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        select([np.eye(3)], 1, threads=0)
