@@ -271,8 +271,8 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
                  *, lam: float, device: str = "cpu") -> list[Pick]:
     """Every method's subset at every budget (random methods once per seed).
 
-    Example-budget rankings (TokenOD, sentence OD, longest first) are nested, so one run to
-    the largest budget gives every smaller budget as a prefix.
+    Example-budget rankings (TokenOD, sentence OD, longest first, a seed's density order) are
+    nested, so one run to the largest budget gives every smaller budget as a prefix.
     """
     from fishersft_ray.tokenod import select
 
@@ -292,6 +292,8 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
                      if needs_tokenod else None)
     sentence_order = (baselines.sentence_od(features, embeddings, largest, lam=lam, device=device)
                       if "sentence_od" in methods else None)
+    density_orders = ({s: baselines.density_sampling(features, embeddings, largest, seed=s) for s in seeds}
+                      if "density" in methods else None)
     for n in budgets:
         if "tokenod" in methods:
             picks.append(Pick("tokenod", n, None, tokenod_order[:n]))
@@ -311,8 +313,7 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
                 picks.append(Pick("length_matched", n, s, baselines.uniform_random(
                     features, tokens(tokenod_order[:n]), budget_unit="tokens", seed=s)))
             if "density" in methods:
-                picks.append(Pick("density", n, s, baselines.density_sampling(
-                    features, embeddings, n, seed=s)))
+                picks.append(Pick("density", n, s, density_orders[s][:n]))
     return picks
 
 
