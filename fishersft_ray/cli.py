@@ -39,6 +39,8 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
                         help="malformed rows: stop with an error naming the row, or skip and count them")
     parser.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+    parser.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                        help="save the selection state at most this often (a rerun resumes from it)")
 
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
@@ -49,7 +51,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         num_actors=args.num_actors, batch_size=args.batch_size, device=args.device,
         storage_options=parse_storage_options(args.storage_options),
         output_format=args.output_format, features=args.features, on_bad_row=args.on_bad_row,
-        max_length=args.max_length,
+        max_length=args.max_length, checkpoint_seconds=args.checkpoint_seconds,
     )
 
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from fishersft_ray.faults import armed_faults, maybe_crash
 from fishersft_ray.features import factor_from_rows, shard_table
 
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -269,6 +270,7 @@ class FeaturizeConfig:
     pca_sample_rows: int = 256
     max_rank: int | None = None            # keep the top eigenpairs only
     keep_states: bool = False              # also emit unprojected `states` and `target_ids`
+    rows_per_unit: int = 16                # rows per forward unit (pipeline.plan_forward_units)
     overlong: str = "truncate"             # "truncate" | "split"
 
 
@@ -344,12 +346,22 @@ class Featurizer:
             real += length
         return batches + ([current] if current else [])
 
-    def target_states(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Per example, X_i (m_i, d) float32: the pre-logit states predicting its target tokens."""
+    def target_states(self, encoded: list[tuple[np.ndarray, np.ndarray]],
+                      units: list[int] | None = None) -> list[np.ndarray]:
+        """Per example, X_i (m_i, d) float32: the pre-logit states predicting its target tokens.
+
+        With ``units`` (one id per example, see pipeline.plan_forward_units) each unit is
+        micro-batched on its own, so an example's forward pass — and its float bits — depend
+        only on its unit, not on which other rows share this call.
+        """
         states = [[] for _ in encoded]
-        for micro_batch in self.micro_batches(self.pieces(encoded)):
-            for (example, _, _), rows in zip(micro_batch, self._forward(micro_batch)):
-                states[example].append(rows)
+        pieces = self.pieces(encoded)
+        groups = [pieces] if units is None else \
+            [[p for p in pieces if units[p[0]] == unit] for unit in dict.fromkeys(units)]
+        for group in groups:
+            for micro_batch in self.micro_batches(group):
+                for (example, _, _), rows in zip(micro_batch, self._forward(micro_batch)):
+                    states[example].append(rows)
         return [np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
                 for rows in states]
 
@@ -382,7 +394,8 @@ class Featurizer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Examples (row_index, id, format fields) → one SHARD_SCHEMA row each."""
         encoded = self.encode(batch)
-        all_states = self.target_states(encoded)
+        units = batch.column("unit").to_pylist() if "unit" in batch.column_names else None
+        all_states = self.target_states(encoded, units)
         ids = batch.column("id").to_pylist()
         factors, spectra = [], []
         for row_id, X in zip(ids, all_states):
@@ -407,6 +420,7 @@ class Featurizer:
             target_ids = [ids_[1:][targets[1:]][:len(X)] for (ids_, targets), X in zip(encoded, all_states)]
             table = table.append_column("states", _list_array(all_states, pa.float32()))
             table = table.append_column("target_ids", _list_array(target_ids, pa.int32()))
+        maybe_crash("featurize")
         return table
 
 
@@ -437,11 +451,13 @@ def featurize_local(examples: pa.Table, config: FeaturizeConfig) -> pa.Table:
     return Featurizer(_with_fitted_projection(config, examples))(examples)
 
 
-def featurize_dataset(ds, config: FeaturizeConfig, *, num_actors: int = 1, batch_size: int = 64,
+def featurize_dataset(ds, config: FeaturizeConfig, *, num_actors: int = 1, batch_size: int | None = None,
                       num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1):
     """Featurize a Ray Dataset of examples on an actor pool; the only place resources are set.
 
-    A PCA projection, if asked and not given, is fitted on the driver on the first
+    ``batch_size=None`` hands each block to one call (the pipeline's blocks hold whole
+    forward units). Ray Data restarts an actor that dies (pre-empted node, OOM kill) and
+    retries its batch elsewhere; an exception raised for bad data is not retried. A PCA projection, if asked and not given, is fitted on the driver on the first
     `pca_sample_rows` examples before the pool starts, so every actor uses the same basis.
     """
     import ray.data
@@ -450,4 +466,5 @@ def featurize_dataset(ds, config: FeaturizeConfig, *, num_actors: int = 1, batch
         config = _with_fitted_projection(config, ds.take_batch(config.pca_sample_rows, batch_format="pyarrow"))
     return ds.map_batches(Featurizer, fn_constructor_kwargs={"config": config}, batch_size=batch_size,
                           batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors),
-                          num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor)
+                          num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor,
+                          runtime_env={"env_vars": armed_faults()} if armed_faults() else None)

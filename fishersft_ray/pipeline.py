@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from . import __version__
 from .corpus import Corpus, CorpusSpec, read_corpus
+from .faults import maybe_crash
 from .features import FeatureSet
 from .storage import MANIFEST_NAME, Location, fingerprint
 from .tokenod import Selection, select
@@ -32,6 +33,9 @@ from .tokenod import Selection, select
 log = logging.getLogger("fishersft_ray")
 
 FEATURES_COMPLETE = "_COMPLETE.json"
+# Rows per forward unit (see plan_forward_units): small on CPU, enough to fill a GPU.
+CPU_ROWS_PER_UNIT = 16
+GPU_ROWS_PER_UNIT = 128
 
 
 @dataclass
@@ -58,6 +62,8 @@ class JobSettings:
     features: str | None = None  # feature-shard cache; default: <output>/features
     on_bad_row: str = "error"
     max_length: int | None = None
+    checkpoint_seconds: float = 30.0  # selection state saved at most this often
+    select_threads: int | None = None  # torch threads for selection (None: torch's default)
 
     def validate(self) -> None:
         if self.budget < 0:
@@ -116,8 +122,10 @@ def run_selection(settings: JobSettings) -> JobResult:
 
     with timer.stage("load_model"):
         model = resolve_model(settings.model)
+        on_gpu = _torch_device(settings.device) == "cuda"
         config = FeaturizeConfig(model=model.path, format=corpus.format, device=settings.device,
-                                 project_dim=settings.project_dim, max_length=settings.max_length)
+                                 project_dim=settings.project_dim, max_length=settings.max_length,
+                                 rows_per_unit=GPU_ROWS_PER_UNIT if on_gpu else CPU_ROWS_PER_UNIT)
 
     features_root = Location.of(settings.features or f"{settings.output}/features",
                                 settings.storage_options)
@@ -132,14 +140,59 @@ def run_selection(settings: JobSettings) -> JobResult:
         if settings.budget_unit == "examples" and settings.budget > features.n:
             warnings.warn(f"budget {settings.budget} exceeds the {features.n} usable examples: "
                           "every example is selected (in greedy order)", stacklevel=2)
+        checkpoints = SelectionCheckpoints(output, features_info["key"], settings.checkpoint_seconds)
         selection = select(features, settings.budget, lam=settings.lam, method="lazy",
                            budget_unit=settings.budget_unit, prior=prior,
-                           device=_torch_device(settings.device), progress=_progress_bar())
+                           device=_torch_device(settings.device), progress=_progress_bar(),
+                           checkpoint=checkpoints.save, resume=checkpoints.load(),
+                           threads=settings.select_threads)
 
     with timer.stage("write_outputs"):
         manifest = _write_outputs(output, settings, corpus, features, selection, model,
                                   features_info, timer)
+    checkpoints.clear()
     return JobResult(output=settings.output, manifest=manifest, selection=selection)
+
+
+class SelectionCheckpoints:
+    """Selection state saved to ``<output>/_checkpoint/select.json`` at most every
+    ``interval_s`` seconds (and when selection finishes), so a driver killed mid-selection
+    resumes to the identical picks when the same command is run again.
+
+    The state is tied to the feature-shard key: a checkpoint from other features is ignored.
+    """
+
+    NAME = "_checkpoint/select.json"
+
+    def __init__(self, output: Location, features_key: str, interval_s: float):
+        self.output = output
+        self.features_key = features_key
+        self.interval_s = interval_s
+        self.last_saved = time.monotonic()
+        self.finished_variants = 0
+
+    def load(self) -> dict | None:
+        if not self.output.exists(self.NAME):
+            return None
+        saved = self.output.read_json(self.NAME)
+        if saved.get("features_key") != self.features_key:
+            log.info("ignoring a selection checkpoint made from other features")
+            return None
+        log.info("resuming selection from its checkpoint (%d picks made)",
+                 sum(len(v.get("picks", [])) for v in saved["state"].get("variants", {}).values()))
+        return saved["state"]
+
+    def save(self, state: dict) -> None:
+        now = time.monotonic()
+        finished = sum(bool(v.get("finished")) for v in state["variants"].values())
+        if finished > self.finished_variants or now - self.last_saved >= self.interval_s:
+            self.finished_variants = finished
+            self.output.write_json(self.NAME, {"features_key": self.features_key, "state": state})
+            self.last_saved = now
+            maybe_crash("select")
+
+    def clear(self) -> None:
+        self.output.remove(self.NAME)
 
 
 def _corpus_spec(settings: JobSettings, path: str) -> CorpusSpec:
@@ -212,15 +265,36 @@ def _write_shards(examples: pa.Table, config, shards: Location, settings: JobSet
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, log_to_driver=False, configure_logging=False)
     num_actors, cpus_per_actor, gpus_per_actor = _actor_resources(ray.cluster_resources(), settings)
-    blocks = max(num_actors * 4, 1)
-    rows_per_block = max(1, -(-examples.num_rows // blocks))
-    ds = ray.data.from_arrow([examples.slice(i, rows_per_block)
-                              for i in range(0, examples.num_rows, rows_per_block)] or [examples])
-    featurized = featurize_dataset(ds, config, num_actors=num_actors, batch_size=settings.batch_size,
+    planned = plan_forward_units(examples, config.rows_per_unit)
+    # Blocks hold whole units (one map_batches call each), about --batch-size rows.
+    rows_per_block = config.rows_per_unit * max(1, round(settings.batch_size / config.rows_per_unit))
+    ds = ray.data.from_arrow([planned.slice(i, rows_per_block)
+                              for i in range(0, planned.num_rows, rows_per_block)] or [planned])
+    featurized = featurize_dataset(ds, config, num_actors=num_actors,
                                    num_gpus_per_actor=gpus_per_actor, num_cpus_per_actor=cpus_per_actor)
     # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold.
     featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
                              ray_remote_args={"num_cpus": 0.1})
+
+
+def plan_forward_units(examples: pa.Table, rows_per_unit: int) -> pa.Table:
+    """Sort examples by text length (longest first, then row_index) and number consecutive
+    runs of ``rows_per_unit`` rows as forward units (column ``unit``).
+
+    The featurizer pads and runs each unit on its own, so an example's numbers depend only on
+    the corpus — never on the actor count, the rows per block or the order blocks arrive in;
+    float kernels give bitwise different results for different batch shapes, and a greedy
+    selection can turn such differences into different picks. Sorting by length globally
+    also keeps padding small.
+    """
+    text_columns = [name for name in ("text", "prompt", "response", "messages") if name in examples.column_names]
+    length = pc.utf8_length(examples.column(text_columns[0]))
+    for name in text_columns[1:]:
+        length = pc.add(length, pc.utf8_length(examples.column(name)))
+    order = pc.sort_indices(pa.table({"length": length, "row_index": examples.column("row_index")}),
+                            sort_keys=[("length", "descending"), ("row_index", "ascending")])
+    planned = examples.take(order)
+    return planned.append_column("unit", pa.array(np.arange(planned.num_rows) // rows_per_unit, pa.int64()))
 
 
 def _actor_resources(resources: dict, settings: JobSettings) -> tuple[int, float, float]:
@@ -243,9 +317,8 @@ def _progress_bar():
     def update(step: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc="select", unit="pick", mininterval=1.0)
-        bar.n = step
-        bar.refresh()
+            bar = tqdm(total=total, desc="select", unit="pick", mininterval=2.0)
+        bar.update(step - bar.n)
         if step >= total:
             bar.close()
 

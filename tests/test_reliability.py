@@ -1,7 +1,12 @@
 """Reliability: storage faults, interrupted featurization, deterministic outputs."""
 
 import json
+import os
 import pathlib
+import random
+import signal
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -75,3 +80,62 @@ def test_featurization_resumes_from_surviving_shards(ray_local, tiny_llama_dir, 
     assert info["reused"] is False
     assert info["resumed_rows"] == clean.manifest["corpus"]["kept"] - lost_rows
     assert resumed.selection.indices.tolist() == clean.selection.indices.tolist()
+
+
+def test_driver_killed_mid_selection_resumes_to_identical_outputs(ray_local, tiny_llama_dir, tmp_path):
+    corpus = _corpus(tmp_path / "c.jsonl", n=90)
+    features = tmp_path / "features"
+    budget = 30
+    clean_out = tmp_path / "clean"
+    run_selection(JobSettings(input=str(corpus), output=str(clean_out), budget=budget,
+                              model=str(tiny_llama_dir), features=str(features)))
+
+    out = tmp_path / "crashed"
+    command = [sys.executable, "-m", "fishersft_ray.cli", "select", "--input", str(corpus),
+               "--output", str(out), "--budget", str(budget), "--model", str(tiny_llama_dir),
+               "--features", str(features), "--checkpoint-seconds", "0"]
+    kill_at = random.Random(os.getpid()).randint(3, budget - 3)
+    crashed = subprocess.run(command, env={**os.environ, "FISHERSFT_FAULT": f"select:{kill_at}"},
+                             capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    assert not (out / "manifest.json").exists()
+    state = json.loads((out / "_checkpoint" / "select.json").read_text())["state"]
+    assert len(state["variants"]["examples"]["picks"]) == kill_at
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming selection" in resumed.stderr
+    for name in ("subset.parquet", "ranking.parquet"):
+        assert (out / name).read_bytes() == (clean_out / name).read_bytes(), name
+    assert not (out / "_checkpoint" / "select.json").exists()
+
+
+def test_outputs_are_byte_identical_across_actor_counts_and_batch_sizes(ray_local, tiny_llama_dir, tmp_path):
+    corpus = _corpus(tmp_path / "c.jsonl", n=70)
+    outputs = []
+    for run, (actors, batch) in enumerate([(1, 8), (2, 40)]):
+        out = tmp_path / f"run{run}"
+        run_selection(JobSettings(input=str(corpus), output=str(out), budget=12, model=str(tiny_llama_dir),
+                                  features=str(tmp_path / f"features{run}"), num_actors=actors,
+                                  batch_size=batch))
+        outputs.append(out)
+    for name in ("subset.parquet", "ranking.parquet"):
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
+def test_featurizer_actor_crash_is_retried_to_the_same_subset(ray_local, tiny_llama_dir, tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path / "c.jsonl", n=64)
+    outputs = []
+    for run, fault in enumerate([None, "featurize:2"]):
+        if fault:
+            # Actors inherit the driver's environment: the first actor to finish its second
+            # batch is SIGKILLed, once (the marker stops the restarted actor crashing again).
+            monkeypatch.setenv("FISHERSFT_FAULT", fault)
+            monkeypatch.setenv("FISHERSFT_FAULT_MARKER", str(tmp_path / "fired"))
+        out = tmp_path / f"run{run}"
+        run_selection(JobSettings(input=str(corpus), output=str(out), budget=10, model=str(tiny_llama_dir),
+                                  features=str(tmp_path / f"features{run}"), num_actors=2, batch_size=16))
+        outputs.append(out)
+    assert (tmp_path / "fired").exists()  # the fault did fire
+    for name in ("subset.parquet", "ranking.parquet"):
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
