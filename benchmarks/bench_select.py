@@ -4,6 +4,10 @@
     python benchmarks/bench_select.py --quick    # small smoke run (< 1 min)
     python benchmarks/bench_select.py --scale    # N=1,000,000, d=128, n=10,000 from an on-disk memmap
 
+The default run also times lazy greedy at SmolLM2's width (d=576, N=7000, n=500), where
+naive is timed on its first step only (every naive step evaluates all N − t candidates, so
+its total is extrapolated and labelled as such), and lazy greedy with 1 vs 2 torch threads.
+
 Instances are synthetic: lognormal target counts (mean ~40), token embeddings with a decaying
 spectrum around a per-example offset, stored by the featurizer's rule (features.factor_from_rows)
 in a FeatureSet — what the pipeline hands to ``select``.
@@ -59,8 +63,10 @@ def timed_select(features, budget, **kwargs):
 
 def compare(n, budget, d, budget_unit="examples", lam=1.0):
     features = synthetic_feature_set(n, d, seed=n + d)
-    naive, naive_s = timed_select(features, budget, lam=lam, method="naive", budget_unit=budget_unit)
-    lazy, lazy_s = timed_select(features, budget, lam=lam, method="lazy", budget_unit=budget_unit)
+    naive, naive_s = timed_select(features, budget, lam=lam, method="naive",
+                                  budget_unit=budget_unit, threads=1)
+    lazy, lazy_s = timed_select(features, budget, lam=lam, method="lazy",
+                                budget_unit=budget_unit, threads=1)
     picks_equal = bool(np.array_equal(naive.indices, lazy.indices))
     speedup = naive_s / lazy_s
     print(f"config N={n} budget={budget} unit={budget_unit} d={d} lam={lam}: "
@@ -69,6 +75,26 @@ def compare(n, budget, d, budget_unit="examples", lam=1.0):
           f"objective={lazy.objective[-1]:.3f} certificate_ratio={lazy.certificate_ratio:.4f} "
           f"variant={lazy.variant}", flush=True)
     return speedup, picks_equal
+
+
+def wide_lazy(n, budget, d, lam=1.0):
+    """Lazy greedy in full; naive timed on its first step (all N gains) and extrapolated."""
+    features = synthetic_feature_set(n, d, seed=n + d)
+    _, first_step_s = timed_select(features, 1, lam=lam, method="naive", threads=1)
+    lazy, lazy_s = timed_select(features, budget, lam=lam, threads=1)
+    naive_evals = sum(n - t for t in range(budget))
+    print(f"config N={n} budget={budget} unit=examples d={d} lam={lam}: "
+          f"naive_first_step_s={first_step_s:.2f} naive_s_extrapolated={first_step_s * naive_evals / n:.0f} "
+          f"lazy_s={lazy_s:.2f} naive_evals={naive_evals} lazy_evals={lazy.evaluations} "
+          f"objective={lazy.objective[-1]:.3f} certificate_ratio={lazy.certificate_ratio:.4f}", flush=True)
+
+
+def thread_comparison(n, budget, d):
+    """Lazy greedy on one instance with 1 and 2 torch intra-op threads."""
+    features = synthetic_feature_set(n, d, seed=n + d)
+    times = {threads: timed_select(features, budget, threads=threads)[1] for threads in (1, 2, 1, 2)}
+    print(f"threads N={n} budget={budget} d={d}: lazy_s_1_thread={times[1]:.2f} "
+          f"lazy_s_2_threads={times[2]:.2f} (second of two runs each)", flush=True)
 
 
 def peak_rss_gb(who=resource.RUSAGE_SELF) -> float:
@@ -163,8 +189,8 @@ def main():
     if args.generate_into:
         generate_scale_features(args.generate_into, args.n, args.d, args.seed)
         return
-    # One intra-op thread for both methods: on a shared 2-core box, torch's thread pool
-    # spin-waits on small batched ops and makes both slower and noisier.
+    # One intra-op thread for both methods (also passed as select(threads=1)): on a shared
+    # 2-core box, torch's thread pool spin-waits on small batched ops and makes both slower.
     torch.set_num_threads(1)
     print(f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()}")
     if args.scale:
@@ -175,7 +201,9 @@ def main():
         n, budget, d = 2000, 50, 32
     else:
         compare(2000, 50, 32)
-        compare(5000, 100, 64, "tokens")
+        compare(5000, 1000, 64, "tokens")
+        wide_lazy(7000, 500, 576)
+        thread_comparison(20000, 200, 64)
         n, budget, d = 20000, 200, 64
     speedup, picks_equal = compare(n, budget, d)
     print(f"lazy_speedup_vs_naive N={n} n={budget} d={d}: {speedup:.1f} picks_equal={picks_equal}")

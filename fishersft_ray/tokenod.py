@@ -6,7 +6,9 @@ f(S) = log det Σ_S − log det Σ_0 with Σ_S = Σ_0 + Σ_{i∈S} A_i, A_i = F_
 * greedy (paper Alg. 1) is a (1 − 1/e) approximation under a cardinality budget;
 * a gain Δ(i|S) computed for an earlier, smaller S is an upper bound on Δ(i|S) now, which
   makes lazy greedy exact (Minoux 1978): an entry whose bound is fresh for the current S
-  and still tops the queue beats every other element's true gain;
+  and still tops the queue beats every other element's true gain. Any valid upper bound
+  works there, so ``_BoundTightener`` lowers the stale gains using how much Σ has grown
+  (most examples are then never evaluated at all);
 * those stale bounds certify the result: for any step t and any feasible OPT,
   f(OPT) ≤ f(S_t) + Σ_{i∈OPT∖S_t} Δ(i|S_t) ≤ f(S_t) + (n largest stale bounds), or for a
   token budget B, the fractional-knapsack value of the stale bounds under B. The smallest
