@@ -137,10 +137,14 @@ def _read_file(fs, path: str, spec: CorpusSpec) -> tuple[pa.Table, list[int], in
     with fs.open(path, "rb") as f:
         data = f.read()
     if kind == "txt":
-        content = data.decode("utf-8")
-        blocks = re.split(spec.block_separator, content.strip()) if content.strip() else []
-        table = pa.table({TXT_COLUMN: pa.array(blocks, pa.string())})
-        return table, list(range(len(blocks))), len(blocks), Counter()
+        raw_blocks = re.split(spec.block_separator.encode(), data.strip()) if data.strip() else []
+        blocks, positions, skips = [], [], Counter()
+        for position, raw in enumerate(raw_blocks):
+            text = _decode(raw, f"{path}: block {position} (blank-line separated)", spec, skips)
+            if text is not None:
+                blocks.append(text)
+                positions.append(position)
+        return pa.table({TXT_COLUMN: pa.array(blocks, pa.string())}), positions, len(raw_blocks), skips
     if kind == "json" and data.lstrip()[:1] == b"[":
         records = json.loads(data)
         if not all(isinstance(r, dict) for r in records):
@@ -157,8 +161,12 @@ def _parse_json_lines(path: str, data: bytes, spec: CorpusSpec):
     """Line-by-line fallback when the columnar reader fails: name the bad line, or skip it."""
     records, skips = [], Counter()
     position = 0
-    for line_number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
+    for line_number, raw_line in enumerate(data.splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        line = _decode(raw_line, f"{path}:{line_number}", spec, skips)
+        if line is None:
+            position += 1
             continue
         try:
             record = json.loads(line)
@@ -172,6 +180,19 @@ def _parse_json_lines(path: str, data: bytes, spec: CorpusSpec):
             records.append((position, record))
         position += 1
     return _table_from_records(path, records, position, skips, spec)
+
+
+def _decode(raw: bytes, where: str, spec: CorpusSpec, skips: Counter) -> str | None:
+    """UTF-8 text of one row; a row that is not valid UTF-8 is an error naming it, or with
+    on_bad_row="skip" counted under "bad_encoding" (None)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if spec.on_bad_row == "error":
+            raise ValueError(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset "
+                             f"{err.start}); re-encode the file as UTF-8 or pass --on-bad-row skip") from None
+        skips["bad_encoding"] += 1
+        return None
 
 
 def _table_from_records(path, records, n_rows, skips, spec):
@@ -271,7 +292,11 @@ def _validate(table: pa.Table, corpus_format: str, spec: CorpusSpec, skipped: Co
             raise ValueError(f"row {row_index}: id field {spec.id_field!r} is missing")
         row_id = str(row_id)
         if row_id in seen_ids:
-            raise ValueError(f"duplicate id {row_id!r} (rows {seen_ids[row_id]} and {row_index})")
+            if spec.on_bad_row == "error":
+                raise ValueError(f"duplicate id {row_id!r} (rows {seen_ids[row_id]} and {row_index}); "
+                                 "make ids unique or pass --on-bad-row skip to keep the first")
+            skipped["duplicate_id"] += 1
+            continue
         seen_ids[row_id] = row_index
         digest = hashlib.blake2b(content.encode("utf-8"), digest_size=16).digest()
         if digest in seen_hashes:

@@ -394,6 +394,7 @@ def _manifest(settings: JobSettings, corpus: Corpus, features: FeatureSet, selec
         "model": {"name": model.name, "path": model.path, "fingerprint": model.fingerprint,
                   "dim": features.dim},
         "corpus": {"format": corpus.format, **corpus.stats,
+                   "truncated": int(features.truncated.sum()),
                    "target_tokens": int(features.num_targets.sum())},
         "features": features_info,
         "selection": {

@@ -86,7 +86,8 @@ def summary_table(manifest: dict) -> str:
     rows = [
         ("output", manifest["output"]),
         ("model", f"{manifest['model']['name']} (d={manifest['model']['dim']})"),
-        ("rows read / kept", f"{corpus['rows_read']} / {corpus['kept']}  (skipped: {skipped})"),
+        ("rows read / kept", f"{corpus['rows_read']} / {corpus['kept']}  (skipped: {skipped}; "
+                             f"truncated: {corpus['truncated']})"),
         ("features", "reused from cache" if manifest["features"]["reused"] else "computed"),
         ("selected", f"{sel['selected']} examples, {sel['selected_target_tokens']} of "
                      f"{corpus['target_tokens']} target tokens ({sel['budget_unit']} budget "

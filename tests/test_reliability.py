@@ -139,3 +139,38 @@ def test_featurizer_actor_crash_is_retried_to_the_same_subset(ray_local, tiny_ll
     assert (tmp_path / "fired").exists()  # the fault did fire
     for name in ("subset.parquet", "ranking.parquet"):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
+def _mixed_corpus(path: pathlib.Path) -> dict:
+    """Valid rows mixed with every kind of bad row; returns the expected skip counts."""
+    lines = [json.dumps({"id": f"ok{i}", "text": f"valid row {i} " + "verse " * (i % 7)}).encode()
+             for i in range(40)]
+    bad = {
+        "empty": [json.dumps({"id": "blank", "text": "  \n "}).encode()],
+        "bad_encoding": [b'{"id": "latin1", "text": "caf\xe9 au lait"}'],
+        "bad_type": [json.dumps({"id": "number", "text": 12345}).encode()],
+        "duplicate_id": [json.dumps({"id": "ok3", "text": "another row reusing an id"}).encode()],
+        "duplicate": [json.dumps({"id": "copy", "text": "valid row 5 " + "verse " * 5}).encode()],
+        "malformed": [b'{"id": "cut", "text": "no closing brace"'],
+    }
+    for offset, rows in enumerate(bad.values()):
+        lines[5 + offset * 6:5 + offset * 6] = rows
+    lines.append(json.dumps({"id": "long", "text": "word " * 900}).encode())  # over max length
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return {reason: len(rows) for reason, rows in bad.items()}
+
+
+def test_bad_input_at_scale_is_skipped_and_counted_or_named(ray_local, tiny_llama_dir, tmp_path):
+    corpus = tmp_path / "mixed.jsonl"
+    expected = _mixed_corpus(corpus)
+    result = run_selection(JobSettings(input=str(corpus), output=str(tmp_path / "out"), budget=5,
+                                       model=str(tiny_llama_dir), id_field="id", on_bad_row="skip",
+                                       max_length=256))
+    counts = result.manifest["corpus"]
+    assert {k: v for k, v in counts["skipped"].items() if v} == expected
+    assert counts["rows_read"] == counts["kept"] + sum(counts["skipped"].values()) == 47
+    assert counts["truncated"] == 1
+
+    with pytest.raises(ValueError, match=r"mixed.jsonl:\d+: not valid UTF-8"):
+        run_selection(JobSettings(input=str(corpus), output=str(tmp_path / "strict"), budget=5,
+                                  model=str(tiny_llama_dir), id_field="id"))
