@@ -109,7 +109,7 @@ class TokenStates:
         lengths = pc.list_value_length(targets).to_numpy(zero_copy_only=False).astype(np.int64)
         offsets = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        return cls(np.asarray(states.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim),
+        return cls(np.array(states.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim),  # writable
                    targets.flatten().to_numpy(zero_copy_only=False).astype(np.int64), offsets,
                    table.column("row_index").to_numpy().astype(np.int64))
 

@@ -174,3 +174,21 @@ def test_void_when_finetuning_does_not_beat_the_pretrained_head():
     result = evaluate.run_protocol(pool, validation, test, full_vocab_weight(teacher), None, settings)
     assert result["info"]["void"]
     assert "VOID" in evaluate.markdown_table(result["summary"], result["info"])
+
+
+@pytest.mark.slow
+def test_main_on_real_model_and_featurized_cache(shared_data, tmp_path):
+    corpus = tmp_path / "speeches.txt"
+    speeches = (shared_data / "tinyshakespeare.txt").read_text().split("\n\n")[:60]
+    corpus.write_text("\n\n".join(speeches))
+    argv = ["--input", str(corpus), "--output", str(tmp_path / "out"), "--budgets", "5,10", "--seeds", "2",
+            "--validation-size", "10", "--test-fraction", "0.2", "--recipe-lrs", "3e-4", "--recipe-epochs", "1"]
+    assert evaluate.main(argv) == 0
+    cached = sorted((tmp_path / "out" / "cache").glob("*.parquet"))
+    assert sorted(path.name.split("-")[1] for path in cached) == ["pool.parquet", "test.parquet",
+                                                                   "validation.parquet"]
+    mtimes = [path.stat().st_mtime for path in cached]
+    assert evaluate.main(argv) == 0  # the rerun reuses the featurized parts
+    assert [path.stat().st_mtime for path in cached] == mtimes
+    settings = json.load(open(tmp_path / "out" / "settings.json"))
+    assert settings["pretrained_test_nll"] > 0 and "void" in settings
