@@ -48,9 +48,15 @@ def ray_head(free_port):
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     temp_dir = f"/tmp/fsr-head-{os.getpid()}-{port}"
     ray_cli = str(pathlib.Path(sys.executable).parent / "ray")
+    # Every listening port is a free one: the fixed defaults (e.g. the job agent's 52365)
+    # collide with any other Ray instance on the machine.
     started = subprocess.run(
         [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+         f"--object-manager-port={free_port()}",
          "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, capture_output=True, text=True, timeout=180)
     try:
