@@ -131,16 +131,18 @@ def run_selection(settings: JobSettings) -> JobResult:
                                 settings.storage_options)
     with timer.stage("featurize"):
         features, features_info = _featurized(corpus, model, config, features_root, settings)
-        prior = None
+        prior, prior_info = None, None
         if prior_corpus is not None:
             prior_config = dataclasses.replace(config, format=prior_corpus.format)
-            prior, _ = _featurized(prior_corpus, model, prior_config, features_root, settings)
+            prior, prior_info = _featurized(prior_corpus, model, prior_config, features_root, settings)
 
     with timer.stage("select"):
         if settings.budget_unit == "examples" and settings.budget > features.n:
             warnings.warn(f"budget {settings.budget} exceeds the {features.n} usable examples: "
                           "every example is selected (in greedy order)", stacklevel=2)
-        checkpoints = SelectionCheckpoints(output, features_info["key"], settings.checkpoint_seconds)
+        selection_key = fingerprint(features_info["key"], prior_info and prior_info["key"], settings.budget,
+                                    settings.budget_unit, settings.lam)
+        checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
         selection = select(features, settings.budget, lam=settings.lam, method="lazy",
                            budget_unit=settings.budget_unit, prior=prior,
                            device=_torch_device(settings.device), progress=_progress_bar(),
@@ -159,14 +161,15 @@ class SelectionCheckpoints:
     ``interval_s`` seconds (and when selection finishes), so a driver killed mid-selection
     resumes to the identical picks when the same command is run again.
 
-    The state is tied to the feature-shard key: a checkpoint from other features is ignored.
+    The state is tied to a key of the features, prior, budget and λ: a checkpoint left by a
+    run with other settings is ignored (and replaced).
     """
 
     NAME = "_checkpoint/select.json"
 
-    def __init__(self, output: Location, features_key: str, interval_s: float):
+    def __init__(self, output: Location, key: str, interval_s: float):
         self.output = output
-        self.features_key = features_key
+        self.key = key
         self.interval_s = interval_s
         self.last_saved = time.monotonic()
         self.finished_variants = 0
@@ -175,8 +178,8 @@ class SelectionCheckpoints:
         if not self.output.exists(self.NAME):
             return None
         saved = self.output.read_json(self.NAME)
-        if saved.get("features_key") != self.features_key:
-            log.info("ignoring a selection checkpoint made from other features")
+        if saved.get("key") != self.key:
+            log.info("ignoring a selection checkpoint made with other features or settings")
             return None
         log.info("resuming selection from its checkpoint (%d picks made)",
                  sum(len(v.get("picks", [])) for v in saved["state"].get("variants", {}).values()))
@@ -187,7 +190,7 @@ class SelectionCheckpoints:
         finished = sum(bool(v.get("finished")) for v in state["variants"].values())
         if finished > self.finished_variants or now - self.last_saved >= self.interval_s:
             self.finished_variants = finished
-            self.output.write_json(self.NAME, {"features_key": self.features_key, "state": state})
+            self.output.write_json(self.NAME, {"key": self.key, "state": state})
             self.last_saved = now
             maybe_crash("select")
 

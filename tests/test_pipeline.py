@@ -150,3 +150,14 @@ def test_unreachable_input_fails_before_model_load(tmp_path, monkeypatch):
                                   storage_options={"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9",
                                                    "config_kwargs": {"retries": {"max_attempts": 1},
                                                                      "connect_timeout": 1}}))
+
+
+def test_checkpoint_from_other_settings_is_ignored(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
+    path, _ = alpaca_corpus
+    out = tmp_path / "out"
+    stale = out / "_checkpoint" / "select.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"key": "a run with another budget", "state": {"variants": {}}}))
+    result = run_selection(JobSettings(input=str(path), output=str(out), budget=4, model=str(tiny_llama_dir)))
+    assert result.manifest["selection"]["selected"] == 4
+    assert not stale.exists()
