@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .validation import checked_examples
+
 SHARD_SCHEMA = pa.schema([
     pa.field("row_index", pa.int64()),
     pa.field("id", pa.string()),
@@ -195,18 +197,10 @@ class FeatureSet:
     def from_examples(cls, examples: Sequence[np.ndarray], num_targets=None, ids=None,
                       row_index=None, max_rank: int | None = None, meta=None) -> FeatureSet:
         """Apply the storage rule to each (m_i, d) array of target-token embeddings."""
-        dim = None
+        arrays = checked_examples(examples)
+        dim = arrays[0].shape[1] if arrays else None
         factors, spectra = [], []
-        for position, X in enumerate(examples):
-            X = np.asarray(X)
-            if X.ndim != 2:
-                raise ValueError(f"example {position}: expected a 2-D (m, d) array, got {X.shape}")
-            if dim is None:
-                dim = X.shape[1]
-            if X.shape[1] != dim:
-                raise ValueError(f"example {position}: dimension {X.shape[1]} != {dim} (ragged d)")
-            if not np.all(np.isfinite(X)):
-                raise ValueError(f"example {position}: non-finite values (NaN or Inf)")
+        for X in arrays:
             factor, spectrum = factor_from_rows(X, max_rank)
             factors.append(factor)
             spectra.append(spectrum)
@@ -215,7 +209,7 @@ class FeatureSet:
         offsets = np.zeros(len(factors) + 1, np.int64)
         np.cumsum([len(f) for f in factors], out=offsets[1:])
         if num_targets is None:
-            num_targets = [len(X) for X in examples]
+            num_targets = [len(X) for X in arrays]
         return cls(np.concatenate(factors), np.concatenate(spectra), offsets,
                    num_targets, row_index, ids, meta)
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .validation import checked_examples
+
 METHODS = ("naive", "lazy")
 BUDGET_UNITS = ("examples", "tokens")
 # Inflation of stored float32 spectra so the free initial bounds stay ≥ the gains computed
@@ -112,18 +114,7 @@ def _as_pool(examples, what: str) -> _Pool:
                 ~np.isfinite(examples.spectrum))[0], side="right") - 1)
             raise ValueError(f"{what} {bad}: non-finite spectrum")
         return _Pool(examples.factors, examples.offsets, examples.num_targets, examples)
-    arrays, dim = [], None
-    for position, X in enumerate(examples):
-        X = np.asarray(X, np.float64)
-        if X.ndim != 2:
-            raise ValueError(f"{what} {position}: expected a 2-D (m, d) array, got shape {X.shape}")
-        if dim is None:
-            dim = X.shape[1]
-        if X.shape[1] != dim:
-            raise ValueError(f"{what} {position}: dimension {X.shape[1]} != {dim} (ragged d)")
-        if not np.all(np.isfinite(X)):
-            raise ValueError(f"{what} {position}: non-finite values (NaN or Inf)")
-        arrays.append(X)
+    arrays = checked_examples(examples, what, np.float64)
     lengths = np.array([len(X) for X in arrays], np.int64)
     offsets = np.zeros(len(arrays) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
