@@ -221,10 +221,14 @@ def _featurized(corpus: Corpus, model, config, root: Location, settings: JobSett
     resumed_rows = 0
     if not reused:
         # A previous attempt may have died after writing some shards: keep those.
-        done = _rows_in_readable_shards(shards)
-        todo = corpus.examples.filter(pc.invert(pc.is_in(corpus.examples.column("row_index"),
-                                                         pa.array(sorted(done), pa.int64()))))
-        resumed_rows = corpus.examples.num_rows - todo.num_rows
+        planned = plan_forward_units(corpus.examples, config.rows_per_unit)
+        done = pc.is_in(planned.column("row_index"),
+                        pa.array(sorted(_rows_in_readable_shards(shards)), pa.int64()))
+        # Redo whole units (a unit's rows share one forward pass, so their bits depend on
+        # each other); a row stored twice is read back once (FeatureSet.load).
+        unfinished = pc.unique(planned.filter(pc.invert(done)).column("unit"))
+        todo = planned.filter(pc.is_in(planned.column("unit"), unfinished))
+        resumed_rows = int(pc.sum(done).as_py() or 0)
         if resumed_rows:
             log.info("resuming featurization: %d examples already in shards, %d to go",
                      resumed_rows, todo.num_rows)
@@ -260,7 +264,8 @@ def _rows_in_readable_shards(shards: Location) -> set[int]:
     return done
 
 
-def _write_shards(examples: pa.Table, config, shards: Location, settings: JobSettings) -> None:
+def _write_shards(planned: pa.Table, config, shards: Location, settings: JobSettings) -> None:
+    """Featurize ``planned`` (examples with their forward ``unit``) into Parquet shards."""
     import ray
 
     from .featurize import featurize_dataset
@@ -268,7 +273,6 @@ def _write_shards(examples: pa.Table, config, shards: Location, settings: JobSet
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, log_to_driver=False, configure_logging=False)
     num_actors, cpus_per_actor, gpus_per_actor = _actor_resources(ray.cluster_resources(), settings)
-    planned = plan_forward_units(examples, config.rows_per_unit)
     # Blocks hold whole units (one map_batches call each), about --batch-size rows.
     rows_per_block = config.rows_per_unit * max(1, round(settings.batch_size / config.rows_per_unit))
     ds = ray.data.from_arrow([planned.slice(i, rows_per_block)
