@@ -279,9 +279,10 @@ def _write_shards(planned: pa.Table, config, shards: Location, settings: JobSett
                               for i in range(0, planned.num_rows, rows_per_block)] or [planned])
     featurized = featurize_dataset(ds, config, num_actors=num_actors,
                                    num_gpus_per_actor=gpus_per_actor, num_cpus_per_actor=cpus_per_actor)
-    # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold.
+    # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold, and a
+    # few writers keep up with the actors (a fractional CPU alone would start dozens).
     featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
-                             ray_remote_args={"num_cpus": 0.1})
+                             ray_remote_args={"num_cpus": 0.1}, concurrency=num_actors + 1)
 
 
 def plan_forward_units(examples: pa.Table, rows_per_unit: int) -> pa.Table:
