@@ -78,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from .featurize import ModelUnavailable
+
     try:
         return run_select(args)
-    except (ValueError, StorageError, FileNotFoundError) as exc:
+    except (ValueError, StorageError, FileNotFoundError, ModelUnavailable) as exc:
         print(f"fishersft-ray: error: {exc}", file=sys.stderr)
         return 2
 

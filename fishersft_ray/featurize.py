@@ -97,6 +97,10 @@ def _resolve_directory(path: Path, name: str) -> ModelRef:
     return ModelRef(str(path), fingerprint_files(files, path), name)
 
 
+class ModelUnavailable(RuntimeError):
+    """The model cannot be fetched or found; the message says what to pass instead."""
+
+
 def _resolve_hub(model_id: str) -> ModelRef:
     from huggingface_hub import snapshot_download
 
@@ -104,7 +108,7 @@ def _resolve_hub(model_id: str) -> ModelRef:
         local = snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
                                                             "*.jinja", "*.model"])
     except Exception as err:  # network, auth or missing repo: all end the same way
-        raise RuntimeError(f"cannot fetch model {model_id!r} from the Hugging Face hub "
+        raise ModelUnavailable(f"cannot fetch model {model_id!r} from the Hugging Face hub "
                            f"({type(err).__name__}: {err}). Offline? Pass a local model "
                            f"directory or a .gguf file instead.") from err
     return _resolve_directory(Path(local), model_id)

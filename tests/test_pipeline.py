@@ -161,3 +161,12 @@ def test_checkpoint_from_other_settings_is_ignored(ray_local, tiny_llama_dir, al
     result = run_selection(JobSettings(input=str(path), output=str(out), budget=4, model=str(tiny_llama_dir)))
     assert result.manifest["selection"]["selected"] == 4
     assert not stale.exists()
+
+
+def test_cli_explains_a_model_it_cannot_fetch(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a line"}\n')
+    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "1",
+                 "--model", "no-such-org/no-such-model-fishersft"])
+    assert code == 2
+    assert "cannot fetch model 'no-such-org/no-such-model-fishersft'" in capsys.readouterr().err
