@@ -335,11 +335,9 @@ def _progress_bar():
 
 def _selected_rows(corpus: Corpus, features: FeatureSet, selection: Selection) -> pa.Table:
     """The picked rows with every original column, plus rank and gain, in greedy order."""
-    picked_row_index = features.row_index[selection.indices]
-    position_of = {int(r): i for i, r in enumerate(corpus.rows.column("row_index").to_numpy())}
-    positions = np.fromiter((position_of[int(r)] for r in picked_row_index), dtype=np.int64,
-                            count=len(picked_row_index))
-    rows = corpus.rows.take(pa.array(positions))
+    picked_row_index = pa.array(features.row_index[selection.indices], pa.int64())
+    positions = pc.index_in(picked_row_index, value_set=corpus.rows.column("row_index"))
+    rows = corpus.rows.take(positions)
     rows = rows.append_column("fishersft_rank", pa.array(np.arange(len(positions)), pa.int64()))
     return rows.append_column("fishersft_gain", pa.array(selection.gains, pa.float64()))
 
