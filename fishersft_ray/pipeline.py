@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from . import __version__
 from .corpus import Corpus, CorpusSpec, read_corpus
 from .faults import maybe_crash
-from .features import FeatureSet
+from .features import NEAR_TWIN_COSINE, SHARD_FORMAT, FeatureSet, count_near_twins
 from .storage import MANIFEST_NAME, Location, fingerprint
 from .tokenod import Selection, select
 
@@ -51,6 +51,7 @@ class JobSettings:
     text_field: str = "text"
     id_field: str | None = None
     lam: float = 1.0
+    token_weights: str = "none"  # "none" | "loss" (featurize.loss_weights)
     project_dim: int | None = None
     prior: str | None = None
     ray_address: str | None = None
@@ -70,6 +71,8 @@ class JobSettings:
             raise ValueError(f"--budget must be ≥ 0, got {self.budget}")
         if self.budget_unit not in ("examples", "tokens"):
             raise ValueError(f"--budget-unit must be 'examples' or 'tokens', got {self.budget_unit!r}")
+        if self.token_weights not in ("none", "loss"):  # featurize.TOKEN_WEIGHTS
+            raise ValueError(f"--token-weights must be 'none' or 'loss', got {self.token_weights!r}")
         if not self.lam > 0:
             raise ValueError(f"--lam must be > 0, got {self.lam}")
         if self.output_format not in ("parquet", "jsonl"):
@@ -125,6 +128,7 @@ def run_selection(settings: JobSettings) -> JobResult:
         on_gpu = _torch_device(settings.device) == "cuda"
         config = FeaturizeConfig(model=model.path, format=corpus.format, device=settings.device,
                                  project_dim=settings.project_dim, max_length=settings.max_length,
+                                 token_weights=settings.token_weights,
                                  rows_per_unit=GPU_ROWS_PER_UNIT if on_gpu else CPU_ROWS_PER_UNIT)
 
     features_root = Location.of(settings.features or f"{settings.output}/features",
@@ -215,7 +219,8 @@ def _torch_device(device: str) -> str:
 def _featurized(corpus: Corpus, model, config, root: Location, settings: JobSettings
                 ) -> tuple[FeatureSet, dict]:
     """Load the feature shards for this corpus/model/settings, computing them if absent."""
-    key = fingerprint(model.fingerprint, corpus.examples, dataclasses.asdict(config) | {"model": None})
+    key = fingerprint(model.fingerprint, corpus.examples, dataclasses.asdict(config) | {"model": None},
+                      SHARD_FORMAT)
     shards = root.child(key)
     reused = shards.exists(FEATURES_COMPLETE)
     resumed_rows = 0
@@ -413,6 +418,11 @@ def _manifest(settings: JobSettings, corpus: Corpus, features: FeatureSet, selec
             "certificate_ratio": float(selection.certificate_ratio),
             "evaluations": int(selection.evaluations),
             "variant": selection.variant,
+            "near_duplicates": {
+                "picks_with_twin": count_near_twins(features.embeddings[selection.indices]),
+                "cosine_threshold": NEAR_TWIN_COSINE,
+                "measure": "cosine of mean target-token embeddings between two picks",
+            },
         },
         "files": files,
         "timings_s": dict(timer.seconds),

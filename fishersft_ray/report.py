@@ -94,6 +94,9 @@ def summary_table(manifest: dict) -> str:
                      f"{sel['budget']})"),
         ("objective", f"{sel['objective']:.4f}  (≥ {sel['certificate_ratio']:.3f} of optimum, "
                       f"{sel['evaluations']} gain evaluations)"),
+        ("near-duplicates", f"{sel['near_duplicates']['picks_with_twin']} picks have a twin at cosine ≥ "
+                            f"{sel['near_duplicates']['cosine_threshold']} (exact duplicates were "
+                            f"dropped before selection: {corpus['skipped'].get('duplicate', 0)})"),
         ("time", "  ".join(f"{k}={v:.1f}s" for k, v in manifest["timings_s"].items())),
     ]
     width = max(len(name) for name, _ in rows)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fishersft_ray.features import SHARD_SCHEMA, FeatureSet, factor_from_rows, shard_table
+from fishersft_ray.features import SHARD_SCHEMA, FeatureSet, count_near_twins, factor_from_rows, shard_table
 from fishersft_ray.tokenod import select
 
 
@@ -58,7 +58,8 @@ def test_shard_table_from_records_and_columns_agree():
     records = [dict(row_index=int(features.row_index[i]), id=features.ids[i],
                     num_tokens=len(examples[i]) + 1, num_targets=len(examples[i]),
                     truncated=False, factor=features.factor(i),
-                    spectrum=features.spectrum[features.offsets[i]:features.offsets[i + 1]])
+                    spectrum=features.spectrum[features.offsets[i]:features.offsets[i + 1]],
+                    embedding=features.embeddings[i])
                for i in range(features.n)]
     from_records = shard_table(records, features.dim, {"model": "toy"})
     columns = {name: [r[name] for r in records] for name in records[0]}
@@ -70,11 +71,14 @@ def test_shard_table_from_records_and_columns_agree():
     assert from_records.equals(features.to_table())
     round_trip = FeatureSet.from_table(from_records)
     np.testing.assert_array_equal(round_trip.factors, features.factors)
+    np.testing.assert_array_equal(round_trip.embeddings, features.embeddings)
+    for X, embedding in zip(examples, round_trip.embeddings):  # the mean target row, zeros if none
+        np.testing.assert_allclose(embedding, X.mean(axis=0) if len(X) else 0.0, rtol=1e-6, atol=1e-7)
 
 
 def test_shard_table_rejects_factor_spectrum_mismatch():
     record = dict(row_index=0, id="a", num_tokens=3, num_targets=2, truncated=False,
-                  factor=np.ones((2, 4)), spectrum=np.ones(1))
+                  factor=np.ones((2, 4)), spectrum=np.ones(1), embedding=np.ones(4))
     with pytest.raises(ValueError, match="record 0"):
         shard_table([record], 4)
 
@@ -91,6 +95,7 @@ def test_parquet_round_trip_sorted_by_row_index(tmp_path):
     np.testing.assert_array_equal(loaded.factors, features.factors)
     np.testing.assert_array_equal(loaded.spectrum, features.spectrum)
     np.testing.assert_array_equal(loaded.num_targets, features.num_targets)
+    np.testing.assert_array_equal(loaded.embeddings, features.embeddings)
     assert loaded.ids == features.ids
     assert loaded.meta["model"] == "toy" and loaded.dim == features.dim
     for i in [0, 5, features.n - 1]:
@@ -119,6 +124,7 @@ def test_subset_keeps_the_examples():
     part = features.subset(positions)
     for k, p in enumerate(positions):
         np.testing.assert_array_equal(part.factor(k), features.factor(p))
+        np.testing.assert_array_equal(part.embeddings[k], features.embeddings[p])
     assert part.ids == [features.ids[p] for p in positions]
 
 
@@ -165,3 +171,19 @@ def test_load_keeps_one_copy_of_rows_written_twice(tmp_path):
     np.testing.assert_array_equal(loaded.offsets, features.offsets)
     np.testing.assert_array_equal(loaded.factors, features.factors)
     assert "duplicate_rows_dropped" not in FeatureSet.load(str(tmp_path / "part-1.parquet")).meta
+
+
+def test_count_near_twins_matches_brute_force():
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(40, 6))
+    near = base[:5] * 3.0 + 0.01 * rng.normal(size=(5, 6))  # scaled near-copies: cosine ≈ 1
+    embeddings = np.concatenate([base, near, np.zeros((2, 6))])  # zero rows: never twins
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-30)
+    cosine = unit @ unit.T
+    np.fill_diagonal(cosine, -1.0)
+    expected = int(np.sum((cosine.max(axis=1) >= 0.98) & (np.linalg.norm(embeddings, axis=1) > 0)))
+    assert expected >= 10
+    assert count_near_twins(embeddings) == expected
+    assert count_near_twins(embeddings, block_rows=3) == expected
+    assert count_near_twins(embeddings[:40]) == int(np.sum(cosine[:40, :40].max(axis=1) >= 0.98))
+    assert count_near_twins(embeddings[:1]) == 0 and count_near_twins(np.zeros((0, 6))) == 0

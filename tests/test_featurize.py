@@ -15,7 +15,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrai
 
 from fishersft_ray.featurize import (
     Featurizer, FeaturizeConfig, encode_with_targets, featurize_dataset, featurize_local,
-    lm_head_weight, random_projection, resolve_model, windows)
+    lm_head_weight, loss_weights, random_projection, resolve_model, windows)
 from fishersft_ray.features import SHARD_SCHEMA, FeatureSet
 
 torch.set_num_threads(1)
@@ -231,6 +231,49 @@ def test_projection_keep_states_and_target_ids(tiny_models):
         np.testing.assert_allclose(small, basis.T @ full @ basis, rtol=1e-3, atol=1e-4)
     pca = featurize_local(examples_table("text", TEXT_ROWS), replace(config, project_dim=8, projection="pca"))
     assert json.loads(pca.schema.metadata[b"fishersft"])["dim"] == 8
+
+
+def test_loss_weights_are_the_traced_empirical_fisher_and_chunking_is_exact():
+    rng = np.random.default_rng(0)
+    states = torch.from_numpy(rng.normal(size=(37, 6)).astype(np.float32))
+    weight = torch.from_numpy(rng.normal(size=(11, 6)).astype(np.float32))
+    bias = torch.from_numpy(rng.normal(size=11).astype(np.float32))
+    targets = torch.from_numpy(rng.integers(0, 11, size=37))
+    p = torch.softmax(states @ weight.T + bias, dim=-1).numpy().astype(np.float64)
+    expected = np.sum((p - np.eye(11)[targets.numpy()]) ** 2, axis=1)  # ‖p − e_y‖²
+    np.testing.assert_allclose(loss_weights(states, targets, weight, bias, chunk_tokens=5), expected, rtol=1e-5)
+    np.testing.assert_allclose(loss_weights(states, targets, weight, bias), expected, rtol=1e-5)
+    # A head that predicts every target with certainty gives weight ~0; one that is sure of a wrong token, ~2.
+    sure = torch.zeros(11, 6)
+    sure[3, 0] = 1e3
+    confident = torch.zeros(2, 6)
+    confident[:, 0] = 1.0
+    np.testing.assert_allclose(loss_weights(confident, torch.tensor([3, 4]), sure), [0.0, 2.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loss_token_weights_scale_rows_by_root_weight(tiny_models, arch):
+    """token_weights="loss": A_i = Σ_j w_ij x_ij x_ijᵀ with w from the model's own head; the
+    embedding column stays the unweighted mean state; num_targets is unchanged."""
+    config = FeaturizeConfig(model=tiny_models[arch], device="cpu", keep_states=True)
+    plain = featurize_local(examples_table("text", TEXT_ROWS), config)
+    weighted = featurize_local(examples_table("text", TEXT_ROWS), replace(config, token_weights="loss"))
+    head_weight, bias = lm_head_weight(resolve_model(tiny_models[arch]))
+    dim = head_weight.shape[1]
+    for row in range(len(TEXT_ROWS)):
+        states = np.asarray(plain.column("states")[row].as_py(), np.float32).reshape(-1, dim)
+        targets = np.asarray(plain.column("target_ids")[row].as_py())
+        logits = states.astype(np.float64) @ head_weight.T + (0 if bias is None else bias)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        w = np.sum((p - np.eye(len(head_weight))[targets]) ** 2, axis=1)
+        np.testing.assert_allclose(gram_matrices(weighted, dim)[row], (states * w[:, None]).T @ states,
+                                   rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(weighted.column("embedding")[row].as_py(), states.mean(axis=0), rtol=1e-4, atol=1e-5)
+    assert weighted.column("num_targets").equals(plain.column("num_targets"))
+    assert json.loads(weighted.schema.metadata[b"fishersft"])["token_weights"] == "loss"
+    with pytest.raises(ValueError, match="token_weights"):
+        Featurizer(replace(config, token_weights="entropy"))
 
 
 def test_non_finite_states_name_the_row(tiny_models):

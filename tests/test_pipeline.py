@@ -72,6 +72,8 @@ def test_end_to_end_subset_ranking_manifest(ray_local, tiny_llama_dir, alpaca_co
     assert manifest["selection"]["objective"] == pytest.approx(float(np.sum(gains)))
     assert 0 < manifest["selection"]["certificate_ratio"] <= 1
     assert manifest["features"]["reused"] is False
+    near = manifest["selection"]["near_duplicates"]
+    assert near["cosine_threshold"] == 0.98 and 0 <= near["picks_with_twin"] <= 8
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.manifest == manifest
 
@@ -106,12 +108,20 @@ def test_budget_larger_than_corpus_selects_all_with_warning(ray_local, tiny_llam
 
 
 def test_token_budget_is_respected_and_jsonl_output(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
+    """Also: loss-weighted features are their own cache entry and are recorded in the manifest."""
     path, _ = alpaca_corpus
     out = tmp_path / "tok"
     result = run_selection(JobSettings(input=str(path), output=str(out), budget=120,
                                        budget_unit="tokens", model=str(tiny_llama_dir),
-                                       output_format="jsonl"))
+                                       output_format="jsonl", token_weights="loss",
+                                       features=str(tmp_path / "features")))
     assert 0 < result.manifest["selection"]["selected_target_tokens"] <= 120
+    assert result.manifest["settings"]["token_weights"] == "loss"
+    plain = run_selection(JobSettings(input=str(path), output=str(tmp_path / "plain"), budget=120,
+                                      budget_unit="tokens", model=str(tiny_llama_dir),
+                                      features=str(tmp_path / "features")))
+    assert plain.manifest["features"]["key"] != result.manifest["features"]["key"]
+    assert plain.manifest["features"]["reused"] is False
     lines = (out / "subset.jsonl").read_text().splitlines()
     assert len(lines) == result.manifest["selection"]["selected"]
     assert all("fishersft_rank" in json.loads(line) for line in lines)
