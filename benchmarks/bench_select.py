@@ -16,6 +16,7 @@ in a FeatureSet — what the pipeline hands to ``select``.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import shutil
@@ -101,58 +102,77 @@ def peak_rss_gb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
-def generate_scale_features(directory, n, d, seed, chunk=20_000):
-    """Featurizer stand-in: generate chunk by chunk, apply the storage rule, append to disk.
+def generate_chunk(args):
+    """Featurizer stand-in for examples start:stop: the storage rule, written at their rows.
 
     Short examples (m ≤ d) keep their rows and get eigvalsh(X Xᵀ) batched by length;
-    long ones get the eigen factor. Factors are written with plain file writes (no
-    mapping), so this process's memory stays at one chunk.
+    long ones get the eigen factor. Each chunk has its own seed, so the instance does not
+    depend on how chunks are spread over workers; plain positioned file writes (no
+    mapping) keep a worker's memory at one chunk.
     """
-    rng = np.random.default_rng(seed)
+    directory, lengths_all, start, stop, d, seed = args
+    rng = np.random.default_rng([seed, start])
     axis_scales = (1.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float32)
-    lengths_all = sample_lengths(rng, n)
-    widths_all = np.minimum(lengths_all, d)
-    with open(f"{directory}/factors.f32", "wb") as factor_file, \
-            open(f"{directory}/spectrum.f32", "wb") as spectrum_file:
-        for start in range(0, n, chunk):
-            lengths = lengths_all[start:start + chunk]
-            rows = token_embeddings(rng, lengths, d, axis_scales)
-            bounds = np.concatenate([[0], np.cumsum(lengths)])
-            widths = widths_all[start:start + chunk]
-            out_bounds = np.concatenate([[0], np.cumsum(widths)])
-            factors = np.empty((out_bounds[-1], d), np.float32)
-            spectrum = np.empty(out_bounds[-1], np.float32)
-            for m in np.unique(lengths[lengths <= d]):
-                group = np.flatnonzero(lengths == m)
-                stack = rows[bounds[group][:, None] + np.arange(m)].astype(np.float64)
-                eigenvalues = np.linalg.eigvalsh(stack @ stack.transpose(0, 2, 1))[:, ::-1]
-                targets = out_bounds[group][:, None] + np.arange(m)
-                factors[targets] = stack.astype(np.float32)
-                spectrum[targets] = np.clip(eigenvalues, 0, None)
-            for i in np.flatnonzero(lengths > d):
-                factor, values = factor_from_rows(rows[bounds[i]:bounds[i + 1]])
-                # Keep r_i = d rows (pad dropped zero pairs) so offsets follow from lengths alone.
-                factors[out_bounds[i]:out_bounds[i + 1]] = 0.0
-                spectrum[out_bounds[i]:out_bounds[i + 1]] = 0.0
-                factors[out_bounds[i]:out_bounds[i] + len(factor)] = factor
-                spectrum[out_bounds[i]:out_bounds[i] + len(values)] = values
-            factor_file.write(factors.tobytes())
-            spectrum_file.write(spectrum.tobytes())
-    np.save(f"{directory}/lengths.npy", lengths_all)
+    lengths = lengths_all[start:stop]
+    rows = token_embeddings(rng, lengths, d, axis_scales)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    out_bounds = np.concatenate([[0], np.cumsum(np.minimum(lengths, d))])
+    factors = np.zeros((out_bounds[-1], d), np.float32)
+    spectrum = np.zeros(out_bounds[-1], np.float32)
+    for m in np.unique(lengths[lengths <= d]):
+        group = np.flatnonzero(lengths == m)
+        stack = rows[bounds[group][:, None] + np.arange(m)].astype(np.float64)
+        eigenvalues = np.linalg.eigvalsh(stack @ stack.transpose(0, 2, 1))[:, ::-1]
+        targets = out_bounds[group][:, None] + np.arange(m)
+        factors[targets] = stack.astype(np.float32)
+        spectrum[targets] = np.clip(eigenvalues, 0, None)
+    for i in np.flatnonzero(lengths > d):
+        # Keep r_i = d rows (zero pairs stay zero) so offsets follow from lengths alone.
+        factor, values = factor_from_rows(rows[bounds[i]:bounds[i + 1]])
+        factors[out_bounds[i]:out_bounds[i] + len(factor)] = factor
+        spectrum[out_bounds[i]:out_bounds[i] + len(values)] = values
+    first_row = int(np.minimum(lengths_all[:start], d).sum())
+    with open(f"{directory}/factors.f32", "r+b") as f:
+        os.pwrite(f.fileno(), factors.tobytes(), first_row * d * 4)
+    with open(f"{directory}/spectrum.f32", "r+b") as f:
+        os.pwrite(f.fileno(), spectrum.tobytes(), first_row * 4)
 
 
-def scale_run(n=1_000_000, d=128, budget=10_000, seed=0):
-    directory = tempfile.mkdtemp(prefix="fishersft_scale_")
+def generate_scale_features(directory, n, d, seed, workers, chunk=20_000):
+    """Write factors.f32, spectrum.f32 and lengths.npy for an n-example instance."""
+    lengths = sample_lengths(np.random.default_rng(seed), n)
+    rows = int(np.minimum(lengths, d).sum())
+    for name, size in (("factors.f32", rows * d * 4), ("spectrum.f32", rows * 4)):
+        with open(f"{directory}/{name}", "wb") as f:
+            f.truncate(size)
+    tasks = [(directory, lengths, start, min(start + chunk, n), d, seed)
+             for start in range(0, n, chunk)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for _ in pool.imap_unordered(generate_chunk, tasks):
+            pass
+    np.save(f"{directory}/lengths.npy", lengths)
+
+
+def scale_run(n, d, budget, seed, instance_dir=None, workers=2):
+    """Generate (or reuse ``instance_dir``) and time ``select`` over the factor memmap."""
+    directory = instance_dir or tempfile.mkdtemp(prefix="fishersft_scale_")
     try:
-        start = time.perf_counter()
-        # Single-threaded BLAS: small eigen-problems with a contended thread pool run ~10× slower.
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, __file__, "--generate-into", directory, "--n", str(n),
-                        "--d", str(d), "--seed", str(seed)], check=True, env=env)
-        generate_s = time.perf_counter() - start
-        generator_rss = peak_rss_gb(resource.RUSAGE_CHILDREN)
+        generate_s = generator_rss = 0.0
+        if not os.path.exists(f"{directory}/lengths.npy"):
+            os.makedirs(directory, exist_ok=True)
+            start = time.perf_counter()
+            # Single-threaded BLAS: small eigen-problems with a contended thread pool run ~10× slower.
+            env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                   "MKL_NUM_THREADS": "1"}
+            subprocess.run([sys.executable, __file__, "--generate-into", directory, "--n", str(n),
+                            "--d", str(d), "--seed", str(seed), "--workers", str(workers)],
+                           check=True, env=env)
+            generate_s = time.perf_counter() - start
+            generator_rss = peak_rss_gb(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         lengths = np.load(f"{directory}/lengths.npy")
+        if len(lengths) != n:
+            raise SystemExit(f"{directory} holds N={len(lengths)}, not --n {n}")
         offsets = np.concatenate([[0], np.cumsum(np.minimum(lengths, d))])
         factors = np.memmap(f"{directory}/factors.f32", np.float32, "r", shape=(offsets[-1], d))
         spectrum = np.fromfile(f"{directory}/spectrum.f32", np.float32)
@@ -165,7 +185,7 @@ def scale_run(n=1_000_000, d=128, budget=10_000, seed=0):
                 last_report[0] = time.perf_counter()
                 print(f"  step {step}/{total} rss={peak_rss_gb():.2f}GB", flush=True)
 
-        selection, select_s = timed_select(features, budget, progress=progress)
+        selection, select_s = timed_select(features, budget, progress=progress, threads=1)
         print(f"scale N={n} d={d} n={budget}: factor_rows={offsets[-1]} "
               f"factor_file_gb={factors.nbytes / 2 ** 30:.1f} generate_s={generate_s:.0f} "
               f"generator_peak_rss_gb={generator_rss:.2f} load_s={load_s:.1f} select_s={select_s:.1f} "
@@ -173,7 +193,8 @@ def scale_run(n=1_000_000, d=128, budget=10_000, seed=0):
               f"objective={selection.objective[-1]:.1f} upper_bound={selection.upper_bound:.1f} "
               f"certificate_ratio={selection.certificate_ratio:.4f}", flush=True)
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if instance_dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def main():
@@ -185,16 +206,19 @@ def main():
     parser.add_argument("--d", type=int, default=128, help="--scale: embedding dimension")
     parser.add_argument("--budget", type=int, default=10_000, help="--scale: examples to pick")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2, help="--scale: generator processes")
+    parser.add_argument("--instance-dir", help="--scale: generate the instance here once and "
+                        "reuse it on later runs (default: a temporary directory, removed)")
     args = parser.parse_args()
     if args.generate_into:
-        generate_scale_features(args.generate_into, args.n, args.d, args.seed)
+        generate_scale_features(args.generate_into, args.n, args.d, args.seed, args.workers)
         return
     # One intra-op thread for both methods (also passed as select(threads=1)): on a shared
     # 2-core box, torch's thread pool spin-waits on small batched ops and makes both slower.
     torch.set_num_threads(1)
     print(f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()}")
     if args.scale:
-        scale_run(args.n, args.d, args.budget, args.seed)
+        scale_run(args.n, args.d, args.budget, args.seed, args.instance_dir, args.workers)
         return
     if args.quick:
         compare(500, 20, 16, "tokens")

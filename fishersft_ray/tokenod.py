@@ -22,8 +22,9 @@ used by duck typing (``factors``, ``offsets``, ``spectrum``, ``num_targets``,
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
+import mmap
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -79,7 +80,12 @@ class Selection:
 
 
 class _Pool:
-    """Examples as contiguous factor rows: example i owns rows offsets[i]:offsets[i+1]."""
+    """Examples as contiguous factor rows: example i owns rows offsets[i]:offsets[i+1].
+
+    Rows of a C-contiguous ``np.memmap`` that maps its file itself are read with positioned
+    reads (``os.preadv``), not through the mapping: pages of a mapping that were touched
+    stay in the process's RSS, which would grow toward the whole factor file.
+    """
 
     def __init__(self, factors, offsets, costs, feature_set=None):
         self.factors = factors
@@ -87,6 +93,24 @@ class _Pool:
         self.widths = np.diff(self.offsets)
         self.costs = np.asarray(costs, np.float64)
         self.feature_set = feature_set
+        self.file = factors.filename if isinstance(factors, np.memmap) and isinstance(
+            factors.base, mmap.mmap) and factors.flags.c_contiguous else None
+
+    def fill(self, ids: np.ndarray, padded: np.ndarray):
+        """padded[b, :width_b] ← example ids[b]'s rows (the rest is left as it is)."""
+        widths = self.widths[ids]
+        if self.file is None:
+            columns = np.arange(padded.shape[1])
+            mask = columns[None, :] < widths[:, None]
+            padded[mask] = self.factors[(self.offsets[ids][:, None] + columns[None, :])[mask]]
+            return
+        row_bytes = padded.shape[2] * padded.itemsize
+        with open(self.file, "rb") as file:
+            for b in np.argsort(self.offsets[ids]):  # file order
+                size = int(widths[b]) * row_bytes
+                start = self.factors.offset + int(self.offsets[ids[b]]) * row_bytes
+                if size and os.preadv(file.fileno(), [padded[b, :widths[b]]], start) != size:
+                    raise OSError(f"short read from {self.file}")
 
     @property
     def n(self) -> int:
@@ -185,10 +209,8 @@ class _GainEvaluator:
     def _chunk_gains(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         widths = self.pool.widths[ids]
         batch, width, d = len(ids), int(widths.max()), self.pool.dim
-        columns = np.arange(width)
-        mask = columns[None, :] < widths[:, None]
         padded = np.zeros((batch, width, d), self.pool.factors.dtype)
-        padded[mask] = self.pool.factors[(self.pool.offsets[ids][:, None] + columns[None, :])[mask]]
+        self.pool.fill(ids, padded)
         rows = torch.from_numpy(padded).to(self.device, torch.float64)
         z_rows = rows @ self.chol_inverse_t  # row k of example b: (L⁻¹ f_bk)ᵀ
         gram = z_rows @ z_rows.transpose(1, 2) if width <= d else z_rows.transpose(1, 2) @ z_rows
@@ -202,8 +224,11 @@ class _GainEvaluator:
 class _BoundTightener:
     """Upper bounds on Δ(i|Σ_now) tighter than the stale gain, from how much Σ has grown.
 
-    Two families, both valid for every later Σ (Σ only grows), refreshed on a geometric
-    schedule of steps (``due``):
+    Two families, both valid for every later Σ (Σ only grows). ``advance(step)`` starts a
+    new epoch (on a geometric schedule of steps, ``due``): it takes the eigenvalues of
+    Σ_step and the growth μ of Σ since each kept snapshot (O(d³) each, at most
+    ``MAX_SNAPSHOTS`` + 1), then snapshots Σ_step. ``bounds(ids)`` then costs O(rows of
+    ids), so the lazy loop tightens only the entries that surface in its queue.
 
     * Spectral (entries with a stored spectrum): with a_k↓ the eigenvalues of A_i and ν_k↑
       those of Σ_now, Δ(i|Σ_now) ≤ Σ_k log(1 + a_k/ν_k). Proof: the eigenvalues of
@@ -221,10 +246,7 @@ class _BoundTightener:
         (b) h(g), h(x) = log(1 + (e^x − 1)/μ) — h is convex with h(0) = 0, hence
             superadditive, and log(1 + σ_k/μ) = h(log(1 + σ_k));
         (c) g.
-      μ(c, now) only grows with now, so a cached μ stays valid (just weaker).
-
-    The d³ work per refresh is one eigvalsh of Σ_now plus one product and eigvalsh per
-    kept snapshot (at most ``MAX_SNAPSHOTS``); refreshes are geometric in the step.
+      μ(c, now) only grows with now, so a μ taken at the epoch's start stays valid.
     """
 
     def __init__(self, pool: _Pool, evaluator: _GainEvaluator, lam: float,
@@ -236,8 +258,12 @@ class _BoundTightener:
         self.trace = trace.copy()
         # Step each entry's stale gain was evaluated at; −1: never (spectral bound only).
         self.evaluated_step = np.full(pool.n, 0 if evaluated_at_start else -1, np.int64)
+        self.tightened_epoch = np.zeros(pool.n, np.int64)  # epochs count from 1
         self.snapshot_steps: list[int] = []
         self.snapshot_inverses: list[torch.Tensor] = []
+        self.mu = np.zeros(0)
+        self.nu = None
+        self.epoch = 0
         self.last_refresh = -1
         self.spectrum = _SortedSpectrum(pool.feature_set) if pool.feature_set is not None else None
 
@@ -249,34 +275,50 @@ class _BoundTightener:
         self.trace[ids] = traces
         self.evaluated_step[ids] = step
 
-    def refresh(self, step: int) -> np.ndarray:
-        """Bounds valid from ``step`` on for every entry (inf where none applies), then snapshot Σ_step."""
+    def is_tight(self, i: int) -> bool:
+        """Whether the current epoch can no longer lower entry i's bound."""
+        return self.tightened_epoch[i] == self.epoch or self.evaluated_step[i] >= self.last_refresh
+
+    def advance(self, step: int):
+        """New epoch: ν of Σ_step and μ of each snapshot against it; then snapshot Σ_step."""
         sigma = self.evaluator.sigma
-        bounds = np.full(len(self.ranks), np.inf)
+        mu = np.zeros(0)
         if self.snapshot_steps:
             stacked = torch.stack(self.snapshot_inverses)  # L_c⁻ᵀ
             grown = stacked.transpose(1, 2) @ sigma @ stacked
             eigenvalues = torch.linalg.eigvalsh(grown).cpu().numpy()
             mu = np.maximum(1.0, eigenvalues[:, 0] - EIGEN_TOL * eigenvalues[:, -1])
-            bounds = self._snapshot_bounds(mu)
         if self.spectrum is not None:
             nu = torch.linalg.eigvalsh(sigma).cpu().numpy()
-            nu = np.maximum(nu - EIGEN_TOL * nu[-1], self.lam)  # Σ_now ⪰ λI
-            bounds = np.minimum(bounds, self.spectrum.bounds(nu))
+            self.nu = np.maximum(nu - EIGEN_TOL * nu[-1], self.lam)  # Σ_now ⪰ λI
         self.snapshot_steps.append(step)
         self.snapshot_inverses.append(self.evaluator.chol_inverse_t.clone())
-        if len(self.snapshot_steps) > MAX_SNAPSHOTS:  # later snapshots stay valid for old entries
+        self.mu = np.append(mu, 1.0)  # Σ_step against itself
+        # MAX_SNAPSHOTS with μ > 1 besides Σ_step's own; later ones stay valid for old entries.
+        if len(self.snapshot_steps) > MAX_SNAPSHOTS + 1:
             del self.snapshot_steps[0], self.snapshot_inverses[0]
+            self.mu = self.mu[1:]
+        self.epoch += 1
         self.last_refresh = step
+
+    def bounds(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """Bounds of the current epoch for ``ids`` (all entries if None; inf where none applies)."""
+        ids = np.arange(len(self.ranks)) if ids is None else np.asarray(ids, np.int64)
+        bounds = self._snapshot_bounds(ids)
+        if self.spectrum is not None:
+            bounds = np.minimum(bounds, self.spectrum.bounds(self.nu, None if len(ids) == len(
+                self.ranks) else ids))
         return bounds * (1.0 + BOUND_SLACK)
 
-    def _snapshot_bounds(self, mu: np.ndarray) -> np.ndarray:
+    def _snapshot_bounds(self, ids: np.ndarray) -> np.ndarray:
         """min of (a), (b), (c) for entries evaluated at or before the newest snapshot."""
-        bounds = np.full(len(self.ranks), np.inf)
-        charged = np.searchsorted(self.snapshot_steps, self.evaluated_step, side="left")
-        has = (self.evaluated_step >= 0) & (charged < len(self.snapshot_steps))
-        m = mu[charged[has]]
-        g, total, rank = self.evaluated_gain[has], self.trace[has], self.ranks[has]
+        bounds = np.full(len(ids), np.inf)
+        step = self.evaluated_step[ids]
+        charged = np.searchsorted(self.snapshot_steps, step, side="left")
+        has = (step >= 0) & (charged < len(self.snapshot_steps))
+        m = self.mu[charged[has]]
+        has_ids = ids[has]
+        g, total, rank = self.evaluated_gain[has_ids], self.trace[has_ids], self.ranks[has_ids]
         with np.errstate(divide="ignore", invalid="ignore"):
             jensen = np.where(rank > 0, rank * np.log1p(total / (np.maximum(rank, 1) * m)), 0.0)
         superadditive = g + np.log1p((m - 1.0) * np.exp(-g)) - np.log(m)
@@ -289,26 +331,35 @@ class _SortedSpectrum:
 
     def __init__(self, feature_set):
         offsets = np.asarray(feature_set.offsets, np.int64)
-        widths = np.diff(offsets)
-        self.nonempty = np.flatnonzero(widths > 0)
+        self.widths = np.diff(offsets)
+        self.offsets = offsets
+        self.nonempty = np.flatnonzero(self.widths > 0)
         self.starts = offsets[:-1][self.nonempty]
-        self.n = len(widths)
-        position = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], widths)
+        self.n = len(self.widths)
+        position = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], self.widths)
         values = np.asarray(feature_set.spectrum, np.float32)
         descending = np.diff(values) <= 0
         if not np.all(descending | (position[1:] == 0)):
-            order = np.lexsort((-values, np.repeat(np.arange(self.n), widths)))
+            order = np.lexsort((-values, np.repeat(np.arange(self.n), self.widths)))
             values = values[order]
+        del descending
         if len(self.starts):
-            largest = np.repeat(np.maximum.reduceat(values, self.starts), widths[self.nonempty])
+            largest = np.repeat(np.maximum.reduceat(values, self.starts), self.widths[self.nonempty])
             inflated = values.astype(np.float64) + SPECTRUM_REL_TOL * largest
             # One float32 ulp up, so the stored value stays ≥ the inflated float64 one.
             values = np.nextafter(inflated.astype(np.float32), np.float32(np.inf))
         self.values = values
-        self.position = position.astype(np.int32)
+        self.position = position.astype(np.int32)  # < d
 
-    def bounds(self, nu_ascending: np.ndarray) -> np.ndarray:
-        """Σ_k log1p(a_k↓ / ν_k↑) per example (0 for empty ones)."""
+    def bounds(self, nu_ascending: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Σ_k log1p(a_k↓ / ν_k↑) per example of ``ids`` (all if None; 0 for empty ones)."""
+        if ids is not None:
+            widths = self.widths[ids]
+            first = np.repeat(np.cumsum(widths) - widths, widths)
+            position = np.arange(len(first)) - first
+            rows = np.repeat(self.offsets[ids], widths) + position
+            terms = np.log1p(self.values[rows] / nu_ascending[position])
+            return np.bincount(np.repeat(np.arange(len(ids)), widths), terms, minlength=len(ids))
         out = np.zeros(self.n)
         if len(self.starts):
             terms = np.log1p(self.values / nu_ascending[self.position])
@@ -361,6 +412,7 @@ class _Run:
         self.upper_bound = math.inf
         self.certify_every = 1 if len(bounds) * max_picks <= 20_000_000 \
             else max(1, max_picks // CERTIFICATE_CHECKPOINTS)
+        self.next_full_tighten = 0
 
     @property
     def step(self) -> int:
@@ -374,14 +426,21 @@ class _Run:
             self.tightener.record(ids, gains, traces, self.step)
         return gains
 
-    def tighten(self) -> bool:
-        """Lower the stale bounds with the tightener's when a refresh is due; True if it ran."""
+    def tighten(self):
+        """Start a tightening epoch when one is due; on the first one after each certificate
+        interval also lower every stale bound (the lazy loop lowers the rest as they surface)."""
         if self.tightener is None or not self.tightener.due(self.step):
-            return False
-        open_entries = self.bounds > 0
-        tightened = self.tightener.refresh(self.step)
-        self.bounds[open_entries] = np.minimum(self.bounds, tightened)[open_entries]
-        return True
+            return
+        self.tightener.advance(self.step)
+        if self.step >= self.next_full_tighten:
+            self.next_full_tighten = self.step + self.certify_every
+            self.lower(np.flatnonzero(self.bounds > 0), full=True)
+
+    def lower(self, ids: np.ndarray, full: bool = False):
+        """bounds[ids] ← min(bounds, the current epoch's tightened bounds)."""
+        tightened = self.tightener.bounds(None if full else ids)
+        self.bounds[ids] = np.minimum(self.bounds[ids], tightened[ids] if full else tightened)
+        self.tightener.tightened_epoch[ids] = self.tightener.epoch
 
     def certify(self, force: bool = False):
         """Tighten upper_bound with f(S_t) + knapsack value of the current stale bounds."""
@@ -423,51 +482,65 @@ def _naive_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray):
 
 
 def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_size: int | None):
-    """Lazy greedy on a max-queue of stale priorities (bound · weight), refreshed in batches.
+    """Lazy greedy on a max-queue of stale priorities (bound · weight), in batches.
 
-    Entries are (−priority, index, step evaluated at); ties pop the lowest index, as in the
-    naive argmax. Whenever the tightener lowers the bounds, the queue is rebuilt from them.
-    Each round pops the top B entries not yet fresh for this step (dropping those that no
-    longer fit: the budget left only shrinks), evaluates them in one batched call and
-    pushes them back fresh. A fresh entry on top is the greedy pick. Without a
-    ``batch_size``, B follows a running average of how many entries per step had a
-    stale priority above the pick's (the evaluations a one-at-a-time lazy greedy needs):
-    B starts at half that average and grows 1.5× per extra round within a step, which
-    balances per-call overhead against evaluations a one-at-a-time queue would skip.
+    Entries are (−key, index) with key ≥ the entry's priority: a key the tightener's full
+    pass has since lowered is corrected when the entry surfaces. Ties pop the lowest index,
+    as in the naive argmax. Each round pops the top entries that are not fresh for this
+    step (dropping those that no longer fit: the budget left only shrinks); entries whose
+    bound the current epoch can still lower are tightened (O(rows) each, in one vectorised
+    call), the others are evaluated in one batched call; all go back with their new
+    priority. A fresh entry on top is the greedy pick. Without a ``batch_size``, the
+    evaluation batch B follows a running average of how many entries per step had a stale
+    priority above the pick's (the evaluations a one-at-a-time lazy greedy needs): B starts
+    at half that average and grows 1.5× per extra round within a step.
     """
+    tightener = run.tightener
     is_open = np.zeros(len(run.bounds), bool)
     is_open[eligible] = True
     is_open[run.picks] = False
-    heap = None
+    is_open &= run.costs <= run.remaining
+    entries = np.flatnonzero(is_open)
+    heap = list(zip((-run.bounds[entries] * weights[entries]).tolist(), entries.tolist()))
+    heapq.heapify(heap)
     average_needed = 16.0
-    while run.step < run.max_picks and (heap is None or heap):
-        if run.tighten() or heap is None:
-            is_open[run.picks] = False
-            is_open &= run.costs <= run.remaining
-            entries = np.flatnonzero(is_open)
-            keys = -run.bounds[entries] * weights[entries]
-            order = np.lexsort((entries, keys))  # sorted by (−priority, index): a valid heap
-            heap = list(zip(keys[order].tolist(), entries[order].tolist(), itertools.repeat(-1)))
+    while run.step < run.max_picks and heap:
+        run.tighten()
         run.certify()
         step = run.step
         batch_limit = batch_size or int(min(MAX_LAZY_BATCH, max(8, average_needed / 2)))
         stale_priorities = []
-        while heap and heap[0][2] != step:
-            batch = []
-            while heap and heap[0][2] != step and len(batch) < batch_limit:
-                key, i, _ = heapq.heappop(heap)
-                if run.costs[i] <= run.remaining:
-                    batch.append(i)
-                    stale_priorities.append(-key)
-            if batch:
-                gains = run.evaluate(batch)
-                for i, gain in zip(batch, gains):
-                    heapq.heappush(heap, (-gain * weights[i], i, step))
-            if batch_size is None:
-                batch_limit = min(MAX_LAZY_BATCH, batch_limit * 3 // 2)
+        while heap and tightener.evaluated_step[heap[0][1]] != step:
+            to_evaluate, to_lower = [], []
+            while heap and len(to_evaluate) < batch_limit and len(to_lower) < MAX_LAZY_BATCH:
+                key, i = heap[0]
+                if tightener.evaluated_step[i] == step:
+                    break
+                priority = run.bounds[i] * weights[i]
+                if priority < -key:
+                    heapq.heapreplace(heap, (-priority, i))
+                    continue
+                heapq.heappop(heap)
+                if run.costs[i] > run.remaining:
+                    continue
+                if tightener.is_tight(i):
+                    to_evaluate.append(i)
+                    stale_priorities.append(priority)
+                else:
+                    to_lower.append(i)
+            if to_lower:
+                run.lower(np.asarray(to_lower))
+                for i in to_lower:
+                    heapq.heappush(heap, (-run.bounds[i] * weights[i], i))
+            if to_evaluate:
+                gains = run.evaluate(to_evaluate)
+                for i, gain in zip(to_evaluate, gains):
+                    heapq.heappush(heap, (-gain * weights[i], i))
+                if batch_size is None:
+                    batch_limit = min(MAX_LAZY_BATCH, batch_limit * 3 // 2)
         if not heap:
             break
-        key, i, _ = heapq.heappop(heap)
+        key, i = heapq.heappop(heap)
         needed = sum(p >= -key for p in stale_priorities)
         average_needed = 0.8 * average_needed + 0.2 * needed
         run.take(i, float(run.bounds[i]))

@@ -231,12 +231,15 @@ def grown_design(seed, d, as_feature_set):
 def test_tightened_bounds_are_valid_and_beat_the_stale_gain(seed, d, as_feature_set):
     # Arrays: snapshot (μ) bounds only; FeatureSet: spectral bounds only (never evaluated).
     rng, pool, evaluator, tightener, stale = grown_design(seed, d, as_feature_set)
-    tightener.refresh(0)
+    tightener.advance(0)
     for step, i in enumerate(rng.choice(pool.n, size=12, replace=False), start=1):
         evaluator.add(int(i))
-        bounds = tightener.refresh(step)
+        tightener.advance(step)
+        bounds = tightener.bounds()
         true, _ = evaluator.gains(np.arange(pool.n))
         assert np.all(bounds >= true * (1 - 1e-12) - 1e-12)
+        some = rng.choice(pool.n, size=7, replace=False)  # the per-entry path agrees
+        np.testing.assert_allclose(tightener.bounds(some), bounds[some], rtol=1e-12)
     grown = stale > 1e-3
     assert np.all(bounds[grown] < stale[grown])
 
