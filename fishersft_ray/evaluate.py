@@ -283,14 +283,21 @@ def pool_loss_weights(pool: TokenStates, weight: np.ndarray, bias: np.ndarray | 
 
 
 def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int], methods: Sequence[str],
-                 *, lam: float, device: str = "cpu", token_weights: np.ndarray | None = None) -> list[Pick]:
+                 *, lam: float, device: str = "cpu", token_weights: np.ndarray | None = None,
+                 lam_relative: float | None = None) -> list[Pick]:
     """Every method's subset at every budget (random methods once per seed).
 
     Example-budget rankings (TokenOD, sentence OD, longest first, a seed's density order) are
     nested, so one run to the largest budget gives every smaller budget as a prefix.
     ``token_weights`` (per pool token) are needed by the loss-weighted TokenOD methods.
+    ``lam_relative``: TokenOD's λ is this × the mean ‖x‖² per token of the (weighted) pool,
+    as `select --lam-relative` resolves it; otherwise ``lam``.
     """
-    from fishersft_ray.tokenod import select
+    from fishersft_ray.tokenod import select as select_with_lam
+
+    def select(pool_set, budget, **kwargs):
+        scaled = lam if lam_relative is None else lam_relative * pool_set.mean_token_energy()
+        return select_with_lam(pool_set, budget, lam=scaled, **kwargs)
 
     features, weighted = pool_features(pool), None
     if {"tokenod_loss", "tokenod_loss_tokens"} & set(methods):
@@ -307,14 +314,14 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
 
     uniform = {(n, s): baselines.uniform_random(features, n, seed=s) for n in budgets for s in seeds}
     needs_tokenod = {"tokenod", "length_matched"} & set(methods)
-    tokenod_order = (np.asarray(select(features, largest, lam=lam, method="lazy",
+    tokenod_order = (np.asarray(select(features, largest, method="lazy",
                                        budget_unit="examples", device=device).indices)
                      if needs_tokenod else None)
     sentence_order = (baselines.sentence_od(features, embeddings, largest, lam=lam, device=device)
                       if "sentence_od" in methods else None)
     density_orders = ({s: baselines.density_sampling(features, embeddings, largest, seed=s) for s in seeds}
                       if "density" in methods else None)
-    loss_order = (np.asarray(select(weighted, largest, lam=lam, method="lazy", budget_unit="examples",
+    loss_order = (np.asarray(select(weighted, largest, method="lazy", budget_unit="examples",
                                     device=device).indices) if "tokenod_loss" in methods else None)
     for n in budgets:
         uniform_tokens = float(np.mean([tokens(uniform[n, s]) for s in seeds]))
@@ -324,7 +331,7 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
             picks.append(Pick("tokenod_loss", n, None, loss_order[:n]))
         for method, pool_set in (("tokenod_tokens", features), ("tokenod_loss_tokens", weighted)):
             if method in methods:
-                selection = select(pool_set, uniform_tokens, lam=lam, method="lazy",
+                selection = select(pool_set, uniform_tokens, method="lazy",
                                    budget_unit="tokens", device=device)
                 picks.append(Pick(method, n, None, np.asarray(selection.indices, np.int64)))
         if "longest_first" in methods:
@@ -361,6 +368,7 @@ class EvalSettings:
     seeds: int = 3
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lam: float = 1.0
+    lam_relative: float | None = None
     recipe_lrs: list[float] = dataclasses.field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3])
     recipe_epochs: list[float] = dataclasses.field(default_factory=lambda: [1.0, 3.0])
     batch_tokens: int = 1024
@@ -415,7 +423,8 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     log.info("recipe %s (pretrained validation NLL %.4f)", recipe, pretrained_validation)
 
     picks = pick_subsets(pool, settings.budgets, list(range(settings.seeds)), settings.methods,
-                         lam=settings.lam, device=settings.device, token_weights=token_weights)
+                         lam=settings.lam, device=settings.device, token_weights=token_weights,
+                         lam_relative=settings.lam_relative)
     embeddings = example_embeddings(pool)
     rows = []
     for pick in picks:
@@ -602,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per random method")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--lam", type=float, default=1.0, help="TokenOD / sentence-OD prior λ")
+    parser.add_argument("--lam-relative", type=float, default=None,
+                        help="TokenOD's λ = this × the pool's mean ‖x‖² per target token (as select's)")
     parser.add_argument("--test-fraction", type=float, default=1 / 6)
     parser.add_argument("--validation-size", type=int, default=300, help="rows carved from the non-test part")
     parser.add_argument("--max-pool", type=int, default=None, help="subsample the pool to this many rows")
@@ -627,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = EvalSettings(budgets=_numbers(args.budgets, int), seeds=args.seeds,
                             methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                            lam=args.lam, recipe_lrs=_numbers(args.recipe_lrs),
+                            lam=args.lam, lam_relative=args.lam_relative, recipe_lrs=_numbers(args.recipe_lrs),
                             recipe_epochs=_numbers(args.recipe_epochs), batch_tokens=args.batch_tokens,
                             device=args.device)
     parts, weight, bias, facts = corpus_states(args)

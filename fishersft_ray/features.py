@@ -201,6 +201,11 @@ class FeatureSet:
         """Example i's factor rows (r_i, d), a view."""
         return self.factors[self.offsets[i]:self.offsets[i + 1]]
 
+    def mean_token_energy(self) -> float:
+        """Mean ‖x‖² per target token: Σ_i tr(A_i) / Σ_i m_i (the scale for a relative λ)."""
+        tokens = int(self.num_targets.sum())
+        return float(self.spectrum.sum(dtype=np.float64)) / tokens if tokens else 0.0
+
     def initial_gains(self, lam: float, rel_tol: float = 0.0) -> np.ndarray:
         """Δ(i|∅) = Σ_k log1p(s_ik / λ) per example (float64).
 

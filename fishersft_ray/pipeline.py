@@ -51,6 +51,7 @@ class JobSettings:
     text_field: str = "text"
     id_field: str | None = None
     lam: float = 1.0
+    lam_relative: float | None = None  # if set, λ = lam_relative × mean ‖x‖² per target token
     token_weights: str = "none"  # "none" | "loss" (featurize.loss_weights)
     project_dim: int | None = None
     prior: str | None = None
@@ -75,6 +76,8 @@ class JobSettings:
             raise ValueError(f"--token-weights must be 'none' or 'loss', got {self.token_weights!r}")
         if not self.lam > 0:
             raise ValueError(f"--lam must be > 0, got {self.lam}")
+        if self.lam_relative is not None and not self.lam_relative > 0:
+            raise ValueError(f"--lam-relative must be > 0, got {self.lam_relative}")
         if self.output_format not in ("parquet", "jsonl"):
             raise ValueError(f"--output-format must be 'parquet' or 'jsonl', got {self.output_format!r}")
         if self.project_dim is not None and self.project_dim <= 0:
@@ -144,10 +147,11 @@ def run_selection(settings: JobSettings) -> JobResult:
         if settings.budget_unit == "examples" and settings.budget > features.n:
             warnings.warn(f"budget {settings.budget} exceeds the {features.n} usable examples: "
                           "every example is selected (in greedy order)", stacklevel=2)
+        lam = resolved_lam(settings, features)
         selection_key = fingerprint(features_info["key"], prior_info and prior_info["key"], settings.budget,
-                                    settings.budget_unit, settings.lam)
+                                    settings.budget_unit, lam)
         checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
-        selection = select(features, settings.budget, lam=settings.lam, method="lazy",
+        selection = select(features, settings.budget, lam=lam, method="lazy",
                            budget_unit=settings.budget_unit, prior=prior,
                            device=_torch_device(settings.device), progress=_progress_bar(),
                            checkpoint=checkpoints.save, resume=checkpoints.load(),
@@ -155,9 +159,24 @@ def run_selection(settings: JobSettings) -> JobResult:
 
     with timer.stage("write_outputs"):
         manifest = _write_outputs(output, settings, corpus, features, selection, model,
-                                  features_info, timer)
+                                  features_info, timer, lam)
     checkpoints.clear()
     return JobResult(output=settings.output, manifest=manifest, selection=selection)
+
+
+def resolved_lam(settings: JobSettings, features: FeatureSet) -> float:
+    """λ of Σ_0 = λI: ``lam``, or ``lam_relative`` × the corpus's mean ‖x‖² per target token.
+
+    Hidden states are not normalised (a few coordinates carry most of ‖x‖²), so an absolute
+    λ means something different for every model; a relative one keeps the prior worth a
+    fixed number of average tokens.
+    """
+    if settings.lam_relative is None:
+        return settings.lam
+    energy = features.mean_token_energy()
+    if not energy > 0:
+        raise ValueError("--lam-relative: the corpus has no target tokens with nonzero embeddings")
+    return settings.lam_relative * energy
 
 
 class SelectionCheckpoints:
@@ -375,21 +394,22 @@ def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> st
 
 
 def _write_outputs(output: Location, settings: JobSettings, corpus: Corpus, features: FeatureSet,
-                   selection: Selection, model, features_info: dict, timer: StageTimer) -> dict:
+                   selection: Selection, model, features_info: dict, timer: StageTimer,
+                   lam: float) -> dict:
     from .report import render_report
 
     subset_file = _write_table(output, "subset", _selected_rows(corpus, features, selection),
                                settings.output_format)
     ranking_file = _write_table(output, "ranking", _ranking(features, selection), "parquet")
-    output.write_bytes("report.png", render_report(features, selection, lam=settings.lam))
+    output.write_bytes("report.png", render_report(features, selection, lam=lam))
     manifest = _manifest(settings, corpus, features, selection, model, features_info, timer,
-                         files=[subset_file, ranking_file, "report.png"])
+                         files=[subset_file, ranking_file, "report.png"], lam=lam)
     output.write_json(MANIFEST_NAME, manifest)  # last: its presence means the output is complete
     return manifest
 
 
 def _manifest(settings: JobSettings, corpus: Corpus, features: FeatureSet, selection: Selection,
-              model, features_info: dict, timer: StageTimer, files: list[str]) -> dict:
+              model, features_info: dict, timer: StageTimer, files: list[str], lam: float) -> dict:
     import ray
     import torch
     import transformers
@@ -412,6 +432,7 @@ def _manifest(settings: JobSettings, corpus: Corpus, features: FeatureSet, selec
             "selected": int(len(selection.indices)),
             "budget": settings.budget,
             "budget_unit": settings.budget_unit,
+            "lam": lam,
             "selected_target_tokens": int(features.num_targets[selection.indices].sum()),
             "objective": objective,
             "upper_bound": float(selection.upper_bound),

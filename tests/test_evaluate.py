@@ -160,6 +160,8 @@ def test_end_to_end_protocol_writes_tables_and_uses_one_recipe(tmp_path, monkeyp
         # the length-matched control spends at most TokenOD's tokens
         assert summary["length_matched", n]["tokens_mean"] <= summary["tokenod", n]["tokens_mean"]
         assert summary["tokenod_tokens", n]["tokens_mean"] <= summary["uniform", n]["tokens_mean"] + 1e-9
+        assert summary["tokenod_loss_tokens", n]["tokens_mean"] <= summary["uniform", n]["tokens_mean"] + 1e-9
+        assert summary["tokenod_loss", n]["examples_mean"] == n
     paths = evaluate.write_outputs(result, str(tmp_path), "synthetic")
     assert "| 30 |" in open(paths["summary.md"]).read()
     assert json.load(open(paths["settings.json"]))["recipe"] == info["recipe"]

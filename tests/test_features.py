@@ -187,3 +187,9 @@ def test_count_near_twins_matches_brute_force():
     assert count_near_twins(embeddings, block_rows=3) == expected
     assert count_near_twins(embeddings[:40]) == int(np.sum(cosine[:40, :40].max(axis=1) >= 0.98))
     assert count_near_twins(embeddings[:1]) == 0 and count_near_twins(np.zeros((0, 6))) == 0
+
+
+def test_mean_token_energy_is_the_mean_squared_token_norm():
+    examples, features = random_feature_set(seed=8)
+    tokens = np.concatenate([X for X in examples if len(X)])
+    assert features.mean_token_energy() == pytest.approx(np.mean(np.sum(tokens ** 2, axis=1)), rel=1e-5)

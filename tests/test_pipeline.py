@@ -180,3 +180,20 @@ def test_cli_explains_a_model_it_cannot_fetch(tmp_path, capsys):
                  "--model", "no-such-org/no-such-model-fishersft"])
     assert code == 2
     assert "cannot fetch model 'no-such-org/no-such-model-fishersft'" in capsys.readouterr().err
+
+
+def test_relative_lam_scales_with_the_corpus():
+    from fishersft_ray.features import FeatureSet
+    from fishersft_ray.pipeline import resolved_lam
+
+    rng = np.random.default_rng(0)
+    examples = [rng.normal(size=(5, 4)) for _ in range(6)]
+    features, louder = FeatureSet.from_examples(examples), FeatureSet.from_examples([10 * X for X in examples])
+    settings = JobSettings(input="in", output="out", budget=2, lam=3.0)
+    assert resolved_lam(settings, features) == 3.0
+    settings.lam_relative = 0.5
+    assert resolved_lam(settings, louder) == pytest.approx(100 * resolved_lam(settings, features), rel=1e-5)
+    assert resolved_lam(settings, features) == pytest.approx(0.5 * features.mean_token_energy())
+    settings.lam_relative = -1.0
+    with pytest.raises(ValueError, match="--lam-relative"):
+        settings.validate()
