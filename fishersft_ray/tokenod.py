@@ -122,7 +122,9 @@ class _Pool:
 
     def rows(self, i: int) -> np.ndarray:
         """Example i's factor rows as float64 (r_i, d)."""
-        return np.asarray(self.factors[self.offsets[i]:self.offsets[i + 1]], np.float64)
+        rows = np.zeros((1, self.widths[i], self.dim), self.factors.dtype)
+        self.fill(np.array([i]), rows)
+        return rows[0].astype(np.float64)
 
     def gram(self) -> np.ndarray:
         """Σ_i A_i over the whole pool, float64 (d × d)."""
