@@ -119,3 +119,81 @@ def sentence_od(features, embeddings: np.ndarray, budget: float, *,
     selection = select(one_row_each, budget, lam=lam, method="lazy", budget_unit=budget_unit,
                        device=device)
     return np.asarray(selection.indices, dtype=np.int64)
+
+
+def v_optimal(features, budget: float, *, budget_unit: str = "examples", lam: float = 1.0,
+              batch: int = 32, device: str = "cpu") -> np.ndarray:
+    """Transductive (V-optimal) design, Yu et al. 2006: minimise the pool's mean prediction
+    variance V(S) = tr(G Σ_S⁻¹) / T, G = Σ_i A_i over the whole pool, Σ_S = λI + Σ_{i∈S} A_i.
+
+    Where D-optimal (TokenOD) rewards any new direction, however rare in the pool, V-optimal
+    weighs directions by how often the pool (the distribution fine-tuning is judged on)
+    uses them. Greedy gain of example i with factor F (r × d), by Woodbury:
+        V(S) − V(S + i) ∝ tr((I + F Σ⁻¹ Fᵀ)⁻¹ F Σ⁻¹ G Σ⁻¹ Fᵀ).
+    A token budget divides the gain by the cost (cost-benefit greedy). V is not
+    submodular, so the lazy re-evaluation used here (re-evaluate the top stale entries
+    until the top one is fresh) is a heuristic, not the exact greedy TokenOD's queue is.
+    """
+    import torch
+
+    costs = np.asarray(features.num_targets, np.float64)
+    unit_cost = budget_unit == "examples"
+    weights = np.ones(len(costs)) if unit_cost else 1.0 / np.maximum(costs, 1.0)
+    offsets = np.asarray(features.offsets, np.int64)
+    factors = torch.as_tensor(np.asarray(features.factors), dtype=torch.float64, device=device)
+    d = factors.shape[1]
+    gram = factors.T @ factors
+    sigma = lam * torch.eye(d, dtype=torch.float64, device=device)
+
+    def metrics(sigma):
+        inverse = torch.linalg.inv(sigma)
+        inverse = (inverse + inverse.T) / 2
+        return inverse, inverse @ gram @ inverse
+
+    def gains(ids: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(ids))
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            widths = offsets[chunk + 1] - offsets[chunk]
+            width = int(widths.max())
+            if width == 0:
+                continue
+            padded = torch.zeros((len(chunk), width, d), dtype=torch.float64, device=device)
+            for k, i in enumerate(chunk):
+                padded[k, :widths[k]] = factors[offsets[i]:offsets[i + 1]]
+            projected = padded @ inverse  # F Σ⁻¹ (zero rows stay zero and add nothing)
+            coupling = projected @ padded.transpose(1, 2) + torch.eye(width, dtype=torch.float64, device=device)
+            numerator = padded @ weighted @ padded.transpose(1, 2)
+            out[start:start + len(chunk)] = torch.linalg.solve(coupling, numerator).diagonal(
+                dim1=1, dim2=2).sum(-1).cpu().numpy()
+        return out
+
+    inverse, weighted = metrics(sigma)
+    eligible = np.flatnonzero((costs > 0) & (costs <= budget)) if not unit_cost else np.arange(len(costs))
+    stale = gains(eligible) * weights[eligible]
+    fresh_step = np.zeros(len(eligible), np.int64)
+    open_ = np.ones(len(eligible), bool)
+    picks, spent, step = [], 0.0, 0
+    while open_.any() and (len(picks) < budget if unit_cost else True):
+        if not unit_cost:
+            open_ &= costs[eligible] <= budget - spent
+            if not open_.any():
+                break
+        while True:
+            candidates = np.flatnonzero(open_)
+            top = candidates[np.argsort(-stale[candidates], kind="stable")[:batch]]
+            if fresh_step[top[0]] == step:
+                break
+            stale_top = top[fresh_step[top] != step]
+            stale[stale_top] = gains(eligible[stale_top]) * weights[eligible[stale_top]]
+            fresh_step[stale_top] = step
+        best = int(top[0])
+        i = int(eligible[best])
+        picks.append(i)
+        spent += costs[i] if not unit_cost else 1.0
+        open_[best] = False
+        rows = factors[offsets[i]:offsets[i + 1]]
+        sigma = sigma + rows.T @ rows
+        inverse, weighted = metrics(sigma)
+        step += 1
+    return np.asarray(picks, dtype=np.int64)

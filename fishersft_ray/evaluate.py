@@ -43,14 +43,16 @@ from fishersft_ray import baselines
 
 log = logging.getLogger(__name__)
 
-METHODS = ("tokenod", "tokenod_tokens", "tokenod_loss", "tokenod_loss_tokens", "uniform",
-           "length_matched", "longest_first", "density", "sentence_od")
+METHODS = ("tokenod", "tokenod_tokens", "tokenod_loss", "tokenod_loss_tokens", "vopt", "vopt_tokens",
+           "uniform", "length_matched", "longest_first", "density", "sentence_od")
 RANDOM_METHODS = frozenset({"uniform", "length_matched", "density"})
 METHOD_LABELS = {
     "tokenod": "TokenOD (n examples)",
     "tokenod_tokens": "TokenOD (tokens of uniform@n)",
     "tokenod_loss": "TokenOD loss-weighted (n examples)",
     "tokenod_loss_tokens": "TokenOD loss-weighted (tokens of uniform@n)",
+    "vopt": "V-optimal (n examples)",
+    "vopt_tokens": "V-optimal (tokens of uniform@n)",
     "uniform": "uniform random (n examples)",
     "length_matched": "random, tokens of TokenOD@n",
     "longest_first": "longest first (n examples)",
@@ -295,9 +297,11 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
     """
     from fishersft_ray.tokenod import select as select_with_lam
 
+    def lam_for(pool_set) -> float:
+        return lam if lam_relative is None else lam_relative * pool_set.mean_token_energy()
+
     def select(pool_set, budget, **kwargs):
-        scaled = lam if lam_relative is None else lam_relative * pool_set.mean_token_energy()
-        return select_with_lam(pool_set, budget, lam=scaled, **kwargs)
+        return select_with_lam(pool_set, budget, lam=lam_for(pool_set), **kwargs)
 
     features, weighted = pool_features(pool), None
     if {"tokenod_loss", "tokenod_loss_tokens"} & set(methods):
@@ -323,8 +327,15 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
                       if "density" in methods else None)
     loss_order = (np.asarray(select(weighted, largest, method="lazy", budget_unit="examples",
                                     device=device).indices) if "tokenod_loss" in methods else None)
+    vopt_order = (baselines.v_optimal(features, largest, lam=lam_for(features), device=device)
+                  if "vopt" in methods else None)
     for n in budgets:
         uniform_tokens = float(np.mean([tokens(uniform[n, s]) for s in seeds]))
+        if "vopt" in methods:
+            picks.append(Pick("vopt", n, None, vopt_order[:n]))
+        if "vopt_tokens" in methods:
+            picks.append(Pick("vopt_tokens", n, None, baselines.v_optimal(
+                features, uniform_tokens, budget_unit="tokens", lam=lam_for(features), device=device)))
         if "tokenod" in methods:
             picks.append(Pick("tokenod", n, None, tokenod_order[:n]))
         if "tokenod_loss" in methods:

@@ -9,6 +9,7 @@ import pytest
 
 from fishersft_ray import baselines, evaluate
 from fishersft_ray.evaluate import EvalSettings, TokenStates
+from fishersft_ray.features import FeatureSet
 
 
 def synthetic_corpus(num_examples, *, dim=12, vocab=40, seed=0, teacher=None):
@@ -162,6 +163,8 @@ def test_end_to_end_protocol_writes_tables_and_uses_one_recipe(tmp_path, monkeyp
         assert summary["tokenod_tokens", n]["tokens_mean"] <= summary["uniform", n]["tokens_mean"] + 1e-9
         assert summary["tokenod_loss_tokens", n]["tokens_mean"] <= summary["uniform", n]["tokens_mean"] + 1e-9
         assert summary["tokenod_loss", n]["examples_mean"] == n
+        assert summary["vopt", n]["examples_mean"] == n
+        assert summary["vopt_tokens", n]["tokens_mean"] <= summary["uniform", n]["tokens_mean"] + 1e-9
     paths = evaluate.write_outputs(result, str(tmp_path), "synthetic")
     assert "| 30 |" in open(paths["summary.md"]).read()
     assert json.load(open(paths["settings.json"]))["recipe"] == info["recipe"]
@@ -194,3 +197,22 @@ def test_main_on_real_model_and_featurized_cache(shared_data, tmp_path):
     assert [path.stat().st_mtime for path in cached] == mtimes
     settings = json.load(open(tmp_path / "out" / "settings.json"))
     assert settings["pretrained_test_nll"] > 0 and "void" in settings
+
+
+def test_v_optimal_matches_a_brute_force_greedy_and_respects_token_budgets():
+    rng = np.random.default_rng(0)
+    scales = np.array([3.0, 1.0, 1.0, 0.3, 0.3, 0.1])
+    examples = [rng.normal(size=(int(m), 6)) * scales for m in rng.integers(1, 9, size=50)]
+    features = FeatureSet.from_examples(examples)
+    gram = sum(X.T @ X for X in examples)
+
+    def variance(chosen):
+        sigma = np.eye(6) + sum((examples[i].T @ examples[i] for i in chosen), np.zeros((6, 6)))
+        return np.trace(gram @ np.linalg.inv(sigma))
+
+    greedy = []
+    for _ in range(6):
+        greedy.append(min((i for i in range(50) if i not in greedy), key=lambda i: variance(greedy + [i])))
+    np.testing.assert_array_equal(baselines.v_optimal(features, 6, batch=4), greedy)
+    picked = baselines.v_optimal(features, 30, budget_unit="tokens", batch=4)
+    assert 0 < features.num_targets[picked].sum() <= 30 and len(set(picked.tolist())) == len(picked)
