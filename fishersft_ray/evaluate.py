@@ -301,7 +301,11 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
         return lam if lam_relative is None else lam_relative * pool_set.mean_token_energy()
 
     def select(pool_set, budget, **kwargs):
-        return select_with_lam(pool_set, budget, lam=lam_for(pool_set), **kwargs)
+        started = time.time()
+        selection = select_with_lam(pool_set, budget, lam=lam_for(pool_set), **kwargs)
+        log.info("TokenOD %s budget %g: %d picks, %d evaluations, %.0f s", kwargs.get("budget_unit"),
+                 budget, len(selection.indices), selection.evaluations, time.time() - started)
+        return selection
 
     features, weighted = pool_features(pool), None
     if {"tokenod_loss", "tokenod_loss_tokens"} & set(methods):
@@ -334,8 +338,10 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
         if "vopt" in methods:
             picks.append(Pick("vopt", n, None, vopt_order[:n]))
         if "vopt_tokens" in methods:
+            started = time.time()
             picks.append(Pick("vopt_tokens", n, None, baselines.v_optimal(
                 features, uniform_tokens, budget_unit="tokens", lam=lam_for(features), device=device)))
+            log.info("V-optimal tokens budget %g: %.0f s", uniform_tokens, time.time() - started)
         if "tokenod" in methods:
             picks.append(Pick("tokenod", n, None, tokenod_order[:n]))
         if "tokenod_loss" in methods:
