@@ -122,7 +122,7 @@ def sentence_od(features, embeddings: np.ndarray, budget: float, *,
 
 
 def v_optimal(features, budget: float, *, budget_unit: str = "examples", lam: float = 1.0,
-              batch: int = 32, device: str = "cpu") -> np.ndarray:
+              batch: int = 8, device: str = "cpu") -> np.ndarray:
     """Transductive (V-optimal) design, Yu et al. 2006: minimise the pool's mean prediction
     variance V(S) = tr(G Σ_S⁻¹) / T, G = Σ_i A_i over the whole pool, Σ_S = λI + Σ_{i∈S} A_i.
 
@@ -150,11 +150,15 @@ def v_optimal(features, budget: float, *, budget_unit: str = "examples", lam: fl
         inverse = (inverse + inverse.T) / 2
         return inverse, inverse @ gram @ inverse
 
+    all_widths = np.diff(offsets)
+
     def gains(ids: np.ndarray) -> np.ndarray:
         out = np.zeros(len(ids))
+        order = np.argsort(all_widths[ids], kind="stable")  # similar widths share a padded batch
         for start in range(0, len(ids), batch):
-            chunk = ids[start:start + batch]
-            widths = offsets[chunk + 1] - offsets[chunk]
+            positions = order[start:start + batch]
+            chunk = ids[positions]
+            widths = all_widths[chunk]
             width = int(widths.max())
             if width == 0:
                 continue
@@ -164,7 +168,7 @@ def v_optimal(features, budget: float, *, budget_unit: str = "examples", lam: fl
             projected = padded @ inverse  # F Σ⁻¹ (zero rows stay zero and add nothing)
             coupling = projected @ padded.transpose(1, 2) + torch.eye(width, dtype=torch.float64, device=device)
             numerator = padded @ weighted @ padded.transpose(1, 2)
-            out[start:start + len(chunk)] = torch.linalg.solve(coupling, numerator).diagonal(
+            out[positions] = torch.linalg.solve(coupling, numerator).diagonal(
                 dim1=1, dim2=2).sum(-1).cpu().numpy()
         return out
 
@@ -181,7 +185,7 @@ def v_optimal(features, budget: float, *, budget_unit: str = "examples", lam: fl
                 break
         while True:
             candidates = np.flatnonzero(open_)
-            top = candidates[np.argsort(-stale[candidates], kind="stable")[:batch]]
+            top = candidates[np.argsort(-stale[candidates], kind="stable")[:batch]]  # re-evaluated together
             if fresh_step[top[0]] == step:
                 break
             stale_top = top[fresh_step[top] != step]
