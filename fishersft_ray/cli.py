@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from .features import TOKEN_WEIGHTS
 from .pipeline import JobSettings, run_selection
 from .storage import StorageError, parse_storage_options
 
@@ -25,7 +26,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=1.0, help="ridge λ in Σ_0 = λI")
     parser.add_argument("--lam-relative", type=float, default=None,
                         help="instead of --lam: λ = this × the corpus's mean ‖x‖² per target token")
-    parser.add_argument("--token-weights", choices=["none", "loss"], default="none",
+    parser.add_argument("--token-weights", choices=TOKEN_WEIGHTS, default="none",
                         help="loss: weight each target token by ‖p − e_y‖² under the model "
                              "(empirical Fisher; tokens the model already predicts count less)")
     parser.add_argument("--project-dim", type=int, default=None,
@@ -52,7 +53,8 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     return JobSettings(
         input=args.input, output=args.output, budget=args.budget, budget_unit=args.budget_unit,
         model=args.model, format=args.format, text_field=args.text_field, id_field=args.id_field,
-        lam=args.lam, lam_relative=args.lam_relative, token_weights=args.token_weights, project_dim=args.project_dim, prior=args.prior, ray_address=args.ray_address,
+        lam=args.lam, lam_relative=args.lam_relative, token_weights=args.token_weights,
+        project_dim=args.project_dim, prior=args.prior, ray_address=args.ray_address,
         num_actors=args.num_actors, batch_size=args.batch_size, device=args.device,
         storage_options=parse_storage_options(args.storage_options),
         output_format=args.output_format, features=args.features, on_bad_row=args.on_bad_row,

@@ -655,7 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = EvalSettings(budgets=_numbers(args.budgets, int), seeds=args.seeds,
                             methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                            lam=args.lam, lam_relative=args.lam_relative, recipe_lrs=_numbers(args.recipe_lrs),
+                            lam=args.lam, lam_relative=args.lam_relative,
+                            recipe_lrs=_numbers(args.recipe_lrs),
                             recipe_epochs=_numbers(args.recipe_epochs), batch_tokens=args.batch_tokens,
                             device=args.device)
     parts, weight, bias, facts = corpus_states(args)

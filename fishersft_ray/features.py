@@ -31,6 +31,8 @@ SHARD_SCHEMA = pa.schema([
 ])
 # Bumped whenever SHARD_SCHEMA or the meaning of a column changes: part of the feature cache key.
 SHARD_FORMAT = 2
+# How target rows are weighted before the storage rule (featurize.loss_weights); kept in shard meta.
+TOKEN_WEIGHTS = ("none", "loss")
 METADATA_KEY = b"fishersft"
 _SCALAR_COLUMNS = ("row_index", "id", "num_tokens", "num_targets", "truncated")
 

