@@ -29,6 +29,9 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-weights", choices=TOKEN_WEIGHTS, default="none",
                         help="loss: weight each target token by ‖p − e_y‖² under the model "
                              "(empirical Fisher; tokens the model already predicts count less)")
+    parser.add_argument("--length-cap", default=None,
+                        help="never select examples with more target tokens than this: a number "
+                             "(e.g. 256) or a percentile of the corpus's target lengths (p50 = median)")
     parser.add_argument("--project-dim", type=int, default=None,
                         help="project embeddings to K dims on the actors (seeded orthonormal)")
     parser.add_argument("--prior", default=None,
@@ -54,6 +57,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         input=args.input, output=args.output, budget=args.budget, budget_unit=args.budget_unit,
         model=args.model, format=args.format, text_field=args.text_field, id_field=args.id_field,
         lam=args.lam, lam_relative=args.lam_relative, token_weights=args.token_weights,
+        length_cap=args.length_cap,
         project_dim=args.project_dim, prior=args.prior, ray_address=args.ray_address,
         num_actors=args.num_actors, batch_size=args.batch_size, device=args.device,
         storage_options=parse_storage_options(args.storage_options),

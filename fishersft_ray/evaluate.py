@@ -40,17 +40,21 @@ import pyarrow.compute as pc
 import torch
 
 from fishersft_ray import baselines
+from fishersft_ray.features import length_cap_tokens
 
 log = logging.getLogger(__name__)
 
-METHODS = ("tokenod", "tokenod_tokens", "tokenod_loss", "tokenod_loss_tokens", "vopt", "vopt_tokens",
-           "uniform", "length_matched", "longest_first", "density", "sentence_od")
+METHODS = ("tokenod", "tokenod_tokens", "tokenod_loss", "tokenod_loss_tokens", "tokenod_capped",
+           "tokenod_capped_tokens", "vopt", "vopt_tokens", "uniform", "length_matched", "longest_first",
+           "density", "sentence_od")
 RANDOM_METHODS = frozenset({"uniform", "length_matched", "density"})
 METHOD_LABELS = {
     "tokenod": "TokenOD (n examples)",
     "tokenod_tokens": "TokenOD (tokens of uniform@n)",
     "tokenod_loss": "TokenOD loss-weighted (n examples)",
     "tokenod_loss_tokens": "TokenOD loss-weighted (tokens of uniform@n)",
+    "tokenod_capped": "TokenOD length-capped (n examples)",
+    "tokenod_capped_tokens": "TokenOD length-capped (tokens of uniform@n)",
     "vopt": "V-optimal (n examples)",
     "vopt_tokens": "V-optimal (tokens of uniform@n)",
     "uniform": "uniform random (n examples)",
@@ -286,14 +290,16 @@ def pool_loss_weights(pool: TokenStates, weight: np.ndarray, bias: np.ndarray | 
 
 def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int], methods: Sequence[str],
                  *, lam: float, device: str = "cpu", token_weights: np.ndarray | None = None,
-                 lam_relative: float | None = None) -> list[Pick]:
+                 lam_relative: float | None = None, length_cap: str = "p50") -> list[Pick]:
     """Every method's subset at every budget (random methods once per seed).
 
     Example-budget rankings (TokenOD, sentence OD, longest first, a seed's density order) are
     nested, so one run to the largest budget gives every smaller budget as a prefix.
     ``token_weights`` (per pool token) are needed by the loss-weighted TokenOD methods.
     ``lam_relative``: TokenOD's λ is this × the mean ‖x‖² per token of the (weighted) pool,
-    as `select --lam-relative` resolves it; otherwise ``lam``.
+    as `select --lam-relative` resolves it; otherwise ``lam``. ``length_cap``: the rule of
+    `select --length-cap` for the length-capped TokenOD methods (picked among the pool's
+    examples no longer than the cap).
     """
     from fishersft_ray.tokenod import select as select_with_lam
 
@@ -331,6 +337,12 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
                       if "density" in methods else None)
     loss_order = (np.asarray(select(weighted, largest, method="lazy", budget_unit="examples",
                                     device=device).indices) if "tokenod_loss" in methods else None)
+    capped, eligible = None, None
+    if {"tokenod_capped", "tokenod_capped_tokens"} & set(methods):
+        eligible = np.flatnonzero(costs <= length_cap_tokens(length_cap, costs))
+        capped = features.subset(eligible)
+    capped_order = (eligible[select(capped, largest, method="lazy", budget_unit="examples",
+                                    device=device).indices] if "tokenod_capped" in methods else None)
     vopt_order = (baselines.v_optimal(features, largest, lam=lam_for(features), device=device)
                   if "vopt" in methods else None)
     for n in budgets:
@@ -346,11 +358,16 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
             picks.append(Pick("tokenod", n, None, tokenod_order[:n]))
         if "tokenod_loss" in methods:
             picks.append(Pick("tokenod_loss", n, None, loss_order[:n]))
-        for method, pool_set in (("tokenod_tokens", features), ("tokenod_loss_tokens", weighted)):
+        if "tokenod_capped" in methods:
+            picks.append(Pick("tokenod_capped", n, None, capped_order[:n]))
+        for method, pool_set, positions in (("tokenod_tokens", features, None),
+                                            ("tokenod_loss_tokens", weighted, None),
+                                            ("tokenod_capped_tokens", capped, eligible)):
             if method in methods:
                 selection = select(pool_set, uniform_tokens, method="lazy",
                                    budget_unit="tokens", device=device)
-                picks.append(Pick(method, n, None, np.asarray(selection.indices, np.int64)))
+                picked = np.asarray(selection.indices, np.int64)
+                picks.append(Pick(method, n, None, picked if positions is None else positions[picked]))
         if "longest_first" in methods:
             picks.append(Pick("longest_first", n, None, baselines.longest_first(features, n)))
         if "sentence_od" in methods:
@@ -386,6 +403,7 @@ class EvalSettings:
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lam: float = 1.0
     lam_relative: float | None = None
+    length_cap: str = "p50"
     recipe_lrs: list[float] = dataclasses.field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3])
     recipe_epochs: list[float] = dataclasses.field(default_factory=lambda: [1.0, 3.0])
     batch_tokens: int = 1024
@@ -441,7 +459,7 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
 
     picks = pick_subsets(pool, settings.budgets, list(range(settings.seeds)), settings.methods,
                          lam=settings.lam, device=settings.device, token_weights=token_weights,
-                         lam_relative=settings.lam_relative)
+                         lam_relative=settings.lam_relative, length_cap=settings.length_cap)
     embeddings = example_embeddings(pool)
     rows = []
     for pick in picks:
@@ -630,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lam", type=float, default=1.0, help="TokenOD / sentence-OD prior λ")
     parser.add_argument("--lam-relative", type=float, default=None,
                         help="TokenOD's λ = this × the pool's mean ‖x‖² per target token (as select's)")
+    parser.add_argument("--length-cap", default="p50",
+                        help="cap of the length-capped TokenOD methods, as select's --length-cap")
     parser.add_argument("--test-fraction", type=float, default=1 / 6)
     parser.add_argument("--validation-size", type=int, default=300, help="rows carved from the non-test part")
     parser.add_argument("--max-pool", type=int, default=None, help="subsample the pool to this many rows")
@@ -655,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = EvalSettings(budgets=_numbers(args.budgets, int), seeds=args.seeds,
                             methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                            lam=args.lam, lam_relative=args.lam_relative,
+                            lam=args.lam, lam_relative=args.lam_relative, length_cap=args.length_cap,
                             recipe_lrs=_numbers(args.recipe_lrs),
                             recipe_epochs=_numbers(args.recipe_epochs), batch_tokens=args.batch_tokens,
                             device=args.device)

@@ -10,6 +10,7 @@ Imports numpy and pyarrow only (fsspec lazily, for ``load``/``save``): no torch,
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -123,6 +124,34 @@ def mean_rows(X: np.ndarray, dim: int) -> np.ndarray:
     """An example's embedding column: the mean of its target-token rows (zeros if none)."""
     X = np.asarray(X)
     return X.mean(axis=0, dtype=np.float64).astype(np.float32) if len(X) else np.zeros(dim, np.float32)
+
+
+def length_cap_tokens(rule: str, num_targets: np.ndarray) -> int:
+    """Resolve a length cap: ``"256"`` (target tokens) or ``"p50"`` (that percentile of the
+    target lengths of the examples that have targets, rounded down; p50 = the median).
+
+    Examples with more target tokens than the cap are kept out of the selection. Why: at a
+    fixed example budget, log det rewards long examples (their A_i has more rank), so the
+    picks cost several times the tokens of a random subset; a cap keeps the selection among
+    examples of typical length.
+    """
+    text = str(rule).strip()
+    is_percentile = text.startswith("p")
+    try:
+        number = float(text[1:] if is_percentile else text)
+    except ValueError:
+        number = math.nan
+    valid = 0 < number <= 100 if is_percentile else number >= 1 and number.is_integer()
+    if not valid:
+        raise ValueError(f"--length-cap must be a positive number of target tokens (e.g. 256) or a "
+                         f"percentile of the corpus's target lengths (e.g. p50), got {rule!r}")
+    if not is_percentile:
+        return int(number)
+    lengths = np.asarray(num_targets)
+    lengths = lengths[lengths > 0]
+    if not len(lengths):
+        raise ValueError("--length-cap: the corpus has no examples with target tokens")
+    return int(np.floor(np.percentile(lengths, number)))
 
 
 NEAR_TWIN_COSINE = 0.98

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 from . import __version__
 from .corpus import Corpus, CorpusSpec, read_corpus
 from .faults import maybe_crash
-from .features import NEAR_TWIN_COSINE, SHARD_FORMAT, TOKEN_WEIGHTS, FeatureSet, count_near_twins
+from .features import (NEAR_TWIN_COSINE, SHARD_FORMAT, TOKEN_WEIGHTS, FeatureSet, count_near_twins,
+                       length_cap_tokens)
 from .storage import MANIFEST_NAME, Location, fingerprint
 from .tokenod import Selection, select
 
@@ -53,6 +54,7 @@ class JobSettings:
     lam: float = 1.0
     lam_relative: float | None = None  # if set, λ = lam_relative × mean ‖x‖² per target token
     token_weights: str = "none"  # "none" | "loss" (featurize.loss_weights)
+    length_cap: str | None = None  # "256" or "p50": longer examples are not selected (length_cap_tokens)
     project_dim: int | None = None
     prior: str | None = None
     ray_address: str | None = None
@@ -78,6 +80,8 @@ class JobSettings:
             raise ValueError(f"--lam must be > 0, got {self.lam}")
         if self.lam_relative is not None and not self.lam_relative > 0:
             raise ValueError(f"--lam-relative must be > 0, got {self.lam_relative}")
+        if self.length_cap is not None:
+            length_cap_tokens(self.length_cap, np.ones(1))  # syntax only, before any featurizing
         if self.output_format not in ("parquet", "jsonl"):
             raise ValueError(f"--output-format must be 'parquet' or 'jsonl', got {self.output_format!r}")
         if self.project_dim is not None and self.project_dim <= 0:
@@ -144,22 +148,26 @@ def run_selection(settings: JobSettings) -> JobResult:
             prior, prior_info = _featurized(prior_corpus, model, prior_config, features_root, settings)
 
     with timer.stage("select"):
-        if settings.budget_unit == "examples" and settings.budget > features.n:
-            warnings.warn(f"budget {settings.budget} exceeds the {features.n} usable examples: "
-                          "every example is selected (in greedy order)", stacklevel=2)
         lam = resolved_lam(settings, features)
+        eligible, length_cap = _within_length_cap(settings, features)
+        candidates = features if eligible is None else features.subset(eligible)
+        if settings.budget_unit == "examples" and settings.budget > candidates.n:
+            warnings.warn(f"budget {settings.budget} exceeds the {candidates.n} usable examples: "
+                          "every example is selected (in greedy order)", stacklevel=2)
         selection_key = fingerprint(features_info["key"], prior_info and prior_info["key"], settings.budget,
-                                    settings.budget_unit, lam)
+                                    settings.budget_unit, lam, length_cap and length_cap["tokens"])
         checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
-        selection = select(features, settings.budget, lam=lam, method="lazy",
+        selection = select(candidates, settings.budget, lam=lam, method="lazy",
                            budget_unit=settings.budget_unit, prior=prior,
                            device=_torch_device(settings.device), progress=_progress_bar(),
                            checkpoint=checkpoints.save, resume=checkpoints.load(),
                            threads=settings.select_threads)
+        if eligible is not None:
+            selection = dataclasses.replace(selection, indices=eligible[selection.indices])
 
     with timer.stage("write_outputs"):
         manifest = _write_outputs(output, settings, corpus, features, selection, model,
-                                  features_info, timer, lam)
+                                  features_info, timer, lam, length_cap)
     checkpoints.clear()
     return JobResult(output=settings.output, manifest=manifest, selection=selection)
 
@@ -219,6 +227,20 @@ class SelectionCheckpoints:
 
     def clear(self) -> None:
         self.output.remove(self.NAME)
+
+
+def _within_length_cap(settings: JobSettings, features: FeatureSet) -> tuple[np.ndarray | None, dict | None]:
+    """Positions the selection may pick under ``--length-cap`` (None: all) and the manifest's
+    account of the cap: the rule, the resolved token count and what it kept out."""
+    if settings.length_cap is None:
+        return None, None
+    cap = length_cap_tokens(settings.length_cap, features.num_targets)
+    over = features.num_targets > cap
+    account = {"rule": settings.length_cap, "tokens": cap, "excluded_examples": int(over.sum()),
+               "excluded_target_tokens": int(features.num_targets[over].sum())}
+    log.info("length cap %s = %d target tokens: %d examples (%d target tokens) not eligible",
+             settings.length_cap, cap, account["excluded_examples"], account["excluded_target_tokens"])
+    return np.flatnonzero(~over), account
 
 
 def _corpus_spec(settings: JobSettings, path: str) -> CorpusSpec:
@@ -395,7 +417,7 @@ def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> st
 
 def _write_outputs(output: Location, settings: JobSettings, corpus: Corpus, features: FeatureSet,
                    selection: Selection, model, features_info: dict, timer: StageTimer,
-                   lam: float) -> dict:
+                   lam: float, length_cap: dict | None) -> dict:
     from .report import render_report
 
     subset_file = _write_table(output, "subset", _selected_rows(corpus, features, selection),
@@ -403,13 +425,15 @@ def _write_outputs(output: Location, settings: JobSettings, corpus: Corpus, feat
     ranking_file = _write_table(output, "ranking", _ranking(features, selection), "parquet")
     output.write_bytes("report.png", render_report(features, selection, lam=lam))
     manifest = _manifest(settings, corpus, features, selection, model, features_info, timer,
-                         files=[subset_file, ranking_file, "report.png"], lam=lam)
+                         files=[subset_file, ranking_file, "report.png"], lam=lam,
+                         length_cap=length_cap)
     output.write_json(MANIFEST_NAME, manifest)  # last: its presence means the output is complete
     return manifest
 
 
 def _manifest(settings: JobSettings, corpus: Corpus, features: FeatureSet, selection: Selection,
-              model, features_info: dict, timer: StageTimer, files: list[str], lam: float) -> dict:
+              model, features_info: dict, timer: StageTimer, files: list[str], lam: float,
+              length_cap: dict | None) -> dict:
     import ray
     import torch
     import transformers
@@ -433,6 +457,7 @@ def _manifest(settings: JobSettings, corpus: Corpus, features: FeatureSet, selec
             "budget": settings.budget,
             "budget_unit": settings.budget_unit,
             "lam": lam,
+            "length_cap": length_cap,
             "selected_target_tokens": int(features.num_targets[selection.indices].sum()),
             "objective": objective,
             "upper_bound": float(selection.upper_bound),

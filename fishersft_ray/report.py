@@ -94,6 +94,9 @@ def summary_table(manifest: dict) -> str:
                      f"{sel['budget']})"),
         ("objective", f"{sel['objective']:.4f}  (≥ {sel['certificate_ratio']:.3f} of optimum, "
                       f"{sel['evaluations']} gain evaluations)"),
+        *([("length cap", f"{cap['rule']} = {cap['tokens']} target tokens: {cap['excluded_examples']} "
+                          f"longer examples ({cap['excluded_target_tokens']} target tokens) not eligible")]
+          if (cap := sel.get("length_cap")) else []),
         ("near-duplicates", f"{sel['near_duplicates']['picks_with_twin']} picks have a twin at cosine ≥ "
                             f"{sel['near_duplicates']['cosine_threshold']} (exact duplicates were "
                             f"dropped before selection: {corpus['skipped'].get('duplicate', 0)})"),

@@ -216,3 +216,25 @@ def test_v_optimal_matches_a_brute_force_greedy_and_respects_token_budgets():
     np.testing.assert_array_equal(baselines.v_optimal(features, 6, batch=4), greedy)
     picked = baselines.v_optimal(features, 30, budget_unit="tokens", batch=4)
     assert 0 < features.num_targets[picked].sum() <= 30 and len(set(picked.tolist())) == len(picked)
+
+
+def test_length_capped_tokenod_picks_only_short_examples_and_maps_positions_back():
+    pool, _ = synthetic_corpus(80, seed=3)
+    lengths = pool.num_targets
+    cap = int(np.floor(np.median(lengths)))
+    picks = evaluate.pick_subsets(pool, [5, 12], [0, 1], ["tokenod_capped", "tokenod_capped_tokens", "uniform"],
+                                  lam=1.0, length_cap="p50")
+    by_method = {(p.method, p.budget, p.seed): p.positions for p in picks}
+    eligible = np.flatnonzero(lengths <= cap)
+    # The capped ranking is plain TokenOD run on the eligible examples alone, in pool positions.
+    from fishersft_ray.tokenod import select
+
+    alone = evaluate.pool_features(pool.subset(eligible))
+    expected = eligible[select(alone, 12, lam=1.0).indices]
+    np.testing.assert_array_equal(by_method["tokenod_capped", 12, None], expected)
+    np.testing.assert_array_equal(by_method["tokenod_capped", 5, None], expected[:5])
+    for n in (5, 12):
+        uniform_tokens = np.mean([lengths[by_method["uniform", n, s]].sum() for s in (0, 1)])
+        capped_tokens = by_method["tokenod_capped_tokens", n, None]
+        assert lengths[capped_tokens].max() <= cap
+        assert uniform_tokens - lengths.max() < lengths[capped_tokens].sum() <= uniform_tokens

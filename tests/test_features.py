@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fishersft_ray.features import SHARD_SCHEMA, FeatureSet, count_near_twins, factor_from_rows, shard_table
+from fishersft_ray.features import (SHARD_SCHEMA, FeatureSet, count_near_twins, factor_from_rows,
+                                   length_cap_tokens, shard_table)
 from fishersft_ray.tokenod import select
 
 
@@ -193,3 +194,15 @@ def test_mean_token_energy_is_the_mean_squared_token_norm():
     examples, features = random_feature_set(seed=8)
     tokens = np.concatenate([X for X in examples if len(X)])
     assert features.mean_token_energy() == pytest.approx(np.mean(np.sum(tokens ** 2, axis=1)), rel=1e-5)
+
+
+def test_length_cap_tokens_reads_counts_and_percentiles():
+    lengths = np.array([0, 1, 2, 3, 10])  # examples without targets do not count
+    assert length_cap_tokens("256", lengths) == 256
+    assert length_cap_tokens("p50", lengths) == 2  # median of 1, 2, 3, 10 is 2.5
+    assert length_cap_tokens("p100", lengths) == 10
+    for bad in ("0", "-3", "1.5", "inf", "p0", "p101", "pabc", "median", ""):
+        with pytest.raises(ValueError, match="--length-cap must be"):
+            length_cap_tokens(bad, lengths)
+    with pytest.raises(ValueError, match="no examples with target tokens"):
+        length_cap_tokens("p50", np.zeros(3, int))

@@ -107,6 +107,34 @@ def test_budget_larger_than_corpus_selects_all_with_warning(ray_local, tiny_llam
     assert result.manifest["selection"]["selected"] == len(rows) - 2
 
 
+def test_length_cap_keeps_longer_examples_out(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
+    path, rows = alpaca_corpus
+    out = tmp_path / "capped"
+    with pytest.warns(UserWarning, match="exceeds"):
+        result = run_selection(JobSettings(input=str(path), output=str(out), budget=10_000,
+                                           model=str(tiny_llama_dir), length_cap="p50"))
+    manifest = result.manifest
+    cap, selection = manifest["selection"]["length_cap"], manifest["selection"]
+    lengths = pq.read_table(out / "ranking.parquet").column("num_targets").to_numpy()
+    assert cap["rule"] == "p50" and lengths.max() <= cap["tokens"]
+    # Every eligible example is picked, so picks and exclusions partition the corpus.
+    assert 0 < cap["excluded_examples"] < manifest["corpus"]["kept"]
+    assert selection["selected"] + cap["excluded_examples"] == manifest["corpus"]["kept"]
+    assert (selection["selected_target_tokens"] + cap["excluded_target_tokens"]
+            == manifest["corpus"]["target_tokens"])
+    subset = pq.read_table(out / "subset.parquet").to_pylist()
+    assert len({(r["instruction"], r["input"], r["output"]) for r in subset}) == selection["selected"]
+
+
+def test_cli_rejects_a_bad_length_cap_before_any_work(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a line"}\n')
+    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "1",
+                 "--length-cap", "p0"])
+    assert code == 2
+    assert "--length-cap must be a positive number of target tokens" in capsys.readouterr().err
+
+
 def test_token_budget_is_respected_and_jsonl_output(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
     """Also: loss-weighted features are their own cache entry and are recorded in the manifest."""
     path, _ = alpaca_corpus
