@@ -6,19 +6,28 @@ Protocol (one command, seeded, identical for every method):
 2. Featurize pool, validation and test with the same model (`keep_states=True`), cached as
    Parquet under `<cache>/<fingerprint>-<part>.parquet` (fingerprint: model + examples of
    that part + featurize settings), so a rerun does not re-embed.
-3. `head` mode: fine-tune only the LM head (the paper's linearised model) from the
-   pretrained head on a subset's target tokens, using the stored pre-logit states. The
-   softmax runs over the restricted vocabulary of token ids that occur as targets in
-   pool ∪ validation ∪ test, for the pretrained and every fine-tuned head alike.
+3. Fine-tune on each subset, one mode for the whole run (`--mode`):
+   - `head`: only the LM head (the paper's linearised model), from the pretrained head, on
+     the subset's target tokens, using the stored pre-logit states. The softmax runs over
+     the restricted vocabulary of token ids that occur as targets in pool ∪ validation ∪
+     test, for the pretrained and every fine-tuned head alike.
+   - `full` / `lora`: the whole model (every parameter, or LoRA adapters on the frozen
+     base; `model_tuning`) on the subset's raw examples, mapped from the picks by corpus
+     key and tokenised with the featurizer's target masks. The softmax is the model's full
+     vocabulary, so these NLLs are not on head mode's scale. Real sizes want a GPU
+     (`--train-device cuda`).
    Score: held-out NLL per target token on the test set.
-4. The recipe (Adam, constant-then-linear-decay lr, steps = epochs x subset tokens / batch
-   tokens) is a rule chosen once: each (lr, epochs) candidate fine-tunes uniform random
-   subsets of the pool at the smallest and largest budget and is scored on the validation
-   split; the best mean validation NLL wins and is then used for every method.
+4. The recipe (head: Adam; full/lora: AdamW, weight decay 0, grad clipping 1; both with
+   linear decay of lr to 0 over epochs × subset tokens / batch tokens steps) is a rule chosen
+   once, by the same protocol in every mode: each (lr, epochs) candidate fine-tunes uniform
+   random subsets of the pool at the smallest and largest budget and is scored on the
+   validation split; the best mean validation NLL wins and is then used for every method,
+   with the same training seed, so only the data differs. The test set is never used.
 5. A run is void when the uniform baseline at the largest budget does not beat the
-   pretrained head on the test set: no method comparison means anything then.
+   pretrained head/model on the test set: no method comparison means anything then.
 
-Only `head` mode is implemented; whole-model (`full`/LoRA) fine-tuning is not.
+The picks are always made on the pool's featurized states (the selection methods need
+them), whatever the fine-tuning mode.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +50,7 @@ import torch
 
 from fishersft_ray import baselines
 from fishersft_ray.features import length_cap_tokens
+from fishersft_ray.model_tuning import MODEL_MODES, ModelTrainer, ModelTuner, require_peft, resolve_train_device
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,11 @@ METHOD_LABELS = {
     "sentence_od": "sentence-level OD (n examples)",
 }
 FEATURIZE_CHUNK_ROWS = 256  # progress granularity of the in-process featurization
+RECIPE_CANDIDATES = {  # mode → default (--recipe-lrs, --recipe-epochs)
+    "head": ("3e-5,1e-4,3e-4,1e-3", "1,3"),
+    "full": ("1e-5,3e-5,1e-4", "1"),
+    "lora": ("1e-4,3e-4,1e-3", "1"),
+}
 
 
 # --------------------------------------------------------------------------- data
@@ -411,50 +426,104 @@ class EvalSettings:
     device: str = "cpu"
 
 
-def choose_recipe(pool: TokenStates, validation: TokenStates, head: Head, settings: EvalSettings
-                  ) -> tuple[HeadRecipe, list[dict]]:
+class Scorer(Protocol):
+    def nll(self, part: str) -> float:
+        """Mean NLL per target token on "validation" or "test"."""
+
+
+class Trainer(Protocol):
+    """One fine-tuning mode, as the protocol sees it: `info` (facts for settings.json:
+    "tuned" — what is compared with its pretrained self —, "optimizer", ...), `recipe(lr,
+    epochs)`, `pretrained()` and `fit(pool positions, recipe)`, the last two returning a
+    Scorer (valid until the next fit: whole-model trainers tune in place)."""
+
+    info: dict
+
+    def recipe(self, lr: float, epochs: float): ...
+
+    def pretrained(self) -> Scorer: ...
+
+    def fit(self, positions: np.ndarray, recipe) -> Scorer: ...
+
+
+@dataclass
+class HeadScorer:
+    head: Head
+    parts: dict[str, TokenStates]
+
+    def nll(self, part: str) -> float:
+        return head_nll(self.head, self.parts[part].states, self.parts[part].targets)
+
+
+class HeadTrainer:
+    """`head` mode: fine-tunes the LM head on stored states, softmax over the targets' vocabulary."""
+
+    def __init__(self, pool: TokenStates, validation: TokenStates, test: TokenStates, weight: np.ndarray,
+                 bias: np.ndarray | None, *, batch_tokens: int, seed: int):
+        vocabulary = restricted_vocabulary(pool, validation, test)
+        self.head = Head.restricted(weight, bias, vocabulary)
+        self.parts = {name: dataclasses.replace(part, targets=np.searchsorted(vocabulary, part.targets))
+                      for name, part in (("pool", pool), ("validation", validation), ("test", test))}
+        self.batch_tokens, self.seed = batch_tokens, seed
+        self.info = {"tuned": "head", "optimizer": "Adam", "vocabulary_size": int(len(vocabulary)),
+                     "softmax": "restricted to the token ids occurring as targets in pool, validation, test"}
+
+    def recipe(self, lr: float, epochs: float) -> HeadRecipe:
+        return HeadRecipe(lr=lr, epochs=epochs, batch_tokens=self.batch_tokens)
+
+    def pretrained(self) -> HeadScorer:
+        return HeadScorer(self.head, self.parts)
+
+    def fit(self, positions: np.ndarray, recipe: HeadRecipe) -> HeadScorer:
+        subset = self.parts["pool"].subset(positions)
+        tuned = finetune_head(self.head, subset.states, subset.targets, recipe, self.seed)
+        return HeadScorer(tuned, self.parts)
+
+
+def choose_recipe(pool: TokenStates, trainer: Trainer, settings: EvalSettings) -> tuple[object, list[dict]]:
     """Pick the recipe once: uniform subsets of the pool at the smallest and largest budget,
     scored by mean validation NLL. Never uses the test set; never looks at any method."""
-    subsets = [pool.subset(baselines.uniform_random(pool, n, seed=settings.train_seed))
+    subsets = [baselines.uniform_random(pool, n, seed=settings.train_seed)
                for n in sorted({min(settings.budgets), max(settings.budgets)})]
     scores = []
     for lr in settings.recipe_lrs:
         for epochs in settings.recipe_epochs:
-            recipe = HeadRecipe(lr=lr, epochs=epochs, batch_tokens=settings.batch_tokens)
-            nlls = [head_nll(finetune_head(head, s.states, s.targets, recipe, settings.train_seed),
-                             validation.states, validation.targets) for s in subsets]
+            recipe = trainer.recipe(lr, epochs)
+            nlls = [trainer.fit(positions, recipe).nll("validation") for positions in subsets]
             scores.append({"lr": lr, "epochs": epochs, "validation_nll": float(np.mean(nlls)),
                            "per_budget": nlls})
             log.info("recipe lr=%g epochs=%g: validation NLL %.4f", lr, epochs, np.mean(nlls))
     best = min(scores, key=lambda row: row["validation_nll"])
-    return HeadRecipe(lr=best["lr"], epochs=best["epochs"], batch_tokens=settings.batch_tokens), scores
+    return trainer.recipe(best["lr"], best["epochs"]), scores
 
 
 def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, weight: np.ndarray,
-                 bias: np.ndarray | None, settings: EvalSettings, groups: np.ndarray | None = None
-                 ) -> dict:
-    """Everything after featurization: vocabulary, recipe, picks, fine-tuning, scores.
+                 bias: np.ndarray | None, settings: EvalSettings, groups: np.ndarray | None = None,
+                 trainer: Trainer | None = None) -> dict:
+    """Everything after featurization: recipe, picks, fine-tuning, scores.
 
-    Returns {"rows": per-run dicts, "summary": per (method, budget) dicts, "info": settings
-    and protocol facts (vocabulary size, pretrained NLL, recipe, void flag)}.
+    ``trainer`` is the fine-tuning mode (default: `HeadTrainer` on these parts); the picks
+    always come from the parts' states, and ``weight``/``bias`` (the pretrained LM head)
+    also give the loss-weighted methods their token weights. Returns {"rows": per-run
+    dicts, "summary": per (method, budget) dicts, "info": settings and protocol facts
+    (the trainer's, pretrained NLL, recipe, void flag)}.
     """
     unknown = set(settings.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    for name, part in (("pool", pool), ("validation", validation), ("test", test)):
+        if not part.num_examples:
+            raise ValueError(f"the {name} split has no example with a target token to train or score on")
     token_weights = (pool_loss_weights(pool, weight, bias)
                      if {"tokenod_loss", "tokenod_loss_tokens"} & set(settings.methods) else None)
-    vocabulary = restricted_vocabulary(pool, validation, test)
-    head = Head.restricted(weight, bias, vocabulary)
-
-    def restrict(part: TokenStates) -> TokenStates:
-        return dataclasses.replace(part, targets=np.searchsorted(vocabulary, part.targets))
-
-    pool, validation, test = restrict(pool), restrict(validation), restrict(test)
+    trainer = trainer or HeadTrainer(pool, validation, test, weight, bias,
+                                     batch_tokens=settings.batch_tokens, seed=settings.train_seed)
+    tuned = trainer.info["tuned"]
     groups = np.arange(pool.num_examples) if groups is None else groups
     started = time.time()
-    recipe, recipe_scores = choose_recipe(pool, validation, head, settings)
-    pretrained_validation = head_nll(head, validation.states, validation.targets)
-    pretrained_test = head_nll(head, test.states, test.targets)
+    recipe, recipe_scores = choose_recipe(pool, trainer, settings)
+    pretrained = trainer.pretrained()
+    pretrained_validation, pretrained_test = pretrained.nll("validation"), pretrained.nll("test")
     log.info("recipe %s (pretrained validation NLL %.4f)", recipe, pretrained_validation)
 
     picks = pick_subsets(pool, settings.budgets, list(range(settings.seeds)), settings.methods,
@@ -463,22 +532,20 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     embeddings = example_embeddings(pool)
     rows = []
     for pick in picks:
-        subset = pool.subset(pick.positions)
-        tuned = finetune_head(head, subset.states, subset.targets, recipe, settings.train_seed)
+        test_nll = trainer.fit(pick.positions, recipe).nll("test")
         exact_copies, near_twins = redundancy_counts(pick.positions, groups, embeddings)
         rows.append({"method": pick.method, "budget": pick.budget, "seed": pick.seed,
-                     "examples": len(pick.positions), "tokens": int(subset.targets.size),
-                     "test_nll": head_nll(tuned, test.states, test.targets),
-                     "exact_copies": exact_copies, "near_twins": near_twins})
+                     "examples": len(pick.positions), "tokens": int(pool.num_targets[pick.positions].sum()),
+                     "test_nll": test_nll, "exact_copies": exact_copies, "near_twins": near_twins})
         log.info("%s n=%d seed=%s: %d examples, %d tokens, test NLL %.4f", pick.method, pick.budget,
                  pick.seed, rows[-1]["examples"], rows[-1]["tokens"], rows[-1]["test_nll"])
     summary = summarise(rows)
     largest_uniform = [r for r in summary if r["method"] == "uniform" and r["budget"] == max(settings.budgets)]
     void = bool(largest_uniform) and largest_uniform[0]["test_nll_mean"] >= pretrained_test
     if void:
-        log.warning("VOID: uniform at n=%d does not beat the pretrained head (%.4f >= %.4f)",
-                    max(settings.budgets), largest_uniform[0]["test_nll_mean"], pretrained_test)
-    info = {"settings": dataclasses.asdict(settings), "vocabulary_size": int(len(vocabulary)),
+        log.warning("VOID: uniform at n=%d does not beat the pretrained %s (%.4f >= %.4f)",
+                    max(settings.budgets), tuned, largest_uniform[0]["test_nll_mean"], pretrained_test)
+    info = {"settings": dataclasses.asdict(settings)} | trainer.info | {
             "pool_examples": pool.num_examples, "pool_tokens": int(pool.targets.size),
             "validation_examples": validation.num_examples, "test_examples": test.num_examples,
             "test_tokens": int(test.targets.size), "recipe": dataclasses.asdict(recipe),
@@ -510,10 +577,12 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown_table(summary: list[dict], info: dict) -> str:
     """Budget x method table: NLL mean ± std, tokens, exact copies / near twins."""
-    lines = [f"pretrained head NLL {info['pretrained_test_nll']:.4f} (test, {info['test_tokens']} "
-             f"target tokens, vocabulary {info['vocabulary_size']}); recipe Adam lr="
+    vocabulary = (f"vocabulary {info['vocabulary_size']}" if "vocabulary_size" in info
+                  else "full vocabulary")
+    lines = [f"pretrained {info['tuned']} NLL {info['pretrained_test_nll']:.4f} (test, "
+             f"{info['test_tokens']} target tokens, {vocabulary}); recipe {info['optimizer']} lr="
              f"{info['recipe']['lr']:g}, {info['recipe']['epochs']:g} epochs"
-             + (" — **VOID: uniform at the largest budget does not beat the pretrained head**"
+             + (f" — **VOID: uniform at the largest budget does not beat the pretrained {info['tuned']}**"
                 if info["void"] else ""),
              "",
              "| n | method | test NLL (mean ± std) | target tokens | examples | exact copies | near twins | runs |",
@@ -545,7 +614,8 @@ def plot_results(summary: list[dict], info: dict, path: str, title: str) -> None
         axes[1].errorbar([row["tokens_mean"] for row in entries], nll, yerr=err, marker="o", capsize=3,
                          label=METHOD_LABELS[method])
     for axis, xlabel in zip(axes, ("example budget n", "target tokens fine-tuned on")):
-        axis.axhline(info["pretrained_test_nll"], color="grey", linestyle="--", label="pretrained head")
+        axis.axhline(info["pretrained_test_nll"], color="grey", linestyle="--",
+                     label=f"pretrained {info['tuned']}")
         axis.set_xscale("log")
         axis.set_xlabel(xlabel)
         axis.set_ylabel("held-out NLL per target token")
@@ -604,8 +674,9 @@ def featurize_cached(examples: pa.Table, part: str, model, config, cache_dir: st
     return table
 
 
-def corpus_states(args) -> tuple[dict[str, TokenStates], np.ndarray, np.ndarray | None, dict]:
-    """Read, split and featurize the corpus; returns parts, LM head weight, bias, facts."""
+def corpus_states(args) -> tuple[dict[str, TokenStates], np.ndarray, np.ndarray | None, dict, pa.Table]:
+    """Read, split and featurize the corpus; returns parts, LM head weight, bias, facts and the
+    corpus's examples table (whole-model modes train on its rows, keyed by `row_index`)."""
     from fishersft_ray.corpus import CorpusSpec, read_corpus
     from fishersft_ray.featurize import FeaturizeConfig, lm_head_weight, resolve_model
 
@@ -622,10 +693,11 @@ def corpus_states(args) -> tuple[dict[str, TokenStates], np.ndarray, np.ndarray 
         table = featurize_cached(corpus.examples.take(pa.array(positions)), part, model, config, cache_dir)
         parts[part] = TokenStates.from_featurized(table, weight.shape[1])
     facts = {"input": args.input, "format": corpus.format, "corpus_stats": corpus.stats,
-             "model": model.name, "model_fingerprint": model.fingerprint, "split_seed": args.split_seed,
+             "model": model.name, "model_path": model.path, "model_fingerprint": model.fingerprint,
+             "split_seed": args.split_seed,
              "split_sizes": {k: int(len(v)) for k, v in dataclasses.asdict(split).items()},
              "cache_dir": cache_dir}
-    return parts, weight, bias, facts
+    return parts, weight, bias, facts, corpus.examples
 
 
 def _numbers(text: str, kind=float) -> list:
@@ -640,8 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="directory for tables, plot, settings.json")
     parser.add_argument("--format", default="auto", help="auto | text | alpaca | chat")
     parser.add_argument("--model", default=None, help="HF id, local dir or GGUF (default: offline SmolLM2-135M)")
-    parser.add_argument("--mode", default="head", choices=["head"],
-                        help="head: fine-tune the LM head on stored states (whole-model modes not implemented)")
+    parser.add_argument("--mode", default="head", choices=["head", *MODEL_MODES],
+                        help="head: fine-tune the LM head on stored states; full: every parameter of the "
+                             "model; lora: LoRA adapters (r=16) on all linear layers")
+    parser.add_argument("--train-device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="full/lora fine-tuning device (auto: cuda if available)")
     parser.add_argument("--budgets", default="100,250,500,1000", help="example budgets, comma-separated")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per random method")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
@@ -655,9 +730,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pool", type=int, default=None, help="subsample the pool to this many rows")
     parser.add_argument("--max-test", type=int, default=None, help="subsample the test set to this many rows")
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--recipe-lrs", default="3e-5,1e-4,3e-4,1e-3", help="recipe candidates: Adam lr")
-    parser.add_argument("--recipe-epochs", default="1,3", help="recipe candidates: epochs")
-    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--recipe-lrs", default=None,
+                        help="recipe candidates: lr (default: " + "; ".join(
+                            f"{mode} {lrs}" for mode, (lrs, _) in RECIPE_CANDIDATES.items()) + ")")
+    parser.add_argument("--recipe-epochs", default=None,
+                        help="recipe candidates: epochs (default: " + "; ".join(
+                            f"{mode} {epochs}" for mode, (_, epochs) in RECIPE_CANDIDATES.items()) + ")")
+    parser.add_argument("--batch-tokens", type=int, default=1024,
+                        help="tokens per optimizer step (head: target tokens; full/lora: input tokens)")
     parser.add_argument("--redundant-share", type=float, default=0.0,
                         help="share of the pool replaced by copies of --redundant-sources rows")
     parser.add_argument("--redundant-sources", type=int, default=60)
@@ -671,22 +751,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `fishersft-ray evaluate` (and `python -m fishersft_ray.evaluate`)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    default_lrs, default_epochs = RECIPE_CANDIDATES[args.mode]
     settings = EvalSettings(budgets=_numbers(args.budgets, int), seeds=args.seeds,
                             methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                             lam=args.lam, lam_relative=args.lam_relative, length_cap=args.length_cap,
-                            recipe_lrs=_numbers(args.recipe_lrs),
-                            recipe_epochs=_numbers(args.recipe_epochs), batch_tokens=args.batch_tokens,
-                            device=args.device)
-    parts, weight, bias, facts = corpus_states(args)
+                            recipe_lrs=_numbers(args.recipe_lrs or default_lrs),
+                            recipe_epochs=_numbers(args.recipe_epochs or default_epochs),
+                            batch_tokens=args.batch_tokens, device=args.device)
+    try:  # before the featurization, not after it
+        if args.mode == "lora":
+            require_peft()
+        train_device = resolve_train_device(args.train_device) if args.mode in MODEL_MODES else None
+    except (RuntimeError, ValueError) as exc:
+        parser.error(str(exc))
+    parts, weight, bias, facts, examples = corpus_states(args)
     pool, groups = parts["pool"], None
     if args.redundant_share > 0:
         pool, groups = make_redundant(pool, share=args.redundant_share, num_sources=args.redundant_sources,
                                       near_copy_noise=args.near_copy_noise, seed=args.split_seed)
         facts["redundant"] = {"share": args.redundant_share, "sources": args.redundant_sources,
                               "near_copy_noise": args.near_copy_noise}
-    result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, settings, groups)
+    trainer = None
+    if args.mode in MODEL_MODES:
+        tuner = ModelTuner(facts["model_path"], args.mode, device=train_device, seed=settings.train_seed)
+        trainer = ModelTrainer(tuner, examples, {"pool": pool, "validation": parts["validation"],
+                                                 "test": parts["test"]}, batch_tokens=settings.batch_tokens)
+    result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, settings, groups, trainer)
     result["info"] = facts | {"mode": args.mode} | result["info"]
     paths = write_outputs(result, args.output, args.title or os.path.basename(args.input))
     print(markdown_table(result["summary"], result["info"]))

@@ -229,6 +229,11 @@ def encode_with_targets(tokenizer, fmt: str, example: dict) -> tuple[np.ndarray,
     return ids, targets
 
 
+def max_positions(model_config) -> int:
+    """The longest sequence the model takes (its position-embedding table's length)."""
+    return getattr(model_config, "max_position_embeddings", None) or model_config.n_positions
+
+
 def windows(num_tokens: int, max_length: int, overlong: str) -> list[tuple[int, int]]:
     """Token windows fed to the model: one (cut at max_length) or, with "split", windows
     overlapping by one token so every target keeps exactly one predicting position."""
@@ -326,7 +331,7 @@ class Featurizer:
             self.model = AutoModel.from_pretrained(
                 self.model_ref.path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
         model_config = AutoConfig.from_pretrained(self.model_ref.path)
-        model_max = getattr(model_config, "max_position_embeddings", None) or model_config.n_positions
+        model_max = max_positions(model_config)
         self.max_length = min(config.max_length or model_max, model_max)
         self.dim = model_config.hidden_size
         self.projection = self._projection()
