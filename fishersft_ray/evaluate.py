@@ -742,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the pool replaced by copies of --redundant-sources rows")
     parser.add_argument("--redundant-sources", type=int, default=60)
     parser.add_argument("--near-copy-noise", type=float, default=0.0,
-                        help="> 0: copies become near-copies (relative Gaussian noise on their states)")
+                        help="> 0: copies become near-copies (relative Gaussian noise on their states; "
+                             "whole-model modes still train on the source rows' text)")
     parser.add_argument("--cache-dir", default=None, help="featurized-table cache (default OUTPUT/cache)")
     parser.add_argument("--device", default="cpu", help="device for the selection")
     parser.add_argument("--title", default=None, help="plot/table title (default: the input's name)")
