@@ -55,9 +55,9 @@ from fishersft_ray.model_tuning import MODEL_MODES, ModelTrainer, ModelTuner, re
 log = logging.getLogger(__name__)
 
 METHODS = ("tokenod", "tokenod_tokens", "tokenod_loss", "tokenod_loss_tokens", "tokenod_capped",
-           "tokenod_capped_tokens", "vopt", "vopt_tokens", "uniform", "length_matched", "longest_first",
-           "density", "sentence_od")
-RANDOM_METHODS = frozenset({"uniform", "length_matched", "density"})
+           "tokenod_capped_tokens", "vopt", "vopt_tokens", "uniform", "length_matched", "uniform_capped_tokens",
+           "longest_first", "density", "sentence_od")
+RANDOM_METHODS = frozenset({"uniform", "length_matched", "uniform_capped_tokens", "density"})
 METHOD_LABELS = {
     "tokenod": "TokenOD (n examples)",
     "tokenod_tokens": "TokenOD (tokens of uniform@n)",
@@ -69,6 +69,7 @@ METHOD_LABELS = {
     "vopt_tokens": "V-optimal (tokens of uniform@n)",
     "uniform": "uniform random (n examples)",
     "length_matched": "random, tokens of TokenOD@n",
+    "uniform_capped_tokens": "random length-capped (tokens of uniform@n)",
     "longest_first": "longest first (n examples)",
     "density": "density sampling (n examples)",
     "sentence_od": "sentence-level OD (n examples)",
@@ -313,8 +314,8 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
     ``token_weights`` (per pool token) are needed by the loss-weighted TokenOD methods.
     ``lam_relative``: TokenOD's λ is this × the mean ‖x‖² per token of the (weighted) pool,
     as `select --lam-relative` resolves it; otherwise ``lam``. ``length_cap``: the rule of
-    `select --length-cap` for the length-capped TokenOD methods (picked among the pool's
-    examples no longer than the cap).
+    `select --length-cap` for the length-capped methods (TokenOD and its random control,
+    both picked among the pool's examples no longer than the cap).
     """
     from fishersft_ray.tokenod import select as select_with_lam
 
@@ -353,7 +354,7 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
     loss_order = (np.asarray(select(weighted, largest, method="lazy", budget_unit="examples",
                                     device=device).indices) if "tokenod_loss" in methods else None)
     capped, eligible = None, None
-    if {"tokenod_capped", "tokenod_capped_tokens"} & set(methods):
+    if {"tokenod_capped", "tokenod_capped_tokens", "uniform_capped_tokens"} & set(methods):
         eligible = np.flatnonzero(costs <= length_cap_tokens(length_cap, costs))
         capped = features.subset(eligible)
     capped_order = (eligible[select(capped, largest, method="lazy", budget_unit="examples",
@@ -393,6 +394,9 @@ def pick_subsets(pool: TokenStates, budgets: Sequence[int], seeds: Sequence[int]
             if "length_matched" in methods:
                 picks.append(Pick("length_matched", n, s, baselines.uniform_random(
                     features, tokens(tokenod_order[:n]), budget_unit="tokens", seed=s)))
+            if "uniform_capped_tokens" in methods:  # the control of the capped TokenOD methods
+                picks.append(Pick("uniform_capped_tokens", n, s, eligible[baselines.uniform_random(
+                    capped, uniform_tokens, budget_unit="tokens", seed=s)]))
             if "density" in methods:
                 picks.append(Pick("density", n, s, density_orders[s][:n]))
     return picks

@@ -222,8 +222,8 @@ def test_length_capped_tokenod_picks_only_short_examples_and_maps_positions_back
     pool, _ = synthetic_corpus(80, seed=3)
     lengths = pool.num_targets
     cap = int(np.floor(np.median(lengths)))
-    picks = evaluate.pick_subsets(pool, [5, 12], [0, 1], ["tokenod_capped", "tokenod_capped_tokens", "uniform"],
-                                  lam=1.0, length_cap="p50")
+    picks = evaluate.pick_subsets(pool, [5, 12], [0, 1], ["tokenod_capped", "tokenod_capped_tokens", "uniform",
+                                                         "uniform_capped_tokens"], lam=1.0, length_cap="p50")
     by_method = {(p.method, p.budget, p.seed): p.positions for p in picks}
     eligible = np.flatnonzero(lengths <= cap)
     # The capped ranking is plain TokenOD run on the eligible examples alone, in pool positions.
@@ -235,6 +235,8 @@ def test_length_capped_tokenod_picks_only_short_examples_and_maps_positions_back
     np.testing.assert_array_equal(by_method["tokenod_capped", 5, None], expected[:5])
     for n in (5, 12):
         uniform_tokens = np.mean([lengths[by_method["uniform", n, s]].sum() for s in (0, 1)])
-        capped_tokens = by_method["tokenod_capped_tokens", n, None]
-        assert lengths[capped_tokens].max() <= cap
-        assert uniform_tokens - lengths.max() < lengths[capped_tokens].sum() <= uniform_tokens
+        for capped_tokens in (by_method["tokenod_capped_tokens", n, None],
+                              by_method["uniform_capped_tokens", n, 0], by_method["uniform_capped_tokens", n, 1]):
+            assert lengths[capped_tokens].max() <= cap
+            assert uniform_tokens - lengths.max() < lengths[capped_tokens].sum() <= uniform_tokens
+        assert set(by_method["uniform_capped_tokens", n, 0]) != set(by_method["uniform_capped_tokens", n, 1])
