@@ -13,7 +13,12 @@ pre-logit states over its target tokens; `mean_embeddings` computes them.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 BUDGET_UNITS = ("examples", "tokens")
 
@@ -151,8 +156,11 @@ def v_optimal(features, budget: float, *, budget_unit: str = "examples", lam: fl
         return inverse, inverse @ gram @ inverse
 
     all_widths = np.diff(offsets)
+    started, evaluations = time.time(), 0
 
     def gains(ids: np.ndarray) -> np.ndarray:
+        nonlocal evaluations
+        evaluations += len(ids)
         out = np.zeros(len(ids))
         order = np.argsort(all_widths[ids], kind="stable")  # similar widths share a padded batch
         for start in range(0, len(ids), batch):
@@ -200,4 +208,6 @@ def v_optimal(features, budget: float, *, budget_unit: str = "examples", lam: fl
         sigma = sigma + rows.T @ rows
         inverse, weighted = metrics(sigma)
         step += 1
+    log.info("V-optimal %s budget %g: %d picks, %d evaluations, %.0f s", budget_unit, budget, len(picks),
+             evaluations, time.time() - started)
     return np.asarray(picks, dtype=np.int64)
