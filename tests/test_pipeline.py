@@ -126,12 +126,15 @@ def test_length_cap_keeps_longer_examples_out(ray_local, tiny_llama_dir, alpaca_
     assert len({(r["instruction"], r["input"], r["output"]) for r in subset}) == selection["selected"]
 
 
-def test_cli_rejects_a_bad_length_cap_before_any_work(tmp_path, capsys):
+def _select_one_line_corpus(tmp_path, *options) -> int:
+    """`fishersft-ray select` on a one-row text corpus with extra ``options``; its exit code."""
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "a line"}\n')
-    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "1",
-                 "--length-cap", "p0"])
-    assert code == 2
+    return main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "1", *options])
+
+
+def test_cli_rejects_a_bad_length_cap_before_any_work(tmp_path, capsys):
+    assert _select_one_line_corpus(tmp_path, "--length-cap", "p0") == 2
     assert "--length-cap must be a positive number of target tokens" in capsys.readouterr().err
 
 
@@ -202,11 +205,7 @@ def test_checkpoint_from_other_settings_is_ignored(ray_local, tiny_llama_dir, al
 
 
 def test_cli_explains_a_model_it_cannot_fetch(tmp_path, capsys):
-    path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "a line"}\n')
-    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "1",
-                 "--model", "no-such-org/no-such-model-fishersft"])
-    assert code == 2
+    assert _select_one_line_corpus(tmp_path, "--model", "no-such-org/no-such-model-fishersft") == 2
     assert "cannot fetch model 'no-such-org/no-such-model-fishersft'" in capsys.readouterr().err
 
 
