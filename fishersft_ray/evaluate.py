@@ -501,9 +501,42 @@ def choose_recipe(pool: TokenStates, trainer: Trainer, settings: EvalSettings) -
     return trainer.recipe(best["lr"], best["epochs"]), scores
 
 
+class ProtocolCheckpoint:
+    """The finished parts of a protocol run, saved after each fine-tune in one JSON file, so
+    an interrupted run (a long whole-model evaluation on CPU) loses nothing: a rerun of the
+    same command reuses the chosen recipe, the pretrained scores and every finished run.
+
+    ``key`` ties the file to one run's settings and data; a file written by another run is
+    ignored (and overwritten). Picks are not stored: they are deterministic and recomputed.
+    """
+
+    def __init__(self, path: str, key: str):
+        self.path, self.key = path, key
+        self.state = {"key": key, "recipe": None, "pretrained": None, "runs": {}}
+        if os.path.exists(path):
+            with open(path) as handle:
+                saved = json.load(handle)
+            if saved.get("key") == key:
+                self.state = saved
+                log.info("resuming from %s: %d finished runs", path, len(saved["runs"]))
+            else:
+                log.info("ignoring %s: written by a run with other settings or data", path)
+
+    @staticmethod
+    def run_key(method: str, budget: int, seed) -> str:
+        return f"{method}/{budget}/{seed}"
+
+    def save(self, **updates) -> None:
+        self.state.update(updates)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path + ".partial", "w") as handle:
+            json.dump(self.state, handle, default=str)
+        os.replace(self.path + ".partial", self.path)
+
+
 def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, weight: np.ndarray,
                  bias: np.ndarray | None, settings: EvalSettings, groups: np.ndarray | None = None,
-                 trainer: Trainer | None = None) -> dict:
+                 trainer: Trainer | None = None, checkpoint: ProtocolCheckpoint | None = None) -> dict:
     """Everything after featurization: recipe, picks, fine-tuning, scores.
 
     ``trainer`` is the fine-tuning mode (default: `HeadTrainer` on these parts); the picks
@@ -525,9 +558,19 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     tuned = trainer.info["tuned"]
     groups = np.arange(pool.num_examples) if groups is None else groups
     started = time.time()
-    recipe, recipe_scores = choose_recipe(pool, trainer, settings)
-    pretrained = trainer.pretrained()
-    pretrained_validation, pretrained_test = pretrained.nll("validation"), pretrained.nll("test")
+    saved = checkpoint.state if checkpoint is not None else {"recipe": None, "pretrained": None, "runs": {}}
+    if saved["recipe"] is None:
+        recipe, recipe_scores = choose_recipe(pool, trainer, settings)
+        saved = {**saved, "recipe": {"lr": recipe.lr, "epochs": recipe.epochs, "scores": recipe_scores}}
+        if checkpoint is not None:
+            checkpoint.save(recipe=saved["recipe"])
+    recipe, recipe_scores = trainer.recipe(saved["recipe"]["lr"], saved["recipe"]["epochs"]), saved["recipe"]["scores"]
+    if saved["pretrained"] is None:
+        pretrained = trainer.pretrained()
+        saved = {**saved, "pretrained": [pretrained.nll("validation"), pretrained.nll("test")]}
+        if checkpoint is not None:
+            checkpoint.save(pretrained=saved["pretrained"])
+    pretrained_validation, pretrained_test = saved["pretrained"]
     log.info("recipe %s (pretrained validation NLL %.4f)", recipe, pretrained_validation)
 
     picks = pick_subsets(pool, settings.budgets, list(range(settings.seeds)), settings.methods,
@@ -536,7 +579,14 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     embeddings = example_embeddings(pool)
     rows = []
     for pick in picks:
-        test_nll = trainer.fit(pick.positions, recipe).nll("test")
+        run_key = ProtocolCheckpoint.run_key(pick.method, pick.budget, pick.seed)
+        if run_key in saved["runs"]:
+            test_nll = saved["runs"][run_key]
+        else:
+            test_nll = trainer.fit(pick.positions, recipe).nll("test")
+            saved["runs"][run_key] = test_nll
+            if checkpoint is not None:
+                checkpoint.save(runs=saved["runs"])
         exact_copies, near_twins = redundancy_counts(pick.positions, groups, embeddings)
         rows.append({"method": pick.method, "budget": pick.budget, "seed": pick.seed,
                      "examples": len(pick.positions), "tokens": int(pool.num_targets[pick.positions].sum()),
@@ -784,7 +834,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         tuner = ModelTuner(facts["model_path"], args.mode, device=train_device, seed=settings.train_seed)
         trainer = ModelTrainer(tuner, examples, {"pool": pool, "validation": parts["validation"],
                                                  "test": parts["test"]}, batch_tokens=settings.batch_tokens)
-    result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, settings, groups, trainer)
+    from fishersft_ray.storage import fingerprint
+
+    checkpoint = ProtocolCheckpoint(os.path.join(args.output, "_checkpoint", "evaluate.json"), fingerprint(
+        dataclasses.asdict(settings), facts, args.mode, args.train_device, pool.row_index.tolist(), list(pool.states.shape)))
+    result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, settings, groups, trainer,
+                          checkpoint)
     result["info"] = facts | {"mode": args.mode} | result["info"]
     paths = write_outputs(result, args.output, args.title or os.path.basename(args.input))
     print(markdown_table(result["summary"], result["info"]))

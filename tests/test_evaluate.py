@@ -240,3 +240,38 @@ def test_length_capped_tokenod_picks_only_short_examples_and_maps_positions_back
             assert lengths[capped_tokens].max() <= cap
             assert uniform_tokens - lengths.max() < lengths[capped_tokens].sum() <= uniform_tokens
         assert set(by_method["uniform_capped_tokens", n, 0]) != set(by_method["uniform_capped_tokens", n, 1])
+
+
+def test_an_interrupted_protocol_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    corpus, teacher = synthetic_corpus(260, vocab=25)
+    pool, validation, test = corpus.subset(range(200)), corpus.subset(range(200, 230)), corpus.subset(range(230, 260))
+    settings = small_settings(methods=["tokenod_tokens", "uniform"])
+    weight = 0.3 * full_vocab_weight(teacher)
+    path = str(tmp_path / "evaluate.json")
+    complete = evaluate.run_protocol(pool, validation, test, weight, None, settings)
+
+    real_finetune, calls, killed = evaluate.finetune_head, [], []
+
+    def dying_finetune(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11 and not killed:
+            killed.append(True)  # after the recipe search (8 fine-tunes) and two method runs
+            raise RuntimeError("killed mid-run")
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "finetune_head", dying_finetune)
+    with pytest.raises(RuntimeError, match="killed mid-run"):
+        evaluate.run_protocol(pool, validation, test, weight, None, settings,
+                              checkpoint=evaluate.ProtocolCheckpoint(path, "k"))
+    saved = json.load(open(path))
+    assert saved["recipe"] is not None and len(saved["runs"]) == 2
+    calls.clear()
+    resumed = evaluate.run_protocol(pool, validation, test, weight, None, settings,
+                                    checkpoint=evaluate.ProtocolCheckpoint(path, "k"))
+    assert len(calls) == len(complete["rows"]) - 2  # no recipe search, no finished run again
+    assert resumed["rows"] == complete["rows"] and resumed["info"]["recipe"] == complete["info"]["recipe"]
+    # A checkpoint of another run is ignored.
+    calls.clear()
+    evaluate.run_protocol(pool, validation, test, weight, None, settings,
+                          checkpoint=evaluate.ProtocolCheckpoint(path, "other"))
+    assert len(calls) == 8 + len(complete["rows"])
