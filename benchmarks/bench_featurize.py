@@ -15,8 +15,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from fishersft_ray.corpus import CorpusSpec, read_corpus
-from fishersft_ray.featurize import Featurizer, FeaturizeConfig
+from fishersft_ray.config import FeaturizeConfig
+from fishersft_ray.featurize.featurizer import Featurizer
+from fishersft_ray.io.corpus import read_corpus
 
 DEFAULT_CORPUS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -44,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    examples = read_corpus(CorpusSpec(args.corpus)).examples.slice(0, args.limit)
+    examples = read_corpus(args.corpus).examples.slice(0, args.limit)
     featurizer = Featurizer(FeaturizeConfig(model=args.model, device=args.device,
                                             micro_batch_tokens=args.micro_batch_tokens))
     device = featurizer.device

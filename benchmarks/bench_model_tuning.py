@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from fishersft_ray.corpus import CorpusSpec, read_corpus
-from fishersft_ray.featurize import resolve_model
-from fishersft_ray.model_tuning import ModelRecipe, ModelTuner
+from fishersft_ray.config import CorpusOptions
+from fishersft_ray.evaluate.model_tuning import ModelRecipe, ModelTuner
+from fishersft_ray.featurize.model_ref import resolve_model
+from fishersft_ray.io.corpus import read_corpus
 
 DEFAULT_CORPUS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train_alpaca.json"
 
@@ -33,13 +34,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = read_corpus(CorpusSpec(args.corpus, format="alpaca")).examples
-    rows = rows.select(["prompt", "response"]).slice(0, 2 * args.examples).to_pylist()
+    rows = read_corpus(args.corpus, CorpusOptions(format="alpaca")).examples
+    rows = rows.column("messages").slice(0, 2 * args.examples).to_pylist()
     started = time.perf_counter()
     tuner = ModelTuner(resolve_model(args.model).path, args.mode, device=args.device)
     load_seconds = time.perf_counter() - started
-    train = tuner.encode(rows[:args.examples], "alpaca")
-    held_out = tuner.encode(rows[args.examples:], "alpaca")
+    train = tuner.encode(rows[:args.examples])
+    held_out = tuner.encode(rows[args.examples:])
     train_tokens = sum(len(ids) for ids, _ in train)
     held_out_tokens = sum(len(ids) for ids, _ in held_out)
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fishersft_ray.features import FeatureSet, factor_from_rows
-from fishersft_ray.tokenod import select
+from fishersft_ray.select import select
 
 MEAN_TARGETS = 40
 LENGTH_SIGMA = 0.8

@@ -30,7 +30,7 @@ import re
 import numpy as np
 import torch
 
-from fishersft_ray.tokenod import select
+from fishersft_ray.select import select
 
 DIM, CLASSES, POOL, TOKENS = 10, 20, 4000, 20
 BUDGETS = (100, 200, 500, 1000)

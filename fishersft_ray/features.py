@@ -1,7 +1,7 @@
 """Feature shards: the stored factors of each example's information matrix A_i = X_iᵀ X_i.
 
 One Parquet row per example (``SHARD_SCHEMA``); ``FeatureSet`` holds a whole corpus as
-contiguous arrays so that ``tokenod.select`` can gather any batch of factors with one
+contiguous arrays so that the selection engine (select/) can gather any batch of factors with one
 fancy index. See docs/CONTRACTS.md for the column meanings and the storage rule.
 
 Imports numpy and pyarrow only (fsspec lazily, for ``load``/``save``): no torch, no Ray.
@@ -10,8 +10,8 @@ Imports numpy and pyarrow only (fsspec lazily, for ``load``/``save``): no torch,
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,10 +30,14 @@ SHARD_SCHEMA = pa.schema([
     pa.field("spectrum", pa.list_(pa.float32())),
     pa.field("embedding", pa.list_(pa.float32())),
 ])
+# Optional columns (``FeaturizeConfig.keep_states``): each example's unprojected target-token
+# states, row-major (m_i × d), and the token ids they predict.
+STATE_FIELDS = pa.schema([
+    pa.field("states", pa.list_(pa.float32())),
+    pa.field("target_ids", pa.list_(pa.int32())),
+])
 # Bumped whenever SHARD_SCHEMA or the meaning of a column changes: part of the feature cache key.
 SHARD_FORMAT = 2
-# How target rows are weighted before the storage rule (featurize.loss_weights); kept in shard meta.
-TOKEN_WEIGHTS = ("none", "loss")
 METADATA_KEY = b"fishersft"
 _SCALAR_COLUMNS = ("row_index", "id", "num_tokens", "num_targets", "truncated")
 
@@ -124,34 +128,6 @@ def mean_rows(X: np.ndarray, dim: int) -> np.ndarray:
     """An example's embedding column: the mean of its target-token rows (zeros if none)."""
     X = np.asarray(X)
     return X.mean(axis=0, dtype=np.float64).astype(np.float32) if len(X) else np.zeros(dim, np.float32)
-
-
-def length_cap_tokens(rule: str, num_targets: np.ndarray) -> int:
-    """Resolve a length cap: ``"256"`` (target tokens) or ``"p50"`` (that percentile of the
-    target lengths of the examples that have targets, rounded down; p50 = the median).
-
-    Examples with more target tokens than the cap are kept out of the selection. Why: at a
-    fixed example budget, log det rewards long examples (their A_i has more rank), so the
-    picks cost several times the tokens of a random subset; a cap keeps the selection among
-    examples of typical length.
-    """
-    text = str(rule).strip()
-    is_percentile = text.startswith("p")
-    try:
-        number = float(text[1:] if is_percentile else text)
-    except ValueError:
-        number = math.nan
-    valid = 0 < number <= 100 if is_percentile else number >= 1 and number.is_integer()
-    if not valid:
-        raise ValueError(f"--length-cap must be a positive number of target tokens (e.g. 256) or a "
-                         f"percentile of the corpus's target lengths (e.g. p50), got {rule!r}")
-    if not is_percentile:
-        return int(number)
-    lengths = np.asarray(num_targets)
-    lengths = lengths[lengths > 0]
-    if not len(lengths):
-        raise ValueError("--length-cap: the corpus has no examples with target tokens")
-    return int(np.floor(np.percentile(lengths, number)))
 
 
 NEAR_TWIN_COSINE = 0.98
@@ -324,6 +300,8 @@ class FeatureSet:
         Rows repeating a row_index are dropped (the first copy in table order is kept) and
         counted in ``meta["duplicate_rows_dropped"]``.
         """
+        if all(name in table.column_names for name in STATE_FIELDS.names):
+            table = table.drop_columns(STATE_FIELDS.names)
         if not table.schema.remove_metadata().equals(SHARD_SCHEMA):
             raise ValueError(f"feature shard schema mismatch:\n{table.schema}\nexpected\n{SHARD_SCHEMA}")
         raw_meta = (table.schema.metadata or {}).get(METADATA_KEY)
@@ -377,26 +355,116 @@ class FeatureSet:
 
     @classmethod
     def load(cls, path: str, storage_options: Mapping | None = None) -> FeatureSet:
-        """Read every ``*.parquet`` under a local path or fsspec URL into one FeatureSet.
+        """Read every ``*.parquet`` under a local path or fsspec URL into one FeatureSet
+        (only the ``SHARD_SCHEMA`` columns: stored token states stay on disk).
 
         Files are read in sorted path order; a row_index held by several files (a retried
         write) is kept once, see ``from_table``.
         """
-        import fsspec.core
+        return cls.from_table(read_shards(path, SHARD_SCHEMA.names, storage_options))
 
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        files = [root] if fs.isfile(root) else sorted(
-            f for f in fs.find(root) if f.endswith(".parquet"))
-        if not files:
-            raise ValueError(f"no *.parquet feature shards under {path}")
-        tables = []
-        for file in files:
-            with fs.open(file, "rb") as handle:
-                tables.append(pq.read_table(handle))
-        dims = {json.loads((t.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim")
-                for t in tables}
-        if len(dims) != 1:
-            raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
-        meta = tables[0].schema.metadata
-        tables = [t.replace_schema_metadata(meta) for t in tables]
-        return cls.from_table(pa.concat_tables(tables))
+
+def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | None = None) -> pa.Table:
+    """The given columns of every ``*.parquet`` shard under ``path``, concatenated in sorted
+    file order, with the first file's metadata (shards must agree on ``dim``)."""
+    import fsspec.core
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
+    if not files:
+        raise ValueError(f"no *.parquet feature shards under {path}")
+    tables = []
+    for file in files:
+        with fs.open(file, "rb") as handle:
+            present = pq.read_schema(handle).names
+            missing = [name for name in columns if name not in present]
+            if missing:
+                raise ValueError(f"feature shard {file} has no column(s) {missing}"
+                                 + (" (written without --keep-states)" if "states" in missing else ""))
+            handle.seek(0)
+            tables.append(pq.read_table(handle, columns=list(columns)))
+    dims = {json.loads((t.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim") for t in tables}
+    if len(dims) != 1:
+        raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
+    meta = tables[0].schema.metadata
+    return pa.concat_tables([t.replace_schema_metadata(meta) for t in tables])
+
+
+def with_token_states(table: pa.Table, states: Sequence[np.ndarray], target_ids: Sequence[np.ndarray]) -> pa.Table:
+    """A shard with each example's unprojected target-token states (m_i × d floats, row-major)
+    and the ids of the tokens they predict: what `evaluate` fine-tunes the LM head on."""
+    return (table.append_column(STATE_FIELDS[0], _list_column([np.asarray(X, np.float32) for X in states], 1))
+            .append_column(STATE_FIELDS[1], pa.ListArray.from_arrays(
+                pa.array(np.concatenate([[0], np.cumsum([len(t) for t in target_ids])]).astype(np.int32)),
+                pa.array(np.concatenate([np.asarray(t) for t in target_ids] or [np.zeros(0)]).astype(np.int32)))))
+
+
+@dataclass
+class TokenStates:
+    """Pre-logit states of a set of examples, concatenated over their target tokens."""
+
+    states: np.ndarray  # (T, d) float32
+    targets: np.ndarray  # (T,) int64 token ids, the token each state predicts
+    offsets: np.ndarray  # (N+1,) int64: example i owns rows offsets[i]:offsets[i+1]
+    row_index: np.ndarray  # (N,) int64 corpus keys
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_targets(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def token_rows(self, positions: Sequence[int]) -> np.ndarray:
+        """Row numbers of the target tokens of the examples at `positions`."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts, lengths = self.offsets[positions], self.num_targets[positions]
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return np.repeat(starts, lengths) + within
+
+    def subset(self, positions: Sequence[int]) -> "TokenStates":
+        """The examples at `positions`, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.token_rows(positions)
+        offsets = np.zeros(len(positions) + 1, np.int64)
+        np.cumsum(self.num_targets[positions], out=offsets[1:])
+        return TokenStates(self.states[rows], self.targets[rows], offsets, self.row_index[positions])
+
+    def per_example(self) -> list[np.ndarray]:
+        return [self.states[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def features(self, token_weights: np.ndarray | None = None) -> FeatureSet:
+        """These examples under the storage rule; ``token_weights`` (one per target token)
+        scale the rows by √w exactly as the featurizer's ``token_weights="loss"`` does."""
+        states = self.states if token_weights is None else self.states * np.sqrt(token_weights)[:, None]
+        per_example = [states[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        return FeatureSet.from_examples(per_example, num_targets=self.num_targets, row_index=self.row_index)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, dim: int) -> "TokenStates":
+        """From shard rows with token states (``with_token_states``), in table order."""
+        states = table.column("states").combine_chunks()
+        targets = table.column("target_ids").combine_chunks()
+        lengths = pc.list_value_length(targets).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = states.flatten().to_numpy(zero_copy_only=False)
+        if flat.size != offsets[-1] * dim:
+            raise ValueError(f"token states hold {flat.size} values, expected {offsets[-1]} tokens × {dim}")
+        return cls(np.array(flat, np.float32).reshape(-1, dim),  # writable: scenarios perturb it
+                   targets.flatten().to_numpy(zero_copy_only=False).astype(np.int64), offsets,
+                   table.column("row_index").to_numpy().astype(np.int64))
+
+    @classmethod
+    def load(cls, path: str, row_index: np.ndarray, storage_options: Mapping | None = None) -> "TokenStates":
+        """The stored token states of the examples keyed ``row_index``, in that order."""
+        table = read_shards(path, ["row_index", *STATE_FIELDS.names], storage_options)
+        dim = json.loads(table.schema.metadata[METADATA_KEY])["dim"]
+        keys = table.column("row_index").to_numpy()
+        first = np.unique(keys, return_index=True)[1]  # a row stored twice is read once
+        table, keys = table.take(pa.array(first)), keys[first]
+        where = np.searchsorted(keys, row_index)
+        if np.any(where >= len(keys)) or np.any(keys[np.minimum(where, len(keys) - 1)] != row_index):
+            raise ValueError(f"feature shards at {path} lack token states of some requested rows")
+        return cls.from_table(table.take(pa.array(where)), dim)

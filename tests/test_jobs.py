@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from fishersft_ray.pipeline import JobSettings, run_selection
+from fishersft_ray.config import SelectSettings
+from fishersft_ray.run.job import run_select
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_s3_in_and_out(ray_local, s3_server, tiny_llama_dir, tmp_path):
     client.put_object(Bucket="corpora", Key="sft/part-0.jsonl",
                       Body="".join(json.dumps(r) + "\n" for r in rows).encode())
 
-    result = run_selection(JobSettings(input="s3://corpora/sft/part-0.jsonl", output="s3://runs/r1",
+    result = run_select(SelectSettings.build(input="s3://corpora/sft/part-0.jsonl", output="s3://runs/r1",
                                        budget=7, model=str(tiny_llama_dir), id_field="id",
                                        storage_options=options))
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="runs", Prefix="r1/")["Contents"]}
@@ -114,14 +115,14 @@ def test_s3_in_and_out(ray_local, s3_server, tiny_llama_dir, tmp_path):
 
 
 def test_unwritable_output_fails_before_model_load(s3_server, tmp_path, monkeypatch):
-    import fishersft_ray.featurize as featurize
-    from fishersft_ray.storage import StorageError
+    import fishersft_ray.featurize.model_ref as featurize
+    from fishersft_ray.io.storage import StorageError
 
     monkeypatch.setattr(featurize, "resolve_model", lambda *a, **k: pytest.fail("model loaded first"))
     corpus = tmp_path / "c.txt"
     _write_text_corpus(corpus)
     with pytest.raises(StorageError, match="cannot write to output s3://no-such-bucket/run"):
-        run_selection(JobSettings(input=str(corpus), output="s3://no-such-bucket/run", budget=1,
+        run_select(SelectSettings.build(input=str(corpus), output="s3://no-such-bucket/run", budget=1,
                                   storage_options=s3_server["storage_options"]))
 
 

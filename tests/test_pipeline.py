@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fishersft_ray.cli import main
-from fishersft_ray.pipeline import JobSettings, run_selection
-from fishersft_ray.storage import StorageError
+from fishersft_ray.config import SelectSettings
+from fishersft_ray.run.job import run_select
+from fishersft_ray.io.storage import StorageError
 
 WORDS = ("love war king crown night sword heart blood honour grace fortune sorrow "
          "death life dream tongue gentle noble foul fair").split()
@@ -41,7 +42,7 @@ def alpaca_corpus(tmp_path):
 def test_end_to_end_subset_ranking_manifest(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
     path, rows = alpaca_corpus
     out = tmp_path / "out"
-    result = run_selection(JobSettings(input=str(path), output=str(out), budget=8,
+    result = run_select(SelectSettings.build(input=str(path), output=str(out), budget=8,
                                        model=str(tiny_llama_dir), num_actors=2, batch_size=8))
 
     manifest = json.loads((out / "manifest.json").read_text())
@@ -82,16 +83,16 @@ def test_rerun_reuses_feature_shards_and_prefix_property(ray_local, tiny_llama_d
                                                          tmp_path, monkeypatch):
     path, _ = alpaca_corpus
     features = tmp_path / "features"
-    first = run_selection(JobSettings(input=str(path), output=str(tmp_path / "a"), budget=12,
+    first = run_select(SelectSettings.build(input=str(path), output=str(tmp_path / "a"), budget=12,
                                       model=str(tiny_llama_dir), features=str(features)))
     # A second run with another budget must not embed anything again.
-    import fishersft_ray.featurize as featurize
+    from fishersft_ray.run.executors import RayExecutor
 
     def no_featurizing(*args, **kwargs):
         raise AssertionError("featurized again despite cached shards")
 
-    monkeypatch.setattr(featurize, "featurize_dataset", no_featurizing)
-    second = run_selection(JobSettings(input=str(path), output=str(tmp_path / "b"), budget=5,
+    monkeypatch.setattr(RayExecutor, "featurize", no_featurizing)
+    second = run_select(SelectSettings.build(input=str(path), output=str(tmp_path / "b"), budget=5,
                                        model=str(tiny_llama_dir), features=str(features)))
     assert second.manifest["features"]["reused"] is True
     # Nested ranking: the smaller budget's answer is the prefix of the larger one's.
@@ -102,7 +103,7 @@ def test_budget_larger_than_corpus_selects_all_with_warning(ray_local, tiny_llam
                                                             tmp_path):
     path, rows = alpaca_corpus
     with pytest.warns(UserWarning, match="exceeds"):
-        result = run_selection(JobSettings(input=str(path), output=str(tmp_path / "all"), budget=10_000,
+        result = run_select(SelectSettings.build(input=str(path), output=str(tmp_path / "all"), budget=10_000,
                                            model=str(tiny_llama_dir)))
     assert result.manifest["selection"]["selected"] == len(rows) - 2
 
@@ -111,7 +112,7 @@ def test_length_cap_keeps_longer_examples_out(ray_local, tiny_llama_dir, alpaca_
     path, rows = alpaca_corpus
     out = tmp_path / "capped"
     with pytest.warns(UserWarning, match="exceeds"):
-        result = run_selection(JobSettings(input=str(path), output=str(out), budget=10_000,
+        result = run_select(SelectSettings.build(input=str(path), output=str(out), budget=10_000,
                                            model=str(tiny_llama_dir), length_cap="p50"))
     manifest = result.manifest
     cap, selection = manifest["selection"]["length_cap"], manifest["selection"]
@@ -142,13 +143,13 @@ def test_token_budget_is_respected_and_jsonl_output(ray_local, tiny_llama_dir, a
     """Also: loss-weighted features are their own cache entry and are recorded in the manifest."""
     path, _ = alpaca_corpus
     out = tmp_path / "tok"
-    result = run_selection(JobSettings(input=str(path), output=str(out), budget=120,
+    result = run_select(SelectSettings.build(input=str(path), output=str(out), budget=120,
                                        budget_unit="tokens", model=str(tiny_llama_dir),
                                        output_format="jsonl", token_weights="loss",
                                        features=str(tmp_path / "features")))
     assert 0 < result.manifest["selection"]["selected_target_tokens"] <= 120
     assert result.manifest["settings"]["token_weights"] == "loss"
-    plain = run_selection(JobSettings(input=str(path), output=str(tmp_path / "plain"), budget=120,
+    plain = run_select(SelectSettings.build(input=str(path), output=str(tmp_path / "plain"), budget=120,
                                       budget_unit="tokens", model=str(tiny_llama_dir),
                                       features=str(tmp_path / "features")))
     assert plain.manifest["features"]["key"] != result.manifest["features"]["key"]
@@ -178,16 +179,16 @@ def test_cli_names_malformed_json_line(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_unreachable_input_fails_before_model_load(tmp_path, monkeypatch):
-    import fishersft_ray.featurize as featurize
+    import fishersft_ray.featurize.model_ref as featurize
 
     def model_must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(featurize, "resolve_model", model_must_not_load)
     with pytest.raises(StorageError, match="does not exist"):
-        run_selection(JobSettings(input=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "o"), budget=1))
+        run_select(SelectSettings.build(input=str(tmp_path / "nope.jsonl"), output=str(tmp_path / "o"), budget=1))
     with pytest.raises(StorageError, match="cannot reach input"):
-        run_selection(JobSettings(input="s3://bucket/corpus.jsonl", output=str(tmp_path / "o"), budget=1,
+        run_select(SelectSettings.build(input="s3://bucket/corpus.jsonl", output=str(tmp_path / "o"), budget=1,
                                   storage_options={"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9",
                                                    "config_kwargs": {"retries": {"max_attempts": 1},
                                                                      "connect_timeout": 1}}))
@@ -199,7 +200,7 @@ def test_checkpoint_from_other_settings_is_ignored(ray_local, tiny_llama_dir, al
     stale = out / "_checkpoint" / "select.json"
     stale.parent.mkdir(parents=True)
     stale.write_text(json.dumps({"key": "a run with another budget", "state": {"variants": {}}}))
-    result = run_selection(JobSettings(input=str(path), output=str(out), budget=4, model=str(tiny_llama_dir)))
+    result = run_select(SelectSettings.build(input=str(path), output=str(out), budget=4, model=str(tiny_llama_dir)))
     assert result.manifest["selection"]["selected"] == 4
     assert not stale.exists()
 
@@ -210,17 +211,15 @@ def test_cli_explains_a_model_it_cannot_fetch(tmp_path, capsys):
 
 
 def test_relative_lam_scales_with_the_corpus():
+    from fishersft_ray.config import Rules
     from fishersft_ray.features import FeatureSet
-    from fishersft_ray.pipeline import resolved_lam
+    from fishersft_ray.select.rules import resolve_lam
 
     rng = np.random.default_rng(0)
     examples = [rng.normal(size=(5, 4)) for _ in range(6)]
     features, louder = FeatureSet.from_examples(examples), FeatureSet.from_examples([10 * X for X in examples])
-    settings = JobSettings(input="in", output="out", budget=2, lam=3.0)
-    assert resolved_lam(settings, features) == 3.0
-    settings.lam_relative = 0.5
-    assert resolved_lam(settings, louder) == pytest.approx(100 * resolved_lam(settings, features), rel=1e-5)
-    assert resolved_lam(settings, features) == pytest.approx(0.5 * features.mean_token_energy())
-    settings.lam_relative = -1.0
+    assert resolve_lam(3.0, None, features) == 3.0
+    assert resolve_lam(3.0, 0.5, louder) == pytest.approx(100 * resolve_lam(3.0, 0.5, features), rel=1e-5)
+    assert resolve_lam(3.0, 0.5, features) == pytest.approx(0.5 * features.mean_token_energy())
     with pytest.raises(ValueError, match="--lam-relative"):
-        settings.validate()
+        Rules(lam_relative=-1.0)

@@ -1,5 +1,6 @@
 """Reliability: storage faults, interrupted featurization, deterministic outputs."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -11,9 +12,11 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-import fishersft_ray.pipeline as pipeline
-from fishersft_ray.pipeline import JobSettings, run_selection
-from fishersft_ray.storage import StorageError
+import fishersft_ray.run.job as job
+from fishersft_ray.run.feature_cache import FEATURES_COMPLETE
+from fishersft_ray.config import SelectSettings
+from fishersft_ray.run.job import run_select
+from fishersft_ray.io.storage import StorageError
 
 from flaky_s3 import FlakyS3Proxy
 
@@ -33,19 +36,19 @@ def test_object_store_failing_mid_write_leaves_no_manifest_and_rerun_completes(
         options = {**s3_server["storage_options"],
                    "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"},
                    "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
-        settings = JobSettings(input=str(corpus), output="s3://flaky/run", budget=5,
+        settings = SelectSettings.build(input=str(corpus), output="s3://flaky/run", budget=5,
                                model=str(tiny_llama_dir), features=str(tmp_path / "features"),
                                storage_options=options)
-        real_write_table = pipeline._write_table
+        real_write_table = job._write_table
 
         def write_then_break(location, name, table, fmt):
             written = real_write_table(location, name, table, fmt)
             proxy.fail_methods = {"PUT", "POST"}  # the store starts refusing writes mid-output
             return written
 
-        monkeypatch.setattr(pipeline, "_write_table", write_then_break)
+        monkeypatch.setattr(job, "_write_table", write_then_break)
         with pytest.raises(StorageError, match=r"could not write s3://flaky/run/.* after \d+ attempts"):
-            run_selection(settings)
+            run_select(settings)
         assert proxy.failed_requests > 1  # retried, with backoff, before giving up
         keys = {o["Key"] for o in s3_server["client"].list_objects_v2(Bucket="flaky")["Contents"]}
         assert "run/subset.parquet" in keys and "run/manifest.json" not in keys
@@ -53,7 +56,7 @@ def test_object_store_failing_mid_write_leaves_no_manifest_and_rerun_completes(
         # The store recovers: the same command completes, re-using the computed features.
         monkeypatch.undo()
         proxy.fail_methods = set()
-        result = run_selection(settings)
+        result = run_select(settings)
     assert result.manifest["features"]["reused"] is True
     keys = {o["Key"] for o in s3_server["client"].list_objects_v2(Bucket="flaky")["Contents"]}
     assert "run/manifest.json" in keys
@@ -62,20 +65,20 @@ def test_object_store_failing_mid_write_leaves_no_manifest_and_rerun_completes(
 def test_featurization_resumes_from_surviving_shards(ray_local, tiny_llama_dir, tmp_path, monkeypatch):
     corpus = _corpus(tmp_path / "c.jsonl")
     features = tmp_path / "features"
-    settings = JobSettings(input=str(corpus), output=str(tmp_path / "a"), budget=6,
+    settings = SelectSettings.build(input=str(corpus), output=str(tmp_path / "a"), budget=6,
                            model=str(tiny_llama_dir), features=str(features), num_actors=2,
                            batch_size=6)
-    clean = run_selection(settings)
+    clean = run_select(settings)
     (shard_dir,) = [p for p in features.iterdir() if p.is_dir()]
     files = sorted(shard_dir.glob("*.parquet"))
     assert len(files) >= 3
     # Simulate a crash: no completion marker, one shard lost, one cut short mid-write.
-    (shard_dir / pipeline.FEATURES_COMPLETE).unlink()
+    (shard_dir / FEATURES_COMPLETE).unlink()
     lost_rows = pq.read_table(files[0]).num_rows + pq.read_table(files[1]).num_rows
     files[0].unlink()
     files[1].write_bytes(files[1].read_bytes()[:100])
 
-    resumed = run_selection(JobSettings(**{**settings.__dict__, "output": str(tmp_path / "b")}))
+    resumed = run_select(dataclasses.replace(settings, output=str(tmp_path / "b")))
     info = resumed.manifest["features"]
     assert info["reused"] is False
     assert info["resumed_rows"] == clean.manifest["corpus"]["kept"] - lost_rows
@@ -88,7 +91,7 @@ def test_driver_killed_mid_selection_resumes_to_identical_outputs(ray_local, tin
     features = tmp_path / "features"
     budget = 30
     clean_out = tmp_path / "clean"
-    run_selection(JobSettings(input=str(corpus), output=str(clean_out), budget=budget,
+    run_select(SelectSettings.build(input=str(corpus), output=str(clean_out), budget=budget,
                               model=str(tiny_llama_dir), features=str(features)))
 
     out = tmp_path / "crashed"
@@ -116,7 +119,7 @@ def test_outputs_are_byte_identical_across_actor_counts_and_batch_sizes(ray_loca
     outputs = []
     for run, (actors, batch) in enumerate([(1, 8), (2, 40)]):
         out = tmp_path / f"run{run}"
-        run_selection(JobSettings(input=str(corpus), output=str(out), budget=12, model=str(tiny_llama_dir),
+        run_select(SelectSettings.build(input=str(corpus), output=str(out), budget=12, model=str(tiny_llama_dir),
                                   features=str(tmp_path / f"features{run}"), num_actors=actors,
                                   batch_size=batch))
         outputs.append(out)
@@ -134,7 +137,7 @@ def test_featurizer_actor_crash_is_retried_to_the_same_subset(ray_local, tiny_ll
             monkeypatch.setenv("FISHERSFT_FAULT", fault)
             monkeypatch.setenv("FISHERSFT_FAULT_MARKER", str(tmp_path / "fired"))
         out = tmp_path / f"run{run}"
-        run_selection(JobSettings(input=str(corpus), output=str(out), budget=10, model=str(tiny_llama_dir),
+        run_select(SelectSettings.build(input=str(corpus), output=str(out), budget=10, model=str(tiny_llama_dir),
                                   features=str(tmp_path / f"features{run}"), num_actors=2, batch_size=16))
         outputs.append(out)
     assert (tmp_path / "fired").exists()  # the fault did fire
@@ -164,7 +167,7 @@ def _mixed_corpus(path: pathlib.Path) -> dict:
 def test_bad_input_at_scale_is_skipped_and_counted_or_named(ray_local, tiny_llama_dir, tmp_path):
     corpus = tmp_path / "mixed.jsonl"
     expected = _mixed_corpus(corpus)
-    result = run_selection(JobSettings(input=str(corpus), output=str(tmp_path / "out"), budget=5,
+    result = run_select(SelectSettings.build(input=str(corpus), output=str(tmp_path / "out"), budget=5,
                                        model=str(tiny_llama_dir), id_field="id", on_bad_row="skip",
                                        max_length=256))
     counts = result.manifest["corpus"]
@@ -173,5 +176,5 @@ def test_bad_input_at_scale_is_skipped_and_counted_or_named(ray_local, tiny_llam
     assert counts["truncated"] == 1
 
     with pytest.raises(ValueError, match=r"mixed.jsonl:\d+: not valid UTF-8"):
-        run_selection(JobSettings(input=str(corpus), output=str(tmp_path / "strict"), budget=5,
+        run_select(SelectSettings.build(input=str(corpus), output=str(tmp_path / "strict"), budget=5,
                                   model=str(tiny_llama_dir), id_field="id"))

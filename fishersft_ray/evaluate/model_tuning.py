@@ -6,7 +6,7 @@ weights (`full`: every parameter trains) or the same freshly initialised LoRA ad
 the frozen base (`lora`) — and walks the data in the same seeded order, so between two
 fine-tunes only the data differs.
 
-Examples are tokenised exactly as the featurizer does (`featurize.encode_with_targets`, cut
+Examples are tokenised exactly as the featurizer does (`featurize.masks.encode_with_targets`, cut
 to the model's max length like its "truncate" windows), so the loss covers the very target
 tokens whose pre-logit states the selection methods saw. NLL is per target token under the
 model's FULL-vocabulary softmax; `head` mode restricts the softmax to the target ids that
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fishersft_ray.featurize import encode_with_targets, example_format, max_positions, windows
+from fishersft_ray.featurize.masks import encode_with_targets, max_positions, windows
 
 MODEL_MODES = ("full", "lora")
 IGNORE_INDEX = -100  # label of a token the loss skips (Hugging Face's convention)
@@ -54,13 +54,13 @@ def resolve_train_device(device: str) -> str:
     return device
 
 
-def tokenise(tokenizer, fmt: str, example: dict, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenise(tokenizer, messages, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(input ids, labels) of one example, cut to `max_length` like the featurizer's "truncate".
 
     Labels are the ids at target tokens and IGNORE_INDEX elsewhere, NOT shifted: Hugging
     Face causal LMs shift them internally, so position t's logits are scored on label t+1.
     """
-    ids, targets = encode_with_targets(tokenizer, fmt, example)
+    ids, targets = encode_with_targets(tokenizer, messages)
     (start, end), = windows(len(ids), max_length, "truncate")
     ids = ids[start:end]
     return ids, np.where(targets[start:end], ids, IGNORE_INDEX)
@@ -154,9 +154,9 @@ class ModelTuner:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.initial = [p.detach().to("cpu", copy=True) for p in self.trainable]
 
-    def encode(self, examples: list[dict], fmt: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(input ids, labels) per example; `fmt` is "text", "alpaca" or "chat"."""
-        return [tokenise(self.tokenizer, fmt, example, self.max_length) for example in examples]
+    def encode(self, examples: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(input ids, labels) per example, each given as its normalised messages."""
+        return [tokenise(self.tokenizer, messages, self.max_length) for messages in examples]
 
     def describe(self) -> dict:
         """What is trained and how it is scored (for settings.json)."""
@@ -245,17 +245,15 @@ class ModelTrainer:
     """`evaluate`'s trainer for `full`/`lora`: maps the parts' examples (by their corpus key,
     `TokenStates.row_index`) to the corpus's raw examples and fine-tunes the whole model.
 
-    `examples` is the corpus's examples table (`row_index` + format fields); `parts` maps
+    `examples` is the corpus's examples table (`row_index`, `messages`); `parts` maps
     "pool", "validation" and "test" to their TokenStates (only `row_index` is read).
     """
 
     def __init__(self, tuner: ModelTuner, examples: pa.Table, parts: dict, *, batch_tokens: int):
         self.tuner, self.batch_tokens, self.generation = tuner, batch_tokens, 0
-        fmt = example_format(examples.column_names)
-        fields = [name for name in ("text", "prompt", "response", "messages") if name in examples.column_names]
-        rows = examples.select(fields).to_pylist()
+        messages = examples.column("messages").to_pylist()
         where = {key: position for position, key in enumerate(examples.column("row_index").to_pylist())}
-        self.encoded = {name: tuner.encode([rows[where[int(key)]] for key in part.row_index], fmt)
+        self.encoded = {name: tuner.encode([messages[where[int(key)]] for key in part.row_index])
                         for name, part in parts.items()}
         self.info = tuner.describe()
 

@@ -1,6 +1,12 @@
-"""Corpus readers: jsonl / json / parquet / txt (local or any fsspec URL) → validated, de-duplicated rows.
+"""Corpus readers: jsonl / json / parquet / txt (local or any fsspec URL) → validated,
+de-duplicated rows, every format normalised once to one form.
 
-pyarrow + fsspec only (no torch, no Ray). See docs/CONTRACTS.md "corpus.py → featurize.py".
+The one form is a list of messages ``{"role", "content", "train"}`` (``train``: the SFT
+loss trains on this turn); plain text is one message of role "document". Everything after
+this module (masks, featurizer, whole-model tuning) reads only that form, so a new corpus
+format is one entry of ``FORMATS`` here.
+
+pyarrow + fsspec only (no torch, no Ray). See docs/CONTRACTS.md "io/corpus.py → featurize".
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,35 +26,24 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-FORMATS = ("text", "alpaca", "chat")
+from fishersft_ray.config import CorpusOptions
+
 SUFFIX_KIND = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                ".txt": "txt"}
 TXT_COLUMN = "text"
 ROW_INDEX = "row_index"
 ID = "id"
+MESSAGES = "messages"
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("train", pa.bool_())]))
+DOCUMENT_ROLE = "document"  # a one-message example of this role is plain text (featurize/masks.py)
+TXT_SEPARATOR = rb"\n[ \t]*\n"  # txt corpora: examples are separated by blank lines
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-@dataclass(frozen=True)
-class CorpusSpec:
-    """Where a corpus lives and how to read its rows."""
-
-    path: str
-    format: str = "auto"  # "auto" | "text" | "alpaca" | "chat"
-    text_field: str = "text"
-    id_field: str | None = None
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    messages_field: str = "messages"
-    block_separator: str = r"\n[ \t]*\n"  # txt: regex between examples (blank lines)
-    storage_options: dict | None = None
-    on_bad_row: str = "error"  # "error" | "skip"
 
 
 @dataclass
 class Corpus:
-    """Kept rows (original columns + row_index + id), featurizer-ready examples, format, counts."""
+    """Kept rows (original columns + row_index + id), examples (row_index, id, messages),
+    format, counts."""
 
     rows: pa.Table
     examples: pa.Table
@@ -64,13 +59,14 @@ class _BadRow(Exception):
         self.reason = reason
 
 
-def read_corpus(spec: CorpusSpec) -> Corpus:
-    """Read, validate and de-duplicate the corpus at `spec.path` (a file, a directory or a glob)."""
+def read_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_options: dict | None = None) -> Corpus:
+    """Read, validate and de-duplicate the corpus at ``path`` (a file, a directory or a glob,
+    local or an fsspec URL) under the format and field names of ``spec``."""
     if spec.format not in ("auto", *FORMATS):
         raise ValueError(f"unknown format {spec.format!r}; expected auto, {', '.join(FORMATS)}")
     if spec.on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', not {spec.on_bad_row!r}")
-    fs, paths = list_corpus_files(spec.path, spec.storage_options)
+    fs, paths = list_corpus_files(path, storage_options)
     skipped: Counter = Counter({"empty": 0, "duplicate": 0})
     tables, rows_read = [], 0
     for path in paths:
@@ -102,14 +98,11 @@ def list_corpus_files(path: str, storage_options: dict | None = None) -> tuple[A
     return fs, paths
 
 
-def detect_format(fields: list[str], spec: CorpusSpec) -> str:
-    """chat if the messages field is present, alpaca if instruction+output, text if the text field."""
-    if spec.messages_field in fields:
-        return "chat"
-    if spec.instruction_field in fields and spec.output_field in fields:
-        return "alpaca"
-    if spec.text_field in fields:
-        return "text"
+def detect_format(fields: list[str], spec: CorpusOptions) -> str:
+    """The first format of ``FORMATS`` (chat, alpaca, text) whose required fields are present."""
+    for name, corpus_format in FORMATS.items():
+        if all(field in fields for field in corpus_format.fields(spec)[0]):
+            return name
     present = sorted(f for f in fields if f != ROW_INDEX)
     raise ValueError(
         f"cannot tell the corpus format from its fields {present}: set --format text with "
@@ -127,7 +120,7 @@ def _file_kind(path: str) -> str | None:
     return next((kind for suffix, kind in SUFFIX_KIND.items() if lower.endswith(suffix)), None)
 
 
-def _read_file(fs, path: str, spec: CorpusSpec) -> tuple[pa.Table, list[int], int, Counter]:
+def _read_file(fs, path: str, spec: CorpusOptions) -> tuple[pa.Table, list[int], int, Counter]:
     """One file → (table, each table row's position in the file, rows read, skips while parsing)."""
     kind = _file_kind(path)
     if kind == "parquet":
@@ -137,7 +130,7 @@ def _read_file(fs, path: str, spec: CorpusSpec) -> tuple[pa.Table, list[int], in
     with fs.open(path, "rb") as f:
         data = f.read()
     if kind == "txt":
-        raw_blocks = re.split(spec.block_separator.encode(), data.strip()) if data.strip() else []
+        raw_blocks = re.split(TXT_SEPARATOR, data.strip()) if data.strip() else []
         blocks, positions, skips = [], [], Counter()
         for position, raw in enumerate(raw_blocks):
             text = _decode(raw, f"{path}: block {position} (blank-line separated)", spec, skips)
@@ -157,7 +150,7 @@ def _read_file(fs, path: str, spec: CorpusSpec) -> tuple[pa.Table, list[int], in
         return _parse_json_lines(path, data, spec)
 
 
-def _parse_json_lines(path: str, data: bytes, spec: CorpusSpec):
+def _parse_json_lines(path: str, data: bytes, spec: CorpusOptions):
     """Line-by-line fallback when the columnar reader fails: name the bad line, or skip it."""
     records, skips = [], Counter()
     position = 0
@@ -182,7 +175,7 @@ def _parse_json_lines(path: str, data: bytes, spec: CorpusSpec):
     return _table_from_records(path, records, position, skips, spec)
 
 
-def _decode(raw: bytes, where: str, spec: CorpusSpec, skips: Counter) -> str | None:
+def _decode(raw: bytes, where: str, spec: CorpusOptions, skips: Counter) -> str | None:
     """UTF-8 text of one row; a row that is not valid UTF-8 is an error naming it, or with
     on_bad_row="skip" counted under "bad_encoding" (None)."""
     try:
@@ -216,72 +209,94 @@ def _table_from_records(path, records, n_rows, skips, spec):
     return table, [position for position, _ in kept], n_rows, skips
 
 
-def _format_fields(corpus_format: str, spec: CorpusSpec) -> list[str]:
-    return {"text": [spec.text_field],
-            "alpaca": [spec.instruction_field, spec.input_field, spec.output_field],
-            "chat": [spec.messages_field]}[corpus_format]
+def _string(row: dict, name: str, *, optional: bool = False) -> str:
+    """Field ``name`` of a row as a string; _BadRow if missing (unless optional) or not a string."""
+    value = row.get(name)
+    if value is None:
+        if optional:
+            return ""
+        raise _BadRow("missing_field", f"field {name!r} is missing")
+    if not isinstance(value, str):
+        raise _BadRow("bad_type", f"field {name!r} must be a string, got {type(value).__name__} "
+                                  f"{str(value)[:40]!r}")
+    return value
 
 
-def _check_types(corpus_format: str, spec: CorpusSpec, row: dict) -> None:
-    """Raise _BadRow if a needed field of `row` is missing or of the wrong type."""
-    for name in _format_fields(corpus_format, spec):
-        value = row.get(name)
-        optional = corpus_format == "alpaca" and name == spec.input_field
-        if value is None:
-            if optional:
-                continue
-            raise _BadRow("missing_field", f"field {name!r} is missing")
-        if corpus_format == "chat":
-            if not isinstance(value, list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str) for m in value):
-                raise _BadRow("bad_type", f"field {name!r} must be a list of {{role, content}} "
-                                          f"string pairs, got {str(value)[:80]!r}")
-        elif not isinstance(value, str):
-            raise _BadRow("bad_type", f"field {name!r} must be a string, "
-                                      f"got {type(value).__name__} {str(value)[:40]!r}")
+def _text_messages(spec: CorpusOptions, row: dict) -> list[dict]:
+    text = _string(row, spec.text_field)
+    if not text.strip():
+        raise _BadRow("empty", "empty text")
+    return [{"role": DOCUMENT_ROLE, "content": text, "train": True}]
 
 
-def _normalised_example(corpus_format: str, spec: CorpusSpec, row: dict) -> tuple[dict, str]:
-    """The featurizer fields of a type-checked row and its content hash; _BadRow('empty') if blank."""
-    if corpus_format == "text":
-        text = row[spec.text_field]
-        if not text.strip():
-            raise _BadRow("empty", "empty text")
-        return {"text": text}, normalise_for_hash(text)
-    if corpus_format == "alpaca":
-        instruction, output = row[spec.instruction_field], row[spec.output_field]
-        extra = row.get(spec.input_field) or ""
-        if not instruction.strip() and not extra.strip() or not output.strip():
-            raise _BadRow("empty", "empty prompt or response")
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        key = "\x1f".join(normalise_for_hash(v) for v in (instruction, extra, output))
-        return {"prompt": prompt, "response": output}, key
-    messages = [{"role": m["role"], "content": m["content"]} for m in row[spec.messages_field]]
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+def _alpaca_messages(spec: CorpusOptions, row: dict) -> list[dict]:
+    instruction, output = _string(row, spec.instruction_field), _string(row, spec.output_field)
+    extra = _string(row, spec.input_field, optional=True)
+    if not instruction.strip() and not extra.strip() or not output.strip():
+        raise _BadRow("empty", "empty prompt or response")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": prompt, "train": False},
+            {"role": "assistant", "content": output, "train": True}]
+
+
+def _chat_messages(spec: CorpusOptions, row: dict) -> list[dict]:
+    value = row.get(spec.messages_field)
+    if value is None:
+        raise _BadRow("missing_field", f"field {spec.messages_field!r} is missing")
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise _BadRow("bad_type", f"field {spec.messages_field!r} must be a list of {{role, content}} "
+                                  f"string pairs, got {str(value)[:80]!r}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
         raise _BadRow("empty", "no non-empty assistant turn")
-    key = json.dumps([[m["role"], normalise_for_hash(m["content"])] for m in messages])
-    return {"messages": json.dumps(messages, ensure_ascii=False)}, key
+    return [{"role": m["role"], "content": m["content"], "train": m["role"] == "assistant"} for m in value]
 
 
-def _validate(table: pa.Table, corpus_format: str, spec: CorpusSpec, skipped: Counter):
+@dataclass(frozen=True)
+class Format:
+    """One corpus format: its fields (required, optional) under a spec, and a row → messages
+    map that type-checks the row (``_BadRow`` names the field; reason "empty" for blank rows)."""
+
+    fields: Callable[[CorpusOptions], tuple[list[str], list[str]]]
+    to_messages: Callable[[CorpusOptions, dict], list[dict]]
+
+
+# The formats, in auto-detection order: the first whose required fields are all present wins.
+FORMATS = {
+    "chat": Format(lambda spec: ([spec.messages_field], []), _chat_messages),
+    "alpaca": Format(lambda spec: ([spec.instruction_field, spec.output_field], [spec.input_field]),
+                     _alpaca_messages),
+    "text": Format(lambda spec: ([spec.text_field], []), _text_messages),
+}
+
+
+def _check_types(corpus_format: str, spec: CorpusOptions, row: dict) -> None:
+    """Raise _BadRow if a needed field of `row` is missing or of the wrong type (not if empty)."""
+    try:
+        FORMATS[corpus_format].to_messages(spec, row)
+    except _BadRow as bad:
+        if bad.reason != "empty":
+            raise
+
+
+def _validate(table: pa.Table, corpus_format: str, spec: CorpusOptions, skipped: Counter):
     """Check rows, drop blank rows and exact duplicates (counted), attach ids; → (rows, examples)."""
-    needed = _format_fields(corpus_format, spec)
-    optional = {spec.input_field} if corpus_format == "alpaca" else set()
+    required, optional = FORMATS[corpus_format].fields(spec)
     present = [f for f in table.column_names if f != ROW_INDEX]
-    for name in needed + ([spec.id_field] if spec.id_field else []):
-        if name not in table.column_names and name not in optional:
+    for name in required + ([spec.id_field] if spec.id_field else []):
+        if name not in table.column_names:
             raise ValueError(f"field {name!r} is missing ({corpus_format} format); fields present: "
                              f"{sorted(present)}")
-    columns = {name: table.column(name).to_pylist() for name in needed if name in table.column_names}
+    columns = {name: table.column(name).to_pylist() for name in required + optional
+               if name in table.column_names}
     row_indices = table.column(ROW_INDEX).to_pylist()
     raw_ids = table.column(spec.id_field).to_pylist() if spec.id_field else row_indices
-    keep, example_rows, ids, seen_hashes, seen_ids = [], [], [], set(), {}
+    keep, conversations, ids, seen_hashes, seen_ids = [], [], [], set(), {}
     for position, row_index in enumerate(row_indices):
         row = {name: values[position] for name, values in columns.items()}
         try:
-            _check_types(corpus_format, spec, row)
-            example, content = _normalised_example(corpus_format, spec, row)
+            messages = FORMATS[corpus_format].to_messages(spec, row)
         except _BadRow as bad:
             if bad.reason != "empty" and spec.on_bad_row == "error":
                 raise ValueError(f"row {row_index}: {bad}") from None
@@ -298,14 +313,14 @@ def _validate(table: pa.Table, corpus_format: str, spec: CorpusSpec, skipped: Co
             skipped["duplicate_id"] += 1
             continue
         seen_ids[row_id] = row_index
-        digest = hashlib.blake2b(content.encode("utf-8"), digest_size=16).digest()
+        digest = hashlib.blake2b(content_key(messages).encode("utf-8"), digest_size=16).digest()
         if digest in seen_hashes:
             skipped["duplicate"] += 1
             continue
         seen_hashes.add(digest)
         keep.append(position)
         ids.append(row_id)
-        example_rows.append(example)
+        conversations.append(messages)
     kept = table.take(pa.array(keep, pa.int64()))
     rows = kept.drop_columns([ROW_INDEX]).append_column(ROW_INDEX, kept.column(ROW_INDEX))
     if ID in rows.column_names:  # the string ids replace it, or it is kept as `original_id`
@@ -314,7 +329,11 @@ def _validate(table: pa.Table, corpus_format: str, spec: CorpusSpec, skipped: Co
         if spec.id_field != ID:
             rows = rows.append_column("original_id", original)
     rows = rows.append_column(ID, pa.array(ids, pa.string()))
-    example_columns = {ROW_INDEX: kept.column(ROW_INDEX), ID: pa.array(ids, pa.string())}
-    for name in {"text": ["text"], "alpaca": ["prompt", "response"], "chat": ["messages"]}[corpus_format]:
-        example_columns[name] = pa.array([e[name] for e in example_rows], pa.string())
-    return rows, pa.table(example_columns)
+    examples = pa.table({ROW_INDEX: kept.column(ROW_INDEX), ID: pa.array(ids, pa.string()),
+                         MESSAGES: pa.array(conversations, MESSAGES_TYPE)})
+    return rows, examples
+
+
+def content_key(messages: list[dict]) -> str:
+    """The exact-duplicate key of an example: its roles and normalised texts."""
+    return json.dumps([[m["role"], normalise_for_hash(m["content"])] for m in messages], ensure_ascii=False)

@@ -1,0 +1,395 @@
+"""Settings of both commands as typed, frozen dataclasses, built once from argparse.
+
+A field that users may set carries its command-line help in its metadata (``option``):
+the parser is generated from the dataclasses (``add_options``) and the parsed values go
+back into them by name (``from_args``), so no field list is written twice. A command's
+settings nest one group per stage (corpus options, featurizer config, resources, selection
+rules); each stage is handed its group or plain values, never the whole command's settings.
+Every check of a value lives in its group's ``__post_init__``, with an error naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BUDGET_UNITS = ("examples", "tokens")
+TOKEN_WEIGHTS = ("none", "loss")
+EXECUTORS = ("ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, parse=None, choices=None,
+           metavar: str | None = None, default_factory=dataclasses.MISSING) -> Any:
+    """A dataclass field exposed as ``--field-name`` (required when it has no default)."""
+    metadata = {"help": help, "parse": parse, "choices": choices, "metavar": metavar}
+    return field(default=default, default_factory=default_factory, metadata={"cli": metadata})
+
+
+def numbers(kind):
+    """Parser of a comma-separated list of numbers (``--budgets 100,250``)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(value) for value in text.split(",") if value.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def names(text: str) -> list[str]:
+    return [value.strip() for value in text.split(",") if value.strip()]
+
+
+def storage_options(text: str) -> dict:
+    """The ``--storage-options`` JSON object (fsspec/s3fs keyword arguments)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({exc}); pass an object such as "
+            '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'') from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": false}'")
+    return options
+
+
+def _groups(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def add_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """Add a flag for every ``option`` field of ``cls`` and of its nested groups, but those
+    named in ``skip``."""
+    groups = _groups(cls)
+    for item in dataclasses.fields(cls):
+        if item.name in groups:
+            add_options(parser, groups[item.name], skip)
+            continue
+        cli = item.metadata.get("cli")
+        if cli is None or item.name in skip:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+        if item.default is False and cli["parse"] is None:
+            parser.add_argument(flag, dest=item.name, action="store_true", help=cli["help"])
+            continue
+        default = None if required or item.default is dataclasses.MISSING else item.default
+        kind = cli["parse"] or _scalar_type(typing.get_type_hints(cls)[item.name])
+        parser.add_argument(flag, dest=item.name, required=required, default=default, type=kind,
+                            choices=cli["choices"], metavar=cli["metavar"],
+                            help=cli["help"] + ("" if required or default is None else f" (default: {default})"))
+
+
+def _scalar_type(hint) -> Any:
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return options[0] if options[0] in (int, float, str) else str
+
+
+def from_args(cls, args: argparse.Namespace):
+    """``cls`` (and its nested groups) from parsed arguments; unset optional fields keep their
+    dataclass defaults."""
+    groups = _groups(cls)
+    values = {}
+    for item in dataclasses.fields(cls):
+        if item.name in groups:
+            values[item.name] = from_args(groups[item.name], args)
+        elif item.metadata.get("cli") is not None and getattr(args, item.name, None) is not None:
+            values[item.name] = getattr(args, item.name)
+    return cls(**values)
+
+
+def build(cls, **flat):
+    """``cls`` from flat keyword arguments (each goes to the group that has that field):
+    ``SelectSettings.build(input=…, output=…, budget=8, num_actors=2)`` for code and tests."""
+    groups = _groups(cls)
+    own = {f.name for f in dataclasses.fields(cls)}
+    values = {name: flat.pop(name) for name in list(flat) if name in own and name not in groups}
+    for name, group in groups.items():
+        wanted = {f.name for f in dataclasses.fields(group)} | set(_groups(group))
+        values[name] = build(group, **{key: flat.pop(key) for key in list(flat) if key in wanted})
+    if flat:
+        raise TypeError(f"{cls.__name__} has no setting(s) {sorted(flat)}")
+    return cls(**values)
+
+
+def flat_dict(settings) -> dict:
+    """All settings as one flat dict (nested groups merged), for manifests and settings.json;
+    storage options are reduced to their keys (they may hold secrets)."""
+    out = {}
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_dict(value))
+        elif isinstance(value, np.ndarray):
+            out[item.name] = f"array{list(value.shape)}"
+        elif item.name == "storage_options":
+            out[item.name] = sorted(value)
+        elif item.name == "model" and hasattr(value, "name"):
+            out[item.name] = value.name
+        else:
+            out[item.name] = value
+    return out
+
+
+def _check_choice(value, choices, flag: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_positive(value, flag: str, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{flag} must be > 0, got {value!r}")
+
+
+# ---------------------------------------------------------------- stage groups
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    """How corpus rows map to examples (io/corpus.py)."""
+
+    format: str = option("auto", choices=("auto", "text", "alpaca", "chat"),
+                         help="corpus format (auto: chat if --messages-field is present, alpaca if "
+                              "--instruction-field and --output-field, text if --text-field)")
+    text_field: str = option("text", help="text column of the text format")
+    instruction_field: str = option("instruction", help="alpaca: the instruction column")
+    input_field: str = option("input", help="alpaca: the optional input column (appended to the prompt)")
+    output_field: str = option("output", help="alpaca: the response column")
+    messages_field: str = option("messages", help="chat: the column of {role, content} turns")
+    id_field: str | None = option(None, help="column holding a stable row id (default: the row's position)")
+    on_bad_row: str = option("error", choices=("error", "skip"),
+                             help="malformed rows: stop with an error naming the row, or skip and count them")
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    """What the featurizer computes and how (featurize/featurizer.py); every field but the
+    model is part of the feature cache key."""
+
+    model: Any = option(None, help="Hugging Face id, local directory or .gguf file "
+                                   "(default: the offline SmolLM2-135M-Instruct when installed)")
+    device: str = option("auto", choices=DEVICES, help="featurizer (and selection) device")
+    max_length: int | None = option(None, help="truncate examples to this many tokens "
+                                               "(default: the model's maximum)")
+    micro_batch_tokens: int = option(8192, help="padded tokens per forward pass on the featurizer")
+    max_padding: float = 0.05              # start a new micro-batch rather than pad more than this
+    project_dim: int | None = option(None, help="project embeddings to K dims on the actors "
+                                                "(seeded orthonormal), before the products")
+    projection: str = "random"             # "random" (seeded orthonormal) | "pca"
+    projection_seed: int = 0
+    projection_matrix: np.ndarray | None = field(default=None, compare=False)  # fitted PCA basis (d, k)
+    pca_sample_rows: int = 256
+    max_rank: int | None = None            # keep the top eigenpairs only
+    keep_states: bool = option(False, help="also store each target token's state and id in the feature "
+                                           "shards, so `evaluate --features` can reuse them")
+    rows_per_unit: int = 16                # rows per forward unit (run/feature_cache.plan_forward_units)
+    overlong: str = "truncate"             # "truncate" | "split"
+    token_weights: str = option("none", choices=TOKEN_WEIGHTS,
+                                help="loss: weight each target token by ‖p − e_y‖² under the model "
+                                     "(empirical Fisher; tokens the model already predicts count less)")
+
+    def __post_init__(self):
+        _check_choice(self.device, DEVICES, "--device")
+        _check_choice(self.token_weights, TOKEN_WEIGHTS, "--token-weights")
+        _check_choice(self.overlong, ("truncate", "split"), "overlong")
+        _check_choice(self.projection, ("random", "pca"), "projection")
+        for value, flag in ((self.project_dim, "--project-dim"), (self.max_length, "--max-length"),
+                            (self.micro_batch_tokens, "--micro-batch-tokens"), (self.max_rank, "max_rank"),
+                            (self.rows_per_unit, "rows_per_unit")):
+            _check_positive(value, flag)
+
+    def cache_identity(self) -> dict:
+        """The fields that decide the features' numbers: the cache key's settings part (the
+        model enters by its fingerprint; a PCA basis is fitted from the corpus and model)."""
+        return dataclasses.asdict(self) | {"model": None, "projection_matrix": None}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where the featurizer runs (run/executors.py)."""
+
+    executor: str = option("ray", choices=EXECUTORS,
+                           help="ray: a Ray Data actor pool (local Ray, or --ray-address); "
+                                "local: in this process")
+    ray_address: str | None = option(None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    num_actors: int | None = option(None, help="featurizer actors (default: one per GPU, else CPUs/8)")
+    batch_size: int = option(64, help="rows per map_batches call (whole forward units)")
+
+    def __post_init__(self):
+        _check_choice(self.executor, EXECUTORS, "--executor")
+        _check_positive(self.num_actors, "--num-actors")
+        _check_positive(self.batch_size, "--batch-size", allow_none=False)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Selection rules shared by every method (select/rules.py)."""
+
+    lam: float = option(1.0, help="ridge λ in Σ_0 = λI")
+    lam_relative: float | None = option(None, help="instead of --lam: λ = this × the corpus's mean ‖x‖² "
+                                                   "per target token")
+    length_cap: str | None = option(None, help="never select examples with more target tokens than this: "
+                                               "a number (e.g. 256) or a percentile of the corpus's target "
+                                               "lengths (p50 = median)")
+
+    def __post_init__(self):
+        if not (isinstance(self.lam, (int, float)) and np.isfinite(self.lam) and self.lam > 0):
+            raise ValueError(f"--lam must be a finite number > 0, got {self.lam}")
+        _check_positive(self.lam_relative, "--lam-relative")
+        if self.length_cap is not None:
+            from fishersft_ray.select.rules import length_cap_tokens
+
+            length_cap_tokens(self.length_cap, np.ones(1))  # the syntax, before any featurizing
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@dataclass(frozen=True)
+class SelectSettings:
+    """`fishersft-ray select` (and `ray job submit … jobs/select_subset.py`)."""
+
+    input: str = option(help="corpus: file, directory or glob; local or s3://")
+    output: str = option(help="output directory; local or s3://")
+    budget: int = option(help="examples (or target tokens) to select")
+    budget_unit: str = option("examples", choices=BUDGET_UNITS, help="what --budget counts")
+    method: str = option("tokenod", help="selection method: tokenod (the default), or a baseline for an A/B "
+                                         "run (vopt, sentence_od, uniform, longest_first, density)")
+    seed: int = option(0, help="seed of the random methods (uniform, density)")
+    prior: str | None = option(None, help="corpus already trained on: its information conditions the "
+                                          "selection (log-det methods)")
+    storage_options: dict = option(default_factory=dict, parse=storage_options,
+                                   help='fsspec/s3fs options as JSON, e.g. \'{"client_kwargs": '
+                                        '{"endpoint_url": "…"}}\'')
+    output_format: str = option("parquet", choices=("parquet", "jsonl"), help="format of the subset file")
+    features: str | None = option(None, help="feature-shard cache location (default: <output>/features)")
+    checkpoint_seconds: float = option(30.0, help="save the selection state at most this often "
+                                                  "(a rerun resumes from it)")
+    select_threads: int | None = None  # torch threads for the selection (None: torch's default)
+    corpus: CorpusOptions = field(default_factory=CorpusOptions)
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    resources: Resources = field(default_factory=Resources)
+    rules: Rules = field(default_factory=Rules)
+
+    def __post_init__(self):
+        from fishersft_ray.select.methods import METHODS
+
+        if not (isinstance(self.budget, (int, np.integer)) and self.budget >= 0):
+            raise ValueError(f"--budget must be an integer ≥ 0, got {self.budget!r}")
+        _check_choice(self.budget_unit, BUDGET_UNITS, "--budget-unit")
+        _check_choice(self.method, METHODS, "--method")
+        _check_choice(self.output_format, ("parquet", "jsonl"), "--output-format")
+
+    build = classmethod(build)
+
+
+@dataclass(frozen=True)
+class EvaluateResources(Resources):
+    """evaluate featurizes in this process unless told to use Ray."""
+
+    executor: str = option("local", choices=EXECUTORS, help="local: featurize in this process; "
+                                                            "ray: on a Ray Data actor pool")
+
+
+@dataclass(frozen=True)
+class EvaluateRules(Rules):
+    """evaluate's length-capped methods need a cap: the median by default."""
+
+    length_cap: str | None = option("p50", help="cap of the length-capped methods, as select's --length-cap")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The evaluation protocol (evaluate/protocol.py)."""
+
+    budgets: list = option(default_factory=lambda: [100, 250, 500, 1000], parse=numbers(int),
+                           help="example budgets, comma-separated (default: 100,250,500,1000)")
+    seeds: int = option(3, help="seeds per random method")
+    methods: list | None = option(None, parse=names, help="comma-separated evaluation methods "
+                                                          "(default: all; see evaluate/methods.py)")
+    recipe_lrs: list | None = option(None, parse=numbers(float),
+                                     help="recipe candidates: learning rates (default by --mode: head "
+                                          "3e-5,1e-4,3e-4,1e-3; full 1e-5,3e-5,1e-4; lora 1e-4,3e-4,1e-3)")
+    recipe_epochs: list | None = option(None, parse=numbers(float),
+                                        help="recipe candidates: epochs (default: head 1,3; full/lora 1)")
+    batch_tokens: int = option(1024, help="tokens per optimizer step (head: target tokens; "
+                                          "full/lora: input tokens)")
+    train_seed: int = 0
+    device: str = "cpu"  # of the selections: evaluate runs them where --device featurizes
+
+    def __post_init__(self):
+        if not self.budgets or any(n <= 0 for n in self.budgets):
+            raise ValueError(f"--budgets must be positive integers, got {self.budgets}")
+        _check_positive(self.seeds, "--seeds", allow_none=False)
+        _check_positive(self.batch_tokens, "--batch-tokens", allow_none=False)
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How evaluate splits the corpus, and the redundant-pool scenario (evaluate/data.py)."""
+
+    test_fraction: float = option(1 / 6, help="share of the corpus held out as the test set")
+    validation_size: int = option(300, help="validation rows carved from the non-test part")
+    max_pool: int | None = option(None, help="subsample the pool to this many rows")
+    max_test: int | None = option(None, help="subsample the test set to this many rows")
+    split_seed: int = option(0, help="seed of the split")
+    redundant_share: float = option(0.0, help="share of the pool replaced by copies of "
+                                              "--redundant-sources rows")
+    redundant_sources: int = option(60, help="rows the redundant share copies")
+    near_copy_noise: float = option(0.0, help="> 0: copies become near-copies (relative Gaussian noise on "
+                                              "their states; whole-model modes still train on the source "
+                                              "rows' text)")
+
+    def __post_init__(self):
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.redundant_share < 1:
+            raise ValueError(f"--redundant-share must be in [0, 1), got {self.redundant_share}")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """`fishersft-ray evaluate`: fine-tune on subsets picked by several methods and compare."""
+
+    input: str = option(help="corpus file/dir/glob (txt, jsonl, json, parquet); local or s3://")
+    output: str = option(help="directory for tables, plot and settings.json; local or s3://")
+    mode: str = option("head", choices=("head", "full", "lora"),
+                       help="head: fine-tune the LM head on stored states; full: every parameter of the "
+                            "model; lora: LoRA adapters (r=16) on all linear layers")
+    train_device: str = option("auto", choices=DEVICES, help="full/lora fine-tuning device "
+                                                             "(auto: cuda if available)")
+    features: str | None = option(None, help="feature-shard cache, shared with `select --keep-states "
+                                             "--features` (default: <output>/features)")
+    storage_options: dict = option(default_factory=dict, parse=storage_options,
+                                   help="fsspec/s3fs options as JSON (see select)")
+    title: str | None = option(None, help="plot/table title (default: the input's name)")
+    corpus: CorpusOptions = field(default_factory=CorpusOptions)
+    featurize: FeaturizeConfig = field(default_factory=lambda: FeaturizeConfig(keep_states=True))
+    resources: EvaluateResources = field(default_factory=EvaluateResources)
+    rules: EvaluateRules = field(default_factory=EvaluateRules)
+    protocol: Protocol = field(default_factory=Protocol)
+    split: SplitOptions = field(default_factory=SplitOptions)
+
+    # The head is fine-tuned on the model's own states: evaluate stores them, unprojected and
+    # unweighted (its loss-weighted methods weight them at selection time).
+    FIXED_FEATURIZE = ("keep_states", "project_dim", "token_weights")
+
+    def __post_init__(self):
+        if self.featurize.project_dim is not None or self.featurize.token_weights != "none":
+            raise ValueError("evaluate featurizes unprojected, unweighted states (the head is fine-tuned "
+                             "on them): drop --project-dim/--token-weights (loss-weighted TokenOD is "
+                             "the method tokenod_loss)")
+        if not self.featurize.keep_states:
+            object.__setattr__(self, "featurize", dataclasses.replace(self.featurize, keep_states=True))
+
+    build = classmethod(build)

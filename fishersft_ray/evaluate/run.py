@@ -1,0 +1,112 @@
+"""The `evaluate` command: the same stages as `select` (storage, corpus reader, model
+reference, feature cache and executor, selection methods), then the protocol.
+
+Features come from the one feature cache: when a complete cache of the WHOLE corpus exists
+under the same key (e.g. `select --keep-states --features PATH` on the same corpus, model
+and settings), evaluate reads it and embeds nothing; otherwise it featurizes the rows its
+split uses (all of them when the split covers the corpus) into that cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+
+from fishersft_ray.config import EvaluateSettings, flat_dict
+from fishersft_ray.evaluate.data import make_redundant, split_examples
+from fishersft_ray.evaluate.model_tuning import MODEL_MODES, ModelTrainer, ModelTuner, require_peft, resolve_train_device
+from fishersft_ray.evaluate.outputs import markdown_table, write_outputs
+from fishersft_ray.evaluate.protocol import ProtocolCheckpoint, run_protocol, with_recipe_defaults
+from fishersft_ray.features import FeatureSet, TokenStates
+from fishersft_ray.io.corpus import read_corpus
+from fishersft_ray.io.storage import Location, fingerprint
+from fishersft_ray.run.executors import executor_for
+from fishersft_ray.run.feature_cache import FeatureCache, cache_key
+from fishersft_ray.run.job import featurize_config, torch_device
+
+log = logging.getLogger(__name__)
+
+
+def run_evaluate(settings: EvaluateSettings) -> dict:
+    """Run the protocol on the corpus; returns {"table": markdown summary, "files": urls}."""
+    from fishersft_ray.featurize.model_ref import lm_head_weight, resolve_model
+
+    options = settings.storage_options
+    output = Location.of(settings.output, options)
+    Location.of(settings.input, options).check_readable()
+    output.check_writable()
+    train_device = None
+    if settings.mode in MODEL_MODES:  # before the featurization, not after it
+        if settings.mode == "lora":
+            require_peft()
+        train_device = resolve_train_device(settings.train_device)
+
+    corpus = read_corpus(settings.input, settings.corpus, options)
+    split = split_examples(corpus.examples.num_rows, test_fraction=settings.split.test_fraction,
+                           validation_size=settings.split.validation_size, seed=settings.split.split_seed,
+                           max_pool=settings.split.max_pool, max_test=settings.split.max_test)
+    model = resolve_model(settings.featurize.model)
+    config = featurize_config(settings.featurize, model)
+    cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options),
+                         executor_for(settings.resources))
+    needed = np.sort(np.concatenate([split.pool, split.validation, split.test]))
+    whole_key = cache_key(model.fingerprint, corpus.examples, config)
+    if cache.is_complete(whole_key) or len(needed) == corpus.examples.num_rows:
+        shards, features_info = cache.ensure(corpus.examples, config, model)
+    else:
+        log.info("no complete feature cache of the whole corpus at %s (`select --keep-states --features "
+                 "%s` fills one): featurizing the %d rows the split uses", cache.location(whole_key).url,
+                 cache.root.url, len(needed))
+        shards, features_info = cache.ensure(corpus.examples.take(pa.array(needed)), config, model)
+    log.info("features %s at %s: %d rows embedded", "reused" if features_info["reused"] else "cached",
+             shards.url, features_info["embedded_rows"])
+
+    row_index = corpus.examples.column("row_index").to_numpy()
+    parts = {name: _with_targets(TokenStates.load(shards.url, row_index[positions], options))
+             for name, positions in (("pool", split.pool), ("validation", split.validation),
+                                     ("test", split.test))}
+    pool, groups, features = parts["pool"], None, None
+    if settings.split.redundant_share > 0:
+        pool, groups = make_redundant(pool, share=settings.split.redundant_share,
+                                      num_sources=settings.split.redundant_sources,
+                                      near_copy_noise=settings.split.near_copy_noise, seed=settings.split.split_seed)
+    else:  # the stored factors of the pool's rows, as select would read them
+        stored = FeatureSet.load(shards.url, storage_options=options)
+        features = stored.subset(np.searchsorted(stored.row_index, pool.row_index))
+
+    weight, bias = lm_head_weight(model)
+    trainer = None
+    if settings.mode in MODEL_MODES:
+        tuner = ModelTuner(model.path, settings.mode, device=train_device, seed=settings.protocol.train_seed)
+        trainer = ModelTrainer(tuner, corpus.examples, {"pool": pool, "validation": parts["validation"],
+                                                        "test": parts["test"]},
+                               batch_tokens=settings.protocol.batch_tokens)
+    protocol = dataclasses.replace(with_recipe_defaults(settings.protocol, settings.mode),
+                                   device=torch_device(settings.featurize.device))
+    facts = {"input": settings.input, "format": corpus.format, "corpus_stats": corpus.stats,
+             "model": model.name, "model_path": model.path, "model_fingerprint": model.fingerprint,
+             "split_seed": settings.split.split_seed,
+             "split_sizes": {k: int(len(v)) for k, v in dataclasses.asdict(split).items()},
+             "features": features_info, "mode": settings.mode}
+    if settings.split.redundant_share > 0:
+        facts["redundant"] = {"share": settings.split.redundant_share, "sources": settings.split.redundant_sources,
+                              "near_copy_noise": settings.split.near_copy_noise}
+    checkpoint = ProtocolCheckpoint(output, fingerprint(
+        flat_dict(settings) | {"features": None, "storage_options": None, "title": None},
+        protocol.recipe_lrs, protocol.recipe_epochs, model.fingerprint, features_info["key"],
+        pool.row_index.tolist(), list(pool.states.shape)))
+    result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, protocol, settings.rules,
+                          features=features, groups=groups, trainer=trainer, checkpoint=checkpoint)
+    result["info"] = facts | {"command_settings": flat_dict(settings)} | result["info"]
+    files = write_outputs(result, output, settings.title or posixpath.basename(settings.input.rstrip("/")))
+    checkpoint.clear()
+    return {"table": markdown_table(result["summary"], result["info"]), "files": files}
+
+
+def _with_targets(part: TokenStates) -> TokenStates:
+    """The part's examples that have a target token (nothing to train on or score otherwise)."""
+    return part.subset(np.flatnonzero(part.num_targets > 0))

@@ -1,0 +1,1 @@
+"""The featurize stage: model references, target masks and the featurizer actor."""

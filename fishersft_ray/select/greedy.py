@@ -1,0 +1,580 @@
+"""Greedy maximisation of a set function under a budget of examples or target tokens.
+
+The driver knows nothing of log-determinants: it runs any *objective* (the protocol below,
+as apricot separates its functions from its optimizers). What it provides:
+
+* naive greedy (paper Alg. 1): every step evaluates every candidate that still fits;
+* lazy greedy: a max-priority queue of stale gains, re-evaluated in batches (an adaptive
+  batch by default). For an objective that declares ``submodular = True`` a stale gain is an
+  upper bound on the current one and lazy greedy picks exactly what naive greedy picks (up
+  to exact ties; Minoux 1978). For any other objective the same loop is a heuristic;
+* bound tightening, when the objective offers a tightener (``bound_tightener``): stale
+  bounds are lowered without evaluations as the design grows (the log-det objective has
+  one; V-optimal does not);
+* the token-budget knapsack: cost-benefit greedy (gain / cost) and unit-cost greedy
+  restricted to what fits, the better of the two is kept (Leskovec et al. 2007, "CELF");
+* the certificate, for submodular objectives only: for any step t and any feasible OPT,
+  f(OPT) ≤ f(S_t) + Σ_{i∈OPT∖S_t} Δ(i|S_t) ≤ f(S_t) + (n largest stale bounds), or for a
+  token budget B the fractional-knapsack value of the stale bounds under B. The smallest
+  such bound over the run is ``Selection.upper_bound``;
+* progress callbacks, checkpoints and resume;
+* the near-duplicate guard (``NearDuplicateGuard``).
+
+Objective protocol (duck-typed; ``logdet.LogDetObjective`` and ``vopt.VOptimalObjective``):
+
+    n: int                          number of examples
+    costs: np.ndarray (n,)          token cost of each example (float64)
+    submodular: bool                True: lazy greedy is exact and the certificate applies
+    knapsack_variants: tuple        token-budget variants to run ("cost_benefit", "unit_cost")
+    lazy_batch: int | None          default lazy re-evaluation batch (None: adaptive)
+    reset()                         S ← ∅
+    gains(ids) -> (gains, aux)      Δ(i|S) for each id (float64); aux goes to the tightener
+    add(i)                          S ← S ∪ {i}
+    value: float                    f(S)
+    initial_bounds(eligible) -> InitialBounds   stale gains for the lazy queue at S = ∅
+    bound_tightener(initial) -> tightener | None
+
+A tightener offers ``due(step)``, ``advance(step)``, ``bounds(ids | None)``,
+``record(ids, gains, aux, step)``, ``is_tight(i)`` and ``mark_tightened(ids)``; see
+``logdet._BoundTightener``.
+
+Pure math: numpy + stdlib (torch only through the objectives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+GREEDY_METHODS = ("naive", "lazy")
+BUDGET_UNITS = ("examples", "tokens")
+KNAPSACK_VARIANTS = ("cost_benefit", "unit_cost")
+MAX_LAZY_BATCH = 4096
+CERTIFICATE_CHECKPOINTS = 64
+CHECKPOINT_FORMAT = "fishersft.select.checkpoint/1"
+# Elements of the (candidates × picks × d) product one guard check forms at a time.
+GUARD_CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Result of a selection: picks in order, their gains, and (when one applies) a certificate.
+
+    ``indices``: positions into the input (int64), in pick order. Under an example budget
+    greedy's order is a ranking: every prefix of length k is exactly the greedy answer for
+    budget k (the greedy run for k makes the same first k choices). Under a token budget
+    that is NOT true in general: the answer for a smaller token budget is another run (the
+    candidates that still fit differ, and the cost-benefit/unit-cost winner can change); in
+    one measurement 56 of 604 prefixes differed from the run at the prefix's token cost.
+    ``gains``: the objective's marginal gain of each pick when taken. ``objective``: f(S)
+    after each pick. ``upper_bound``: certified bound on f(OPT) under the same budget, or
+    ``None`` when no certificate applies (objectives that are not submodular; samplers).
+    With the near-duplicate guard on, OPT ranges over the examples the guard never excluded.
+    ``evaluations``: gain evaluations performed. ``cost``: examples or target tokens used.
+    ``variant``: "examples", "cost_benefit" or "unit_cost" (token budget) for the greedy
+    driver; the budget unit for samplers. ``method``: the registry name that produced it.
+    ``excluded_near_duplicates``: candidates the near-duplicate guard dropped (0 when off).
+    ``logdet_value``: TokenOD's f(S) (token-level log det) of the picks whatever the method,
+    so A/B runs compare in one unit (``methods.run_method`` fills it; None if not reported).
+    """
+
+    indices: np.ndarray
+    gains: np.ndarray
+    objective: np.ndarray
+    upper_bound: float | None
+    evaluations: int
+    cost: float
+    variant: str
+    method: str = "tokenod"
+    excluded_near_duplicates: int = 0
+    logdet_value: float | None = None
+
+    @property
+    def certificate_ratio(self) -> float | None:
+        """f(S) / upper_bound: a proven lower bound on f(S) / f(OPT); None without a certificate."""
+        if self.upper_bound is None:
+            return None
+        value = float(self.objective[-1]) if len(self.objective) else 0.0
+        return 1.0 if self.upper_bound <= 0 else value / self.upper_bound
+
+
+@dataclass
+class InitialBounds:
+    """Stale gains for the lazy queue before any pick (length-n arrays; 0 outside eligible).
+
+    ``exact``: the values are the gains at S = ∅ (fresh at step 0), not just upper bounds.
+    ``aux``: the objective's per-entry data for its tightener (e.g. traces), or None.
+    """
+
+    values: np.ndarray
+    aux: np.ndarray | None
+    evaluations: int
+    exact: bool
+
+
+class NearDuplicateGuard:
+    """Candidates with cosine ≥ ``threshold`` to an already-picked example are not eligible.
+
+    Embedding rows are unit-normalised on demand (float64); rows of zeros (examples with no
+    targets, or unknown embeddings) are never twins. The picked unit rows are kept in an
+    (n_picks × d) matrix; a check costs O(new picks × d) per candidate, as each candidate
+    remembers how many picks it was already checked against. Exclusion is monotone (picks
+    only grow), so a candidate found blocked is dropped for good.
+
+    Every cosine is formed as an elementwise product summed over d on its own row, so its
+    bits do not depend on which other pairs are checked in the same call: naive greedy
+    (which filters every candidate each step) and lazy greedy (which checks a candidate when
+    it surfaces) make identical decisions.
+    """
+
+    def __init__(self, embeddings, threshold: float):
+        self.embeddings = embeddings
+        self.threshold = float(threshold)
+        n = len(embeddings)
+        self.dim = int(np.shape(embeddings)[1]) if n else 0
+        self.picked = np.zeros((16, self.dim))
+        self.count = 0
+        self.checked = np.zeros(n, np.int64)  # picks already checked against (none blocked)
+        self.excluded = 0
+
+    def unit(self, ids) -> np.ndarray:
+        rows = np.asarray(self.embeddings[np.asarray(ids, np.int64)], np.float64).reshape(-1, self.dim)
+        norms = np.sqrt((rows * rows).sum(axis=1))
+        return np.divide(rows, norms[:, None], out=np.zeros_like(rows), where=norms[:, None] > 0)
+
+    def add(self, i: int):
+        row = self.unit([i])[0]
+        if not row.any():
+            return
+        if self.count == len(self.picked):
+            self.picked = np.concatenate([self.picked, np.zeros_like(self.picked)])
+        self.picked[self.count] = row
+        self.count += 1
+
+    def blocked(self, ids) -> np.ndarray:
+        """Whether each id has a picked twin (cosine ≥ threshold); bool array."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        out = np.zeros(len(ids), bool)
+        if self.count == 0 or len(ids) == 0:
+            return out
+        starts = self.checked[ids]
+        rows = self.unit(ids)
+        for start in np.unique(starts):
+            members = np.flatnonzero(starts == start)
+            out[members] = _any_cosine_at_least(rows[members], self.picked[start:self.count],
+                                                self.threshold)
+        self.checked[ids[~out]] = self.count
+        return out
+
+
+def _any_cosine_at_least(rows: np.ndarray, block: np.ndarray, threshold: float) -> np.ndarray:
+    """For each row, whether any row of ``block`` has ⟨row, b⟩ ≥ threshold (chunked)."""
+    g, (b, d) = len(rows), block.shape
+    hit = np.zeros(g, bool)
+    if b == 0 or d == 0:
+        return hit
+    step_b = max(1, GUARD_CHUNK_ELEMENTS // d)
+    step_g = max(1, GUARD_CHUNK_ELEMENTS // (d * min(b, step_b)))
+    for gs in range(0, g, step_g):
+        for bs in range(0, b, step_b):
+            products = rows[gs:gs + step_g, None, :] * block[None, bs:bs + step_b, :]
+            hit[gs:gs + step_g] |= (products.sum(axis=2) >= threshold).any(axis=1)
+    return hit
+
+
+def make_guard(embeddings, near_dup_cosine: float | None) -> NearDuplicateGuard | None:
+    """A guard over ``embeddings`` (n, d), or None when ``near_dup_cosine`` is None."""
+    if near_dup_cosine is None:
+        return None
+    check_near_dup_cosine(near_dup_cosine)
+    return NearDuplicateGuard(embeddings, near_dup_cosine)
+
+
+def check_near_dup_cosine(value):
+    if value is None:
+        return
+    if not (isinstance(value, (int, float, np.integer, np.floating)) and 0 < value <= 1):
+        raise ValueError(f"near_dup_cosine must be a cosine in (0, 1] or None, got {value!r}")
+
+
+def knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_cost: bool) -> float:
+    """Largest Σ bounds over a set of cost ≤ budget, relaxed to the fractional knapsack.
+
+    With unit costs this is exactly the sum of the ``budget`` largest bounds.
+    """
+    if unit_cost:
+        k = min(int(budget), len(bounds))
+        return float(np.partition(bounds, len(bounds) - k)[len(bounds) - k:].sum()) if k else 0.0
+    positive = np.flatnonzero(bounds > 0)
+    ratios = bounds[positive] / costs[positive]
+    order = positive[np.argsort(-ratios, kind="stable")]
+    filled = np.cumsum(costs[order])
+    whole = int(np.searchsorted(filled, budget, side="right"))
+    value = float(bounds[order[:whole]].sum())
+    if whole < len(order):
+        left = budget - (filled[whole - 1] if whole else 0.0)
+        value += left * bounds[order[whole]] / costs[order[whole]]
+    return value
+
+
+class _Run:
+    """State shared by the naive and lazy loops: picks, budget left, stale bounds, certificate.
+
+    ``bounds[i]`` always holds the stale priority base of every unpicked eligible i (its
+    last evaluated gain, the initial bound, or a tightened bound; for a submodular
+    objective an upper bound on Δ(i|S)); picked, ineligible and guard-excluded entries hold
+    0. ``evaluated_step[i]``: the step entry i was last evaluated at (−1: never).
+    ``on_pick(run)`` is called after each pick.
+    """
+
+    def __init__(self, objective, bounds: np.ndarray, costs: np.ndarray, budget: float,
+                 max_picks: int, unit_cost: bool, tightener=None, evaluated_step=None,
+                 guard: NearDuplicateGuard | None = None, on_pick=None):
+        self.objective = objective
+        self.certified = bool(objective.submodular)
+        self.bounds = bounds
+        self.costs = costs
+        self.budget = budget
+        self.remaining = budget
+        self.max_picks = max_picks
+        self.unit_cost = unit_cost
+        self.tightener = tightener
+        self.evaluated_step = np.full(len(bounds), -1, np.int64) if evaluated_step is None \
+            else evaluated_step
+        self.guard = guard
+        self.on_pick = on_pick
+        self.picks, self.gains, self.values = [], [], []
+        self.evaluations = 0
+        self.upper_bound = math.inf
+        self.certify_every = 1 if len(bounds) * max_picks <= 20_000_000 \
+            else max(1, max_picks // CERTIFICATE_CHECKPOINTS)
+        self.next_full_tighten = 0
+
+    @property
+    def step(self) -> int:
+        return len(self.picks)
+
+    def evaluate(self, ids) -> np.ndarray:
+        gains, aux = self.objective.gains(ids)
+        self.evaluations += len(ids)
+        self.bounds[ids] = gains
+        self.evaluated_step[ids] = self.step
+        if self.tightener is not None:
+            self.tightener.record(ids, gains, aux, self.step)
+        return gains
+
+    def tighten(self):
+        """Start a tightening epoch when one is due; on the first one after each certificate
+        interval also lower every stale bound (the lazy loop lowers the rest as they surface)."""
+        if self.tightener is None or not self.tightener.due(self.step):
+            return
+        self.tightener.advance(self.step)
+        if self.step >= self.next_full_tighten:
+            self.next_full_tighten = self.step + self.certify_every
+            self.lower(np.flatnonzero(self.bounds > 0), full=True)
+
+    def lower(self, ids: np.ndarray, full: bool = False):
+        """bounds[ids] ← min(bounds, the current epoch's tightened bounds)."""
+        tightened = self.tightener.bounds(None if full else ids)
+        self.bounds[ids] = np.minimum(self.bounds[ids], tightened[ids] if full else tightened)
+        self.tightener.mark_tightened(ids)
+
+    def certify(self, force: bool = False):
+        """Tighten upper_bound with f(S_t) + knapsack value of the current stale bounds."""
+        if self.certified and (force or self.step % self.certify_every == 0):
+            current = self.objective.value
+            remaining_value = knapsack_bound(self.bounds, self.costs, self.budget, self.unit_cost)
+            self.upper_bound = min(self.upper_bound, current + remaining_value)
+
+    def excluded(self, ids):
+        """Drop guard-blocked entries for good: their bound leaves the certificate."""
+        self.bounds[ids] = 0.0
+        self.guard.excluded += int(np.size(ids))
+
+    def take(self, i: int, gain: float):
+        self.picks.append(i)
+        self.gains.append(gain)
+        self.remaining -= self.costs[i]
+        self.bounds[i] = 0.0
+        self.objective.add(i)
+        self.values.append(self.objective.value)
+        if self.guard is not None:
+            self.guard.add(i)
+        if self.on_pick is not None:
+            self.on_pick(self)
+
+    def finish(self, variant: str, method: str) -> Selection:
+        self.certify(force=True)
+        picks = np.asarray(self.picks, np.int64)
+        return Selection(picks, np.asarray(self.gains, np.float64),
+                         np.asarray(self.values, np.float64),
+                         float(self.upper_bound) if self.certified else None,
+                         self.evaluations, float(self.costs[picks].sum()), variant, method,
+                         self.guard.excluded if self.guard is not None else 0)
+
+
+def _naive_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray):
+    """Paper Alg. 1: every step evaluates every candidate that still fits, in batched calls."""
+    active = np.setdiff1d(eligible, run.picks)
+    while run.step < run.max_picks:
+        active = active[run.costs[active] <= run.remaining]
+        if run.guard is not None and len(active):
+            blocked = run.guard.blocked(active)
+            if blocked.any():
+                run.excluded(active[blocked])
+                active = active[~blocked]
+        if len(active) == 0:
+            break
+        gains = run.evaluate(active)
+        run.certify()
+        best = int(np.argmax(gains * weights[active]))  # first maximum: lowest index wins ties
+        run.take(int(active[best]), float(gains[best]))
+        active = np.delete(active, best)
+
+
+def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_size: int | None):
+    """Lazy greedy on a max-queue of stale priorities (bound · weight), in batches.
+
+    Entries are (−key, index) with key ≥ the entry's priority: a key the tightener's full
+    pass has since lowered is corrected when the entry surfaces. Ties pop the lowest index,
+    as in the naive argmax. Each round pops the top entries that are not fresh for this
+    step (dropping those that no longer fit: the budget left only shrinks; and those the
+    near-duplicate guard blocks: picks only grow); entries whose bound the current epoch can
+    still lower are tightened (O(rows) each, in one vectorised call), the others are
+    evaluated in one batched call; all go back with their new priority. A fresh entry on
+    top is the greedy pick (it was checked against the guard when it was evaluated, at this
+    step). Without a ``batch_size``, the evaluation batch B follows a running average of how
+    many entries per step had a stale priority above the pick's (the evaluations a
+    one-at-a-time lazy greedy needs): B starts at half that average and grows 1.5× per
+    extra round within a step.
+
+    For a submodular objective the stale priorities are upper bounds and this is exactly
+    naive greedy; otherwise it is a heuristic (an entry whose gain grew since it was last
+    evaluated may be passed over).
+    """
+    tightener = run.tightener
+    guard = run.guard
+    evaluated_step = run.evaluated_step
+    is_open = np.zeros(len(run.bounds), bool)
+    is_open[eligible] = True
+    is_open[run.picks] = False
+    is_open &= run.costs <= run.remaining
+    entries = np.flatnonzero(is_open)
+    heap = list(zip((-run.bounds[entries] * weights[entries]).tolist(), entries.tolist()))
+    heapq.heapify(heap)
+    average_needed = 16.0
+    while run.step < run.max_picks and heap:
+        run.tighten()
+        run.certify()
+        step = run.step
+        batch_limit = batch_size or int(min(MAX_LAZY_BATCH, max(8, average_needed / 2)))
+        stale_priorities = []
+        while heap and evaluated_step[heap[0][1]] != step:
+            to_evaluate, to_lower = [], []
+            while heap and len(to_evaluate) < batch_limit and len(to_lower) < MAX_LAZY_BATCH:
+                key, i = heap[0]
+                if evaluated_step[i] == step:
+                    break
+                priority = run.bounds[i] * weights[i]
+                if priority < -key:
+                    heapq.heapreplace(heap, (-priority, i))
+                    continue
+                heapq.heappop(heap)
+                if run.costs[i] > run.remaining:
+                    continue
+                if guard is not None and guard.blocked([i])[0]:
+                    run.excluded(i)
+                    continue
+                if tightener is None or tightener.is_tight(i):
+                    to_evaluate.append(i)
+                    stale_priorities.append(priority)
+                else:
+                    to_lower.append(i)
+            if to_lower:
+                run.lower(np.asarray(to_lower))
+                for i in to_lower:
+                    heapq.heappush(heap, (-run.bounds[i] * weights[i], i))
+            if to_evaluate:
+                gains = run.evaluate(to_evaluate)
+                for i, gain in zip(to_evaluate, gains):
+                    heapq.heappush(heap, (-gain * weights[i], i))
+                if batch_size is None:
+                    batch_limit = min(MAX_LAZY_BATCH, batch_limit * 3 // 2)
+        if not heap:
+            break
+        key, i = heapq.heappop(heap)
+        needed = sum(p >= -key for p in stale_priorities)
+        average_needed = 0.8 * average_needed + 0.2 * needed
+        run.take(i, float(run.bounds[i]))
+
+
+def check_budget_args(budget, method: str, budget_unit: str, batch_size, threads):
+    """The ValueErrors every driver entry point raises for bad common arguments."""
+    if method not in GREEDY_METHODS:
+        raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
+    if budget_unit not in BUDGET_UNITS:
+        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
+    check_budget(budget)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
+
+
+def check_budget(budget):
+    if not (isinstance(budget, (int, float, np.integer, np.floating)) and math.isfinite(budget)
+            and budget >= 0):
+        raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
+
+
+def check_lam(lam):
+    if not (isinstance(lam, (int, float, np.integer, np.floating)) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+
+
+def checked_eligible(eligible, n: int) -> np.ndarray | None:
+    """``eligible`` positions as sorted unique int64 in [0, n), or None (all)."""
+    if eligible is None:
+        return None
+    positions = np.asarray(eligible)
+    if positions.dtype == bool:
+        if positions.shape != (n,):
+            raise ValueError(f"eligible: a boolean mask needs {n} entries, got {positions.shape}")
+        return np.flatnonzero(positions)
+    positions = positions.astype(np.int64, copy=False).reshape(-1)
+    if len(positions) and (positions.min() < 0 or positions.max() >= n):
+        raise ValueError(f"eligible: positions must be in [0, {n}), got {positions.min()}.."
+                         f"{positions.max()}")
+    return np.unique(positions)
+
+
+def with_threads(threads: int | None, function: Callable, *args, **kwargs):
+    """Run ``function`` with torch's intra-op threads set to ``threads`` (restored after)."""
+    if threads is None:
+        return function(*args, **kwargs)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _checkpoint_header(n: int, budget: float, budget_unit: str, settings: dict,
+                       method: str, extra: dict) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "n": n, "budget": budget, "budget_unit": budget_unit,
+            **settings, "method": method, **extra}
+
+
+def _check_resume(resume: dict, header: dict, variants: tuple[str, ...]) -> dict:
+    """The per-variant records of a checkpoint, after checking it belongs to this call."""
+    mismatched = [key for key, value in header.items() if resume.get(key) != value]
+    mismatched += [key for key in ("objective", "eligible", "near_dup_cosine")
+                   if key in resume and key not in header]
+    if mismatched:
+        raise ValueError(f"resume: checkpoint does not match this call ({', '.join(mismatched)} "
+                         f"differ)")
+    records = resume.get("variants", {})
+    if set(records) - set(variants):
+        raise ValueError(f"resume: unknown variants {sorted(set(records) - set(variants))}")
+    return {name: dict(record) for name, record in records.items()}  # the caller's state stays as is
+
+
+def eligible_fingerprint(eligible: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(eligible, np.int64).tobytes()).hexdigest()[:16]
+
+
+def run_greedy(objective, budget: float, *, budget_unit: str = "examples", method: str = "lazy",
+               eligible: np.ndarray | None = None, batch_size: int | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+               guard: NearDuplicateGuard | None = None, settings: dict | None = None,
+               label: str = "tokenod") -> Selection:
+    """Greedy selection over ``objective`` (arguments already validated by the caller).
+
+    ``eligible``: sorted unique positions allowed (None: all). ``settings``: the objective's
+    settings recorded in the checkpoint header (e.g. {"lam": λ}). ``label``: the method name
+    stored in the Selection (and in the checkpoint header when it is not "tokenod").
+    Budget, knapsack, certificate, checkpoint and resume semantics: see ``logdet.select``.
+    """
+    n = objective.n
+    if budget_unit == "examples":
+        costs = np.ones(n)
+        candidates = np.arange(n) if eligible is None else eligible
+        budget = float(min(int(budget), len(candidates)))
+        variants = {"examples": np.ones(n)}
+    else:
+        costs = objective.costs
+        budget = float(budget)
+        fits = (costs > 0) & (costs <= budget)
+        candidates = np.flatnonzero(fits) if eligible is None else eligible[fits[eligible]]
+        with np.errstate(divide="ignore"):
+            all_variants = {"cost_benefit": np.where(costs > 0, 1.0 / costs, 0.0),
+                            "unit_cost": np.ones(n)}
+        variants = {name: all_variants[name] for name in objective.knapsack_variants}
+    extra = {}
+    if label != "tokenod":
+        extra["objective"] = label
+    if eligible is not None:
+        extra["eligible"] = eligible_fingerprint(eligible)
+    if guard is not None:
+        extra["near_dup_cosine"] = guard.threshold
+    header = _checkpoint_header(n, budget, budget_unit, settings or {}, method, extra)
+    records = {} if resume is None else _check_resume(resume, header, tuple(variants))
+    initial = InitialBounds(np.zeros(n), None, 0, False)
+    if method == "lazy" and len(candidates):
+        initial = objective.initial_bounds(candidates)
+
+    def save_state(running: str, run: _Run, finished: bool = False):
+        records[running] = {"picks": [int(i) for i in run.picks],
+                            "gains": [float(g) for g in run.gains], "finished": finished}
+        if checkpoint is not None:
+            checkpoint({**header, "running": running,
+                        "variants": {name: dict(record) for name, record in records.items()}})
+
+    def on_pick(running: str, run: _Run):
+        if progress is not None:
+            progress(run.step, run.max_picks)
+        save_state(running, run)
+
+    def run(variant: str, weights: np.ndarray) -> Selection:
+        objective.reset()
+        max_picks = int(budget) if budget_unit == "examples" else len(candidates)
+        tightener = None if method == "naive" else objective.bound_tightener(initial)
+        variant_guard = None if guard is None else NearDuplicateGuard(guard.embeddings,
+                                                                      guard.threshold)
+        state = _Run(objective, initial.values.copy(), costs, budget, max_picks,
+                     budget_unit == "examples", tightener,
+                     np.full(n, 0 if initial.exact else -1, np.int64), variant_guard)
+        replay = records.get(variant, {"picks": [], "gains": []})
+        for i, gain in zip(replay["picks"], replay["gains"]):
+            state.take(int(i), float(gain))
+        state.on_pick = lambda current: on_pick(variant, current)
+        if not records.get(variant, {}).get("finished"):
+            if method == "naive":
+                _naive_greedy(state, candidates, weights)
+            else:
+                _lazy_greedy(state, candidates, weights,
+                             batch_size if batch_size is not None else objective.lazy_batch)
+        result = state.finish(variant, label)
+        save_state(variant, state, finished=True)
+        return result
+
+    results = [run(name, weights) for name, weights in variants.items()]
+    best = max(results, key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
+    upper_bound = min(r.upper_bound for r in results) if objective.submodular else None
+    return replace(best, evaluations=sum(r.evaluations for r in results) + initial.evaluations,
+                   upper_bound=upper_bound)
+
+
+def empty_selection(budget_unit: str, certified: bool, label: str) -> Selection:
+    empty = np.zeros(0)
+    return Selection(np.zeros(0, np.int64), empty, empty, 0.0 if certified else None, 0, 0.0,
+                     budget_unit, label)

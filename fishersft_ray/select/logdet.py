@@ -1,0 +1,640 @@
+"""The TokenOD objective: f(S) = log det Σ_S − log det Σ_0 and its greedy ``select``.
+
+Σ_S = Σ_0 + Σ_{i∈S} A_i, A_i = F_iᵀ F_i, Σ_0 = λI (+ the A_p of a prior set). f is monotone
+submodular, so
+
+* greedy (paper Alg. 1) is a (1 − 1/e) approximation under a cardinality budget;
+* a gain Δ(i|S) computed for an earlier, smaller S is an upper bound on Δ(i|S) now, which
+  makes lazy greedy exact (Minoux 1978). Any valid upper bound works there, so
+  ``_BoundTightener`` lowers the stale gains using how much Σ has grown (most examples are
+  then never evaluated at all);
+* those stale bounds certify the result (see greedy.py).
+
+This module holds the objective (``LogDetObjective``: the batched Cholesky evaluator, the
+bound tightener, the sorted-spectrum bounds), the conditioning check on λ, and the public
+``select`` and ``logdet_gains``; the greedy loops live in greedy.py.
+
+Pure math: numpy + torch only (no Ray, no transformers). A FeatureSet (features.py) is
+used by duck typing (``factors``, ``offsets``, ``spectrum``, ``num_targets``,
+``initial_gains``, ``embeddings``), so this module does not import pyarrow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..validation import check_feature_set, checked_examples
+from .greedy import (KNAPSACK_VARIANTS, InitialBounds, Selection, check_budget_args, check_lam,
+                     check_near_dup_cosine, checked_eligible, empty_selection, make_guard,
+                     run_greedy, with_threads)
+
+# Inflation of stored float32 spectra so the free initial bounds stay ≥ the gains computed
+# from the float32 factors (see FeatureSet.initial_gains).
+SPECTRUM_REL_TOL = 1e-5
+# Padded float64 elements per batched evaluation chunk (32 MB).
+CHUNK_ELEMENTS = 1 << 22
+# Tightened-bound refreshes happen at steps ≥ REFRESH_GROWTH × the previous one.
+REFRESH_GROWTH = 1.1
+MAX_SNAPSHOTS = 4
+# eigvalsh is backward stable: computed eigenvalues are within a small multiple of
+# d·eps·λ_max of the true ones; EIGEN_TOL·λ_max is a generous margin for d ≤ 10⁵.
+EIGEN_TOL = 1e-10
+# Relative slack on tightened bounds for the rounding of the gains they are compared with.
+BOUND_SLACK = 1e-9
+# Largest κ = 1 + a_max/λ accepted (a_max: the largest eigenvalue of one A_i or of the
+# prior's Σ A_p). Measured against a 60-digit mpmath greedy on pools living in a 4-dim
+# subspace of R^12 with scales spanning 10³ (Σ_S keeps eigenvalues at λ, the hard case),
+# 10 picks, arrays and FeatureSets, naive and lazy: the largest relative error of a gain is
+# ~1e-8 at κ = 1e10, ~5e-7 at 1e12, ~1e-5 at 1e13, ~4e-4 at 1e14; at 1e15 picks diverge
+# from the exact greedy and Cholesky factorisations start to fail (all of them by 1e17).
+# 1e12 keeps three orders of magnitude below the first wrong pick.
+MAX_CONDITION = 1e12
+
+
+class _Pool:
+    """Examples as contiguous factor rows: example i owns rows offsets[i]:offsets[i+1].
+
+    Rows of a C-contiguous ``np.memmap`` that maps its file itself are read with positioned
+    reads (``os.preadv``), not through the mapping: pages of a mapping that were touched
+    stay in the process's RSS, which would grow toward the whole factor file.
+    """
+
+    def __init__(self, factors, offsets, costs, feature_set=None):
+        self.factors = factors
+        self.offsets = np.asarray(offsets, np.int64)
+        self.widths = np.diff(self.offsets)
+        self.costs = np.asarray(costs, np.float64)
+        self.feature_set = feature_set
+        self.file = factors.filename if isinstance(factors, np.memmap) and isinstance(
+            factors.base, mmap.mmap) and factors.flags.c_contiguous else None
+
+    def fill(self, ids: np.ndarray, padded: np.ndarray):
+        """padded[b, :width_b] ← example ids[b]'s rows (the rest is left as it is)."""
+        widths = self.widths[ids]
+        if self.file is None:
+            columns = np.arange(padded.shape[1])
+            mask = columns[None, :] < widths[:, None]
+            padded[mask] = self.factors[(self.offsets[ids][:, None] + columns[None, :])[mask]]
+            return
+        row_bytes = padded.shape[2] * padded.itemsize
+        with open(self.file, "rb") as file:
+            for b in np.argsort(self.offsets[ids]):  # file order
+                size = int(widths[b]) * row_bytes
+                start = self.factors.offset + int(self.offsets[ids[b]]) * row_bytes
+                if size and os.preadv(file.fileno(), [padded[b, :widths[b]]], start) != size:
+                    raise OSError(f"short read from {self.file}")
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Factor rows start:stop as an array (positioned reads for a file-backed memmap)."""
+        if self.file is None:
+            return np.asarray(self.factors[start:stop])
+        out = np.empty((stop - start, self.dim), self.factors.dtype)
+        size = out.nbytes
+        if size:
+            with open(self.file, "rb") as file:
+                offset = self.factors.offset + start * self.dim * out.itemsize
+                if os.preadv(file.fileno(), [out], offset) != size:
+                    raise OSError(f"short read from {self.file}")
+        return out
+
+    @property
+    def n(self) -> int:
+        return len(self.widths)
+
+    @property
+    def dim(self) -> int:
+        return int(self.factors.shape[1])
+
+    def rows(self, i: int) -> np.ndarray:
+        """Example i's factor rows as float64 (r_i, d)."""
+        rows = np.zeros((1, self.widths[i], self.dim), self.factors.dtype)
+        self.fill(np.array([i]), rows)
+        return rows[0].astype(np.float64)
+
+    def gram(self) -> np.ndarray:
+        """Σ_i A_i over the whole pool, float64 (d × d)."""
+        rows = np.asarray(self.factors, np.float64)
+        return rows.T @ rows
+
+    def embeddings(self) -> np.ndarray:
+        """Each example's embedding for the near-duplicate guard: a FeatureSet's
+        ``embeddings`` (the mean target-token row), else the mean of the example's rows."""
+        if self.feature_set is not None:
+            embeddings = np.asarray(self.feature_set.embeddings)
+            if len(embeddings) != self.n or (embeddings.ndim == 2 and embeddings.shape[1] != self.dim):
+                raise ValueError(f"near_dup_cosine: embeddings have shape {embeddings.shape}, "
+                                 f"expected ({self.n}, {self.dim})")
+            if not np.all(np.isfinite(embeddings)):
+                raise ValueError("near_dup_cosine: non-finite example embeddings")
+            if self.n and not np.any(embeddings) and np.any(self.widths):
+                raise ValueError("near_dup_cosine: this FeatureSet carries no example embeddings "
+                                 "(all zero); the guard needs them")
+            return embeddings
+        out = np.zeros((self.n, self.dim))
+        for i in np.flatnonzero(self.widths):
+            out[i] = self.factors[self.offsets[i]:self.offsets[i + 1]].mean(axis=0)
+        return out
+
+    def largest_eigenvalues(self, ids: np.ndarray, above: float) -> np.ndarray:
+        """λ_max(A_i) for each id wherever it exceeds ``above`` (elsewhere a value ≤ ``above``).
+
+        FeatureSet: the stored spectrum. Arrays: ‖X_i‖²_F bounds λ_max from above; only the
+        examples whose bound exceeds ``above`` get an exact spectral norm.
+        """
+        out = np.zeros(self.n)
+        nonempty = np.flatnonzero(self.widths > 0)
+        if len(nonempty) == 0:
+            return out[ids]
+        starts = self.offsets[:-1][nonempty]  # segments between them hold one example's rows
+        if self.feature_set is not None:
+            out[nonempty] = np.maximum.reduceat(np.asarray(self.feature_set.spectrum, np.float64),
+                                                starts)
+            return out[ids]
+        out[nonempty] = np.add.reduceat(np.einsum("ij,ij->i", self.factors, self.factors), starts)
+        out = out[ids]
+        for k in np.flatnonzero(out > above):
+            i = int(ids[k])
+            out[k] = np.linalg.norm(self.factors[self.offsets[i]:self.offsets[i + 1]], 2) ** 2
+        return out
+
+
+class _GainEvaluator:
+    """Batched Δ(i|S) = log det(I_r + ZᵀZ), Z = L⁻¹ F_iᵀ, Σ_S = L Lᵀ (float64 Cholesky).
+
+    Examples are grouped by factor width (rows) so that little padding is needed; within
+    a group each factor is padded with zero rows (a zero column of Z adds log 1 = 0), all
+    rows are multiplied by L⁻¹ in one GEMM, and one batched Cholesky of the smaller Gram
+    (r × r, or d × d when r > d; det(I + ZᵀZ) = det(I + ZZᵀ)) gives the log-determinants.
+    After each pick L and L⁻¹ are recomputed from Σ_S: O(d³), small next to one batch of
+    evaluations at the dimensions this engine targets. Σ_S ⪰ λI keeps L⁻¹ well conditioned.
+    """
+
+    def __init__(self, pool: _Pool, sigma0: np.ndarray, device):
+        self.pool = pool
+        self.device = torch.device(device)
+        self.sigma0 = torch.as_tensor(sigma0, dtype=torch.float64, device=self.device)
+        self.reset()
+
+    def reset(self):
+        self.sigma = self.sigma0.clone()
+        self._refactor()
+        self.logdet0 = self.logdet
+
+    def _refactor(self):
+        chol, info = torch.linalg.cholesky_ex(self.sigma)
+        if int(info) != 0:
+            raise _IllConditioned("the Cholesky factorisation of Σ_S failed")
+        identity = torch.eye(len(chol), dtype=chol.dtype, device=chol.device)
+        self.chol_inverse_t = torch.linalg.solve_triangular(chol, identity, upper=False).T.contiguous()
+        self.logdet = 2.0 * float(torch.log(torch.diagonal(chol)).sum())
+
+    def add(self, i: int):
+        """Σ_S ← Σ_S + A_i and refactor."""
+        rows = torch.as_tensor(self.pool.rows(i), device=self.device)
+        self.sigma += rows.T @ rows
+        self._refactor()
+
+    @property
+    def objective(self) -> float:
+        return self.logdet - self.logdet0
+
+    def gains(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Δ(i|S) and ‖L⁻¹F_iᵀ‖_F² for each id against the current Σ_S, float64."""
+        ids = np.asarray(ids, np.int64)
+        out = np.zeros(len(ids))
+        traces = np.zeros(len(ids))
+        widths = self.pool.widths[ids]
+        order = np.argsort(widths, kind="stable")
+        order = order[widths[order] > 0]  # empty examples: gain exactly 0
+        d = self.pool.dim
+        start = 0
+        while start < len(order):
+            sorted_widths = widths[order[start:]]
+            padded_sizes = np.arange(1, len(sorted_widths) + 1) * sorted_widths * d
+            by_size = int(np.searchsorted(padded_sizes, CHUNK_ELEMENTS, side="right"))
+            # Width groups: pad at most ~1/4 of the group's narrowest width (+ 4 rows).
+            by_width = int(np.searchsorted(sorted_widths, 1.25 * sorted_widths[0] + 4, side="right"))
+            stop = start + max(1, min(by_size, by_width))
+            chunk = order[start:stop]
+            out[chunk], traces[chunk] = self._chunk_gains(ids[chunk])
+            start = stop
+        return out, traces
+
+    def _chunk_gains(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        widths = self.pool.widths[ids]
+        batch, width, d = len(ids), int(widths.max()), self.pool.dim
+        padded = np.zeros((batch, width, d), self.pool.factors.dtype)
+        self.pool.fill(ids, padded)
+        rows = torch.from_numpy(padded).to(self.device, torch.float64)
+        z_rows = rows @ self.chol_inverse_t  # row k of example b: (L⁻¹ f_bk)ᵀ
+        gram = z_rows @ z_rows.transpose(1, 2) if width <= d else z_rows.transpose(1, 2) @ z_rows
+        traces = gram.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy()
+        gram.diagonal(dim1=1, dim2=2).add_(1.0)
+        factor, info = torch.linalg.cholesky_ex(gram)  # I + ZᵀZ ⪰ I: positive definite
+        if bool((info != 0).any()):  # ... unless rounding has destroyed it
+            raise _IllConditioned("the Cholesky factorisation of I + ZᵀZ failed")
+        gains = 2.0 * torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(-1)
+        return gains.cpu().numpy(), traces
+
+
+class _BoundTightener:
+    """Upper bounds on Δ(i|Σ_now) tighter than the stale gain, from how much Σ has grown.
+
+    Two families, both valid for every later Σ (Σ only grows). ``advance(step)`` starts a
+    new epoch (on a geometric schedule of steps, ``due``): it takes the eigenvalues of
+    Σ_step and the growth μ of Σ since each kept snapshot (O(d³) each, at most
+    ``MAX_SNAPSHOTS`` + 1), then snapshots Σ_step. ``bounds(ids)`` then costs O(rows of
+    ids), so the lazy loop tightens only the entries that surface in its queue.
+
+    * Spectral (entries with a stored spectrum): with a_k↓ the eigenvalues of A_i and ν_k↑
+      those of Σ_now, Δ(i|Σ_now) ≤ Σ_k log(1 + a_k/ν_k). Proof: the eigenvalues of
+      Σ^{-½}AΣ^{-½} are the squared singular values of A^{½}Σ^{-½}, and Horn's inequality
+      Π_{k≤j} σ_k(XY) ≤ Π_{k≤j} σ_k(X)σ_k(Y) makes them weakly log-majorised by a_k/ν_k;
+      x ↦ log(1 + e^x) is convex and increasing, so the sum of log(1 + ·) obeys the same
+      order (Weyl's majorant theorem). Needs no evaluation, so it also covers entries that
+      were never evaluated, and it tightens as ν grows.
+    * Snapshot (evaluated entries): an entry evaluated at step t against Σ_t had gain
+      g = Σ_k log(1 + σ_k) and T = Σ_k σ_k = ‖Z‖_F², σ_k the eigenvalues of ZᵀZ,
+      Z = L_t⁻¹F_i, r = rank ≤ min(width, d). Let c ≥ t be a snapshot step (Σ_c ⪰ Σ_t) and
+      μ = λ_min(L_c⁻¹ Σ_now L_c⁻ᵀ) ≥ 1. Then Σ_now ⪰ μΣ_c ⪰ μΣ_t, so Σ_now⁻¹ ⪯ Σ_t⁻¹/μ
+      and Δ(i|Σ_now) ≤ Σ_k log(1 + σ_k/μ), which is at most each of
+        (a) r·log(1 + T/(rμ))              — Jensen (log(1 + x/μ) is concave);
+        (b) h(g), h(x) = log(1 + (e^x − 1)/μ) — h is convex with h(0) = 0, hence
+            superadditive, and log(1 + σ_k/μ) = h(log(1 + σ_k));
+        (c) g.
+      μ(c, now) only grows with now, so a μ taken at the epoch's start stays valid.
+    """
+
+    def __init__(self, pool: _Pool, evaluator: _GainEvaluator, lam: float,
+                 evaluated_gain: np.ndarray, trace: np.ndarray, evaluated_at_start: bool):
+        self.evaluator = evaluator
+        self.lam = lam
+        self.ranks = np.minimum(pool.widths, pool.dim).astype(np.float64)
+        self.evaluated_gain = evaluated_gain.copy()
+        self.trace = trace.copy()
+        # Step each entry's stale gain was evaluated at; −1: never (spectral bound only).
+        self.evaluated_step = np.full(pool.n, 0 if evaluated_at_start else -1, np.int64)
+        self.tightened_epoch = np.zeros(pool.n, np.int64)  # epochs count from 1
+        self.snapshot_steps: list[int] = []
+        self.snapshot_inverses: list[torch.Tensor] = []
+        self.mu = np.zeros(0)
+        self.nu = None
+        self.epoch = 0
+        self.last_refresh = -1
+        self.spectrum = _SortedSpectrum(pool.feature_set) if pool.feature_set is not None else None
+
+    def due(self, step: int) -> bool:
+        return step >= max(self.last_refresh + 1, math.ceil(REFRESH_GROWTH * self.last_refresh))
+
+    def record(self, ids, gains: np.ndarray, traces: np.ndarray, step: int):
+        self.evaluated_gain[ids] = gains
+        self.trace[ids] = traces
+        self.evaluated_step[ids] = step
+
+    def mark_tightened(self, ids):
+        """The current epoch has lowered these entries' bounds."""
+        self.tightened_epoch[ids] = self.epoch
+
+    def is_tight(self, i: int) -> bool:
+        """Whether the current epoch can no longer lower entry i's bound."""
+        return self.tightened_epoch[i] == self.epoch or self.evaluated_step[i] >= self.last_refresh
+
+    def advance(self, step: int):
+        """New epoch: ν of Σ_step and μ of each snapshot against it; then snapshot Σ_step."""
+        sigma = self.evaluator.sigma
+        mu = np.zeros(0)
+        if self.snapshot_steps:
+            stacked = torch.stack(self.snapshot_inverses)  # L_c⁻ᵀ
+            grown = stacked.transpose(1, 2) @ sigma @ stacked
+            eigenvalues = torch.linalg.eigvalsh(grown).cpu().numpy()
+            mu = np.maximum(1.0, eigenvalues[:, 0] - EIGEN_TOL * eigenvalues[:, -1])
+        if self.spectrum is not None:
+            nu = torch.linalg.eigvalsh(sigma).cpu().numpy()
+            self.nu = np.maximum(nu - EIGEN_TOL * nu[-1], self.lam)  # Σ_now ⪰ λI
+        self.snapshot_steps.append(step)
+        self.snapshot_inverses.append(self.evaluator.chol_inverse_t.clone())
+        self.mu = np.append(mu, 1.0)  # Σ_step against itself
+        # MAX_SNAPSHOTS with μ > 1 besides Σ_step's own; later ones stay valid for old entries.
+        if len(self.snapshot_steps) > MAX_SNAPSHOTS + 1:
+            del self.snapshot_steps[0], self.snapshot_inverses[0]
+            self.mu = self.mu[1:]
+        self.epoch += 1
+        self.last_refresh = step
+
+    def bounds(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """Bounds of the current epoch for ``ids`` (all entries if None; inf where none applies)."""
+        ids = np.arange(len(self.ranks)) if ids is None else np.asarray(ids, np.int64)
+        bounds = self._snapshot_bounds(ids)
+        if self.spectrum is not None:
+            bounds = np.minimum(bounds, self.spectrum.bounds(self.nu, None if len(ids) == len(
+                self.ranks) else ids))
+        return bounds * (1.0 + BOUND_SLACK)
+
+    def _snapshot_bounds(self, ids: np.ndarray) -> np.ndarray:
+        """min of (a), (b), (c) for entries evaluated at or before the newest snapshot."""
+        bounds = np.full(len(ids), np.inf)
+        step = self.evaluated_step[ids]
+        charged = np.searchsorted(self.snapshot_steps, step, side="left")
+        has = (step >= 0) & (charged < len(self.snapshot_steps))
+        m = self.mu[charged[has]]
+        has_ids = ids[has]
+        g, total, rank = self.evaluated_gain[has_ids], self.trace[has_ids], self.ranks[has_ids]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            jensen = np.where(rank > 0, rank * np.log1p(total / (np.maximum(rank, 1) * m)), 0.0)
+        superadditive = g + np.log1p((m - 1.0) * np.exp(-g)) - np.log(m)
+        bounds[has] = np.minimum(np.minimum(jensen, superadditive), g)
+        return bounds
+
+
+class _SortedSpectrum:
+    """Per-example eigenvalues of A_i in decreasing order, inflated to cover float32 factors."""
+
+    def __init__(self, feature_set):
+        offsets = np.asarray(feature_set.offsets, np.int64)
+        self.widths = np.diff(offsets)
+        self.offsets = offsets
+        self.nonempty = np.flatnonzero(self.widths > 0)
+        self.starts = offsets[:-1][self.nonempty]
+        self.n = len(self.widths)
+        position = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], self.widths)
+        values = np.asarray(feature_set.spectrum, np.float32)
+        descending = np.diff(values) <= 0
+        if not np.all(descending | (position[1:] == 0)):
+            order = np.lexsort((-values, np.repeat(np.arange(self.n), self.widths)))
+            values = values[order]
+        del descending
+        if len(self.starts):
+            largest = np.repeat(np.maximum.reduceat(values, self.starts), self.widths[self.nonempty])
+            inflated = values.astype(np.float64) + SPECTRUM_REL_TOL * largest
+            # One float32 ulp up, so the stored value stays ≥ the inflated float64 one.
+            values = np.nextafter(inflated.astype(np.float32), np.float32(np.inf))
+        self.values = values
+        self.position = position.astype(np.int32)  # < d
+
+    def bounds(self, nu_ascending: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Σ_k log1p(a_k↓ / ν_k↑) per example of ``ids`` (all if None; 0 for empty ones)."""
+        if ids is not None:
+            widths = self.widths[ids]
+            first = np.repeat(np.cumsum(widths) - widths, widths)
+            position = np.arange(len(first)) - first
+            rows = np.repeat(self.offsets[ids], widths) + position
+            terms = np.log1p(self.values[rows] / nu_ascending[position])
+            return np.bincount(np.repeat(np.arange(len(ids)), widths), terms, minlength=len(ids))
+        out = np.zeros(self.n)
+        if len(self.starts):
+            terms = np.log1p(self.values / nu_ascending[self.position])
+            out[self.nonempty] = np.add.reduceat(terms, self.starts)
+        return out
+
+
+class _IllConditioned(Exception):
+    """A factorisation failed: Σ is too ill-conditioned for float64 (turned into ValueError)."""
+
+
+def _as_pool(examples, what: str) -> _Pool:
+    """Validate ``examples`` (FeatureSet or sequence of (m_i, d) arrays) into a _Pool.
+
+    A FeatureSet is checked in one streaming pass (``validation.check_feature_set``: widths
+    ≤ d, finite values, spectrum consistent with the factor), errors naming the example.
+    """
+    if hasattr(examples, "factors") and hasattr(examples, "offsets"):
+        pool = _Pool(examples.factors, examples.offsets, examples.num_targets, examples)
+        check_feature_set(examples, pool.read_rows, what)
+        if len(pool.costs) != pool.n:
+            raise ValueError(f"{what}s: num_targets has {len(pool.costs)} entries, expected {pool.n}")
+        return pool
+    arrays = checked_examples(examples, what, np.float64)
+    lengths = np.array([len(X) for X in arrays], np.int64)
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    factors = np.concatenate(arrays) if arrays else np.zeros((0, 0))
+    return _Pool(factors, offsets, lengths)
+
+
+class _Conditioning:
+    """How ill-conditioned Σ can get in a run, and the advice when it is too much.
+
+    A run reaches condition number κ ≥ 1 + a/λ where a is the largest eigenvalue of one
+    A_i (the first pick of a low-rank example leaves Σ's smallest eigenvalue at λ and its
+    largest at λ + a) or of the prior's Σ A_p (already in Σ_0). ``check`` rejects a λ with
+    1 + a/λ > ``MAX_CONDITION``: past it float64 selection measurably goes wrong (see the
+    measurement at MAX_CONDITION).
+    """
+
+    def __init__(self, pool: _Pool, prior_gram: np.ndarray | None, lam: float,
+                 eligible: np.ndarray | None):
+        self.lam = lam
+        ids = np.arange(pool.n) if eligible is None else eligible
+        limit = (MAX_CONDITION - 1.0) * lam
+        largest = pool.largest_eigenvalues(ids, limit) if len(ids) else np.zeros(0)
+        self.largest = float(largest.max()) if len(largest) else 0.0
+        if prior_gram is not None:
+            self.largest = max(self.largest, float(np.linalg.eigvalsh(prior_gram)[-1]))
+        self.kappa = 1.0 + self.largest / lam
+        tokens = float(pool.costs.sum())
+        if pool.feature_set is not None:
+            energy = float(np.asarray(pool.feature_set.spectrum).sum(dtype=np.float64))
+        else:
+            energy = float(np.einsum("ij,ij->", pool.factors, pool.factors)) if pool.n else 0.0
+        self.token_energy = energy / tokens if tokens else 0.0
+
+    @property
+    def safe_lam(self) -> float:
+        return self.largest / (MAX_CONDITION - 1.0)
+
+    def advice(self) -> str:
+        if not self.safe_lam > self.lam:  # failed although the bound allowed this λ
+            return "use a larger --lam (or --lam-relative)"
+        relative = (f" or --lam-relative >= {self.safe_lam / self.token_energy:.3g}"
+                    if self.token_energy > 0 else "")
+        return (f"use --lam >= {self.safe_lam:.3g}{relative} (the smallest safe λ: condition "
+                f"number {MAX_CONDITION:.0e})")
+
+    def check(self):
+        if self.kappa > MAX_CONDITION:
+            raise ValueError(
+                f"lam={self.lam:g} is too small for these features: Σ would reach condition "
+                f"number {self.kappa:.2g} (1 + {self.largest:.4g}/λ, the largest eigenvalue of "
+                f"one example's A_i or of the prior's), past {MAX_CONDITION:.0e} where float64 "
+                f"selection loses precision; {self.advice()}")
+
+    @contextlib.contextmanager
+    def failures_as_value_errors(self):
+        """A linear-algebra failure that still happens becomes a ValueError with the advice."""
+        try:
+            yield
+        except (_IllConditioned, torch.linalg.LinAlgError) as error:
+            raise ValueError(f"lam={self.lam:g}: linear algebra failed ({str(error).splitlines()[0]}"
+                             f"); Σ is too ill-conditioned for float64: {self.advice()}") from None
+
+
+class LogDetObjective:
+    """Δ(i|S) = log det(Σ_S + A_i) − log det Σ_S as a greedy.py objective (submodular)."""
+
+    submodular = True
+    knapsack_variants = KNAPSACK_VARIANTS
+    lazy_batch = None
+
+    def __init__(self, pool: _Pool, sigma0: np.ndarray, lam: float, device):
+        self.pool = pool
+        self.lam = lam
+        self.n = pool.n
+        self.costs = pool.costs
+        self.evaluator = _GainEvaluator(pool, sigma0, device)
+
+    def reset(self):
+        self.evaluator.reset()
+
+    def gains(self, ids):
+        return self.evaluator.gains(ids)
+
+    def add(self, i: int):
+        self.evaluator.add(i)
+
+    @property
+    def value(self) -> float:
+        return self.evaluator.objective
+
+    def initial_bounds(self, eligible: np.ndarray) -> InitialBounds:
+        """FeatureSet: free bounds from the stored spectra (valid with a prior too: Σ_0 ⪰ λI).
+        Arrays: the gains at Σ_0, evaluated."""
+        values = np.zeros(self.n)
+        traces = np.zeros(self.n)
+        if self.pool.feature_set is not None:
+            values[eligible] = self.pool.feature_set.initial_gains(self.lam, SPECTRUM_REL_TOL)[eligible]
+            return InitialBounds(values, traces, 0, False)
+        values[eligible], traces[eligible] = self.evaluator.gains(eligible)
+        return InitialBounds(values, traces, len(eligible), True)
+
+    def bound_tightener(self, initial: InitialBounds) -> _BoundTightener:
+        traces = initial.aux if initial.aux is not None else np.zeros(self.n)
+        return _BoundTightener(self.pool, self.evaluator, self.lam, initial.values, traces,
+                               initial.exact)
+
+
+def _prepare(examples, lam, prior, eligible):
+    """The validated pool, Σ_0, the prior's gram and the conditioning check."""
+    pool = _as_pool(examples, "example")
+    eligible = checked_eligible(eligible, pool.n)
+    if pool.n == 0:
+        return pool, None, None, eligible
+    sigma0 = lam * np.eye(pool.dim)
+    prior_gram = None
+    if prior is not None:
+        prior_pool = _as_pool(prior, "prior example")
+        if prior_pool.n and prior_pool.dim != pool.dim:
+            raise ValueError(f"prior: dimension {prior_pool.dim} != examples' {pool.dim}")
+        if prior_pool.n:
+            prior_gram = prior_pool.gram()
+            sigma0 = sigma0 + prior_gram
+    conditioning = _Conditioning(pool, prior_gram, float(lam), eligible)
+    conditioning.check()
+    return pool, sigma0, conditioning, eligible
+
+
+def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
+           budget_unit: str = "examples", prior=None, device: str = "cpu",
+           batch_size: int | None = None,
+           progress: Callable[[int, int], None] | None = None,
+           checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+           threads: int | None = None, near_dup_cosine: float | None = None,
+           eligible=None, label: str = "tokenod") -> Selection:
+    """Greedy TokenOD selection: maximise log det(Σ_0 + Σ_{i∈S} A_i) − log det Σ_0.
+
+    ``examples``: a FeatureSet or a sequence of (m_i, d) arrays of target-token embeddings
+    (m_i may be 0). ``budget``: number of examples, or target tokens when
+    ``budget_unit="tokens"`` (cost = ``num_targets`` of a FeatureSet, m_i of arrays;
+    zero-cost examples are never picked). ``prior``: examples already trained on, same
+    kinds; their A_p join Σ_0 = λI. ``method``: "lazy" (exact, fast) or "naive" (paper
+    Alg. 1, the reference). ``device``: torch device for the batched evaluations.
+    ``eligible``: positions that may be picked (None: all); ``indices`` stay positions into
+    ``examples``.
+
+    Order: under an example budget the picks are a ranking — every prefix of ``indices``
+    is exactly the greedy answer for that smaller example budget. Under a token budget
+    they are not: the answer for a smaller token budget comes from its own run (what still
+    fits differs, and the cost-benefit/unit-cost winner can change).
+
+    The token budget runs cost-benefit lazy greedy (gain / cost) and unit-cost lazy greedy
+    restricted to what fits, and keeps the better objective (Leskovec et al. 2007); its
+    ``upper_bound`` is the min over both runs of the fractional-knapsack certificate.
+    ``progress(step, total)`` is called after each pick.
+
+    ``near_dup_cosine=T``: a candidate whose embedding (a FeatureSet's ``embeddings`` row,
+    the mean of an array's rows) has cosine ≥ T with an already-picked example is not
+    eligible (rows of zeros never are twins). Lazy greedy drops such a candidate when it
+    surfaces, naive greedy filters its candidates every step: the picks are the same.
+    ``Selection.excluded_near_duplicates`` counts the candidates dropped (lazy greedy only
+    meets some of them). The certificate then bounds OPT over the examples the guard
+    never excluded.
+
+    λ and precision: a run reaches condition number 1 + a/λ (a: the largest eigenvalue of
+    one A_i, or of the prior's Σ A_p). Past ``MAX_CONDITION`` float64 loses the gains'
+    precision, so such a λ raises a ValueError naming ``--lam``/``--lam-relative`` and the
+    smallest safe λ; a factorisation that still fails raises the same kind of error.
+
+    Resume: ``checkpoint(state)`` is called after each pick with a small JSON-serialisable
+    dict (the picks and gains so far of each budget variant, which variant is running, and
+    the call's settings); passing the last state received as ``resume=`` to the same call
+    replays those picks into Σ in order and continues. Guaranteed: the same ``indices``,
+    ``gains`` and ``objective`` as an uninterrupted run (greedy's argmax is exact with
+    lowest-index ties, so the stale bounds may restart from the initial ones). Not
+    guaranteed: ``evaluations``, ``upper_bound`` and ``excluded_near_duplicates`` (the
+    certificate and the guard's count restart too).
+
+    ``threads``: torch intra-op threads for this call (restored after); 1 is fastest on a
+    shared or contended CPU (see benchmarks/RESULTS.md); None keeps torch's setting.
+    ``label``: the method name stored in the Selection and its checkpoints.
+    """
+    check_budget_args(budget, method, budget_unit, batch_size, threads)
+    check_lam(lam)
+    check_near_dup_cosine(near_dup_cosine)
+    return with_threads(threads, _select, examples, budget, lam, method, budget_unit, prior,
+                        device, batch_size, progress, checkpoint, resume, near_dup_cosine,
+                        eligible, label)
+
+
+def _select(examples, budget, lam, method, budget_unit, prior, device, batch_size,
+            progress, checkpoint, resume, near_dup_cosine, eligible, label) -> Selection:
+    pool, sigma0, conditioning, eligible = _prepare(examples, lam, prior, eligible)
+    if pool.n == 0:
+        return empty_selection(budget_unit, True, label)
+    guard = make_guard(pool.embeddings(), near_dup_cosine) if near_dup_cosine is not None else None
+    with conditioning.failures_as_value_errors():
+        objective = LogDetObjective(pool, sigma0, lam, device)
+        return run_greedy(objective, budget, budget_unit=budget_unit, method=method,
+                          eligible=eligible, batch_size=batch_size, progress=progress,
+                          checkpoint=checkpoint, resume=resume, guard=guard,
+                          settings={"lam": lam}, label=label)
+
+
+def logdet_gains(features, indices, lam: float = 1.0, prior=None,
+                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Log-det marginal gain of each of ``indices`` taken in that order, and f(S) after each.
+
+    The same units (and the same evaluator) as TokenOD's ``Selection.gains`` and
+    ``objective``: a subset picked by any method can be reported on TokenOD's scale.
+    """
+    check_lam(lam)
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    pool, sigma0, conditioning, _ = _prepare(features, lam, prior, None)
+    if len(indices) and (indices.min() < 0 or indices.max() >= pool.n):
+        raise ValueError(f"indices must be positions in [0, {pool.n})")
+    gains = np.zeros(len(indices))
+    values = np.zeros(len(indices))
+    if len(indices) == 0:
+        return gains, values
+    with conditioning.failures_as_value_errors():
+        evaluator = _GainEvaluator(pool, sigma0, device)
+        for k, i in enumerate(indices):
+            gains[k] = evaluator.gains([int(i)])[0][0]
+            evaluator.add(int(i))
+            values[k] = evaluator.objective
+    return gains, values
