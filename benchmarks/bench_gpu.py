@@ -7,7 +7,7 @@ tokenised with SmolLM2's tokenizer.
 
     python benchmarks/bench_gpu.py --tokenizer .bench/smollm2-tokenizer                 # on a GPU
     python benchmarks/bench_gpu.py --tokenizer .bench/smollm2-tokenizer --device cpu \\
-        --sizes tiny --rows 48 --sweep-rows 24 --select-dims 64 --select-scale 0.05  # CPU toy
+        --sizes tiny --rows 48 --sweep-rows 24 --select-sizes 64:400:20                 # CPU toy
 
 Sections (each prints a table; the last lines summarise):
   peak       a large bf16 matrix product: the card's measured matrix ceiling
@@ -17,6 +17,9 @@ Sections (each prints a table; the last lines summarise):
              phase (tokenize, pad, forward, gather+host copy, factor rule, table)
   mfu        per model: bare-forward throughput per micro-batch token budget, model FLOP
              utilisation 2·N·tokens/s against the measured and the datasheet bf16 peak
+  storage    the storage rule (features.factor_from_rows: spectra of X Xᵀ, eigen factors
+             past d) on GSM8K-like lengths at d = 576, 2048, 4096: numpy per example, numpy
+             on a thread pool, and batched float64 / float32 eigvalsh on the GPU
   select     select(device="cuda") vs CPU on the same synthetic instances (d = 64, 576, 2048;
              examples and token budgets): picks equal, wall ratio, evaluations/s, the share of
              GPU wall time in kernels (torch profiler) and lazy batch sizes
@@ -154,27 +157,31 @@ def bench_featurize(name: str, args, examples: pa.Table, peak: float, datasheet:
     featurizer = Featurizer(config, backend=backend)
     planned = plan_forward_units(examples, GPU_ROWS_PER_UNIT)
     featurizer(planned.slice(0, GPU_ROWS_PER_UNIT))  # warm-up
-    featurizer.seconds = dict.fromkeys(featurizer.seconds, 0.0)
     featurizer.real_tokens = featurizer.padded_tokens = 0
     table = None
 
     def run():
         nonlocal table
         table = featurizer(planned)
-    featurize_s = timed(run, args.device)
+    featurize_s = timed(run, args.device)  # as an actor runs it: device work overlaps host work
+    input_tokens, padding = featurizer.real_tokens, featurizer.padding_fraction
+    # Again with the device synchronised at every phase boundary: each phase's own cost.
+    featurizer.profile, featurizer.seconds = True, dict.fromkeys(featurizer.seconds, 0.0)
+    profiled_s = timed(run, args.device)
+    featurizer.profile = False
     targets = int(np.sum(table.column("num_targets").to_numpy()))
     batches = micro_batch_tensors(featurizer, planned)
     bare_s = forward_seconds(featurizer.model, batches, args.device)
     naive_s = forward_seconds(backend.causal, batches, args.device, hidden_states=True)
     params = non_embedding_parameters(featurizer.model)
     row = {"model": name, "d": featurizer.dim, "params_non_embedding": params, "rows": planned.num_rows,
-           "input_tokens": featurizer.real_tokens, "target_tokens": targets,
-           "padding": round(featurizer.padding_fraction, 4), "micro_batches": len(batches),
+           "input_tokens": input_tokens, "target_tokens": targets,
+           "padding": round(padding, 4), "micro_batches": len(batches),
            "featurize_s": featurize_s, "bare_forward_s": bare_s, "naive_hidden_states_s": naive_s,
            "featurize_target_tok_s": targets / featurize_s, "bare_target_tok_s": targets / bare_s,
            "naive_target_tok_s": targets / naive_s, "featurize_over_bare": bare_s / featurize_s,
-           "phase_seconds": {k: round(v, 4) for k, v in featurizer.seconds.items()},
-           "outside_forward_share": 1 - featurizer.seconds["forward"] / featurize_s}
+           "profiled_s": profiled_s, "phase_seconds": {k: round(v, 4) for k, v in featurizer.seconds.items()},
+           "outside_forward_share": 1 - featurizer.seconds["forward"] / profiled_s}
     # Micro-batch token budgets: the bare forward on a slice of the rows, re-cut per budget.
     sweep = []
     sample = planned.slice(0, args.sweep_rows)
@@ -209,11 +216,66 @@ def kernel_share(features, budget, budget_unit, batch_size) -> tuple[float, floa
     return wall, kernel_us / 1e6 / wall
 
 
+def storage_rule_batched(rows: list[torch.Tensor], dtype) -> list[np.ndarray]:
+    """Spectra of X Xᵀ for many examples (all m ≤ d) at once: zero-padded to a common
+    length (padding adds zero eigenvalues only), eigvalsh batched on the device."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    spectra = [None] * len(rows)
+    d = rows[0].shape[1]
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop - start + 1) * len(rows[order[stop]]) * d <= 1 << 25:
+            stop += 1
+        chunk = order[start:stop]
+        width = len(rows[chunk[-1]])
+        padded = torch.zeros(len(chunk), width, d, dtype=dtype, device=rows[0].device)
+        for b, i in enumerate(chunk):
+            padded[b, :len(rows[i])] = rows[i]
+        values = torch.linalg.eigvalsh(padded @ padded.mT).flip(-1).clamp_min(0).cpu().numpy()
+        for b, i in enumerate(chunk):
+            spectra[i] = values[b, :len(rows[i])].astype(np.float32)
+        start = stop
+    return spectra
+
+
+def bench_storage(args) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fishersft_ray.features import factor_from_rows
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(110), 0.5, size=args.storage_examples).astype(int), 2, 500)
+    rows_out = []
+    for d in (576, 2048, 4096):
+        host = [rng.standard_normal((m, d), dtype=np.float32) for m in lengths]
+        row = {"d": d, "examples": len(host), "mean_m": float(lengths.mean())}
+        start = time.perf_counter()
+        reference = [factor_from_rows(X)[1] for X in host]
+        row["numpy_s"] = time.perf_counter() - start
+        with ThreadPoolExecutor(args.storage_threads) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda X: factor_from_rows(X)[1], host))
+            row[f"numpy_{args.storage_threads}threads_s"] = time.perf_counter() - start
+        if args.device == "cuda":
+            device_rows = [torch.from_numpy(X).to("cuda") for X in host]
+            for name, dtype in (("fp64", torch.float64), ("fp32", torch.float32)):
+                storage_rule_batched(device_rows[:8], dtype)  # warm-up
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                spectra = storage_rule_batched(device_rows, dtype)
+                row[f"gpu_{name}_s"] = time.perf_counter() - start
+                row[f"gpu_{name}_max_rel_err"] = max(float(np.max(np.abs(a - b)) / max(np.max(b), 1e-30))
+                                                    for a, b in zip(spectra, reference))
+        rows_out.append(row)
+        print(json.dumps(row), flush=True)
+    return rows_out
+
+
 def bench_select(args) -> list[dict]:
     rows = []
-    sizes = {64: (20000, 200), 576: (3000, 100), 2048: (1500, 50)}
-    for d in args.select_dims:
-        n, budget = (max(50, int(v * args.select_scale)) for v in sizes[d])
+    for spec in args.select_sizes.split(","):
+        d, n, budget = (int(v) for v in spec.split(":"))
         features = synthetic_feature_set(n, d, seed=d)
         for unit in ("examples", "tokens"):
             picks = budget if unit == "examples" else int(budget * features.num_targets.mean())
@@ -223,7 +285,7 @@ def bench_select(args) -> list[dict]:
             row = {"d": d, "N": n, "budget": picks, "unit": unit, "cpu_s": cpu_s,
                    "cpu_evals_s": cpu.evaluations / cpu_s, "evaluations": cpu.evaluations}
             if args.device == "cuda":
-                for batch_size in (None, 64, 512):
+                for batch_size in (None, 512):
                     select(features, picks, budget_unit=unit, device="cuda", batch_size=batch_size)  # warm
                     start = time.perf_counter()
                     gpu = select(features, picks, budget_unit=unit, device="cuda", batch_size=batch_size)
@@ -240,6 +302,12 @@ def bench_select(args) -> list[dict]:
     return rows
 
 
+def save(results: dict, path: str | None) -> None:
+    """Write what is measured so far (a run cut short keeps its finished sections)."""
+    if path:
+        pathlib.Path(path).write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (SmolLM2's: see RESULTS.md)")
@@ -250,13 +318,14 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
     parser.add_argument("--sweep", default="2048,4096,8192,16384,32768,65536")
     parser.add_argument("--sweep-rows", type=int, default=1024)
-    parser.add_argument("--select-dims", default="64,576,2048")
-    parser.add_argument("--select-scale", type=float, default=1.0, help="scale the selection instances")
-    parser.add_argument("--sections", default="featurize,select")
+    parser.add_argument("--select-sizes", default="64:4000:100,576:1500:50,2048:600:30",
+                        help="selection instances d:N:budget (examples; the token budget is budget × mean length)")
+    parser.add_argument("--storage-examples", type=int, default=256)
+    parser.add_argument("--storage-threads", type=int, default=16)
+    parser.add_argument("--sections", default="featurize,storage,select")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    args.sweep = [int(v) for v in args.sweep.split(",")]
-    args.select_dims = [int(v) for v in args.select_dims.split(",")]
+    args.sweep = [int(v) for v in args.sweep.split(",") if v]
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     peak = matmul_peak(args.device)
@@ -273,17 +342,23 @@ def main() -> None:
             row = bench_featurize(name, args, examples, peak, datasheet)
             results["featurize"].append(row)
             print(json.dumps(row), flush=True)
+            save(results, args.out)
+    if "storage" in sections:
+        results["storage"] = bench_storage(args)
+        save(results, args.out)
     if "select" in sections:
         results["select"] = bench_select(args)
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+        save(results, args.out)
     for row in results.get("featurize", []):
-        best = max(row["sweep"], key=lambda r: r["padded_tok_s"])
+        best = max(row["sweep"], key=lambda r: r["padded_tok_s"]) if row["sweep"] else None
         print(f"featurize model={row['model']} d={row['d']} target_tok_s={row['featurize_target_tok_s']:.0f} "
               f"bare_target_tok_s={row['bare_target_tok_s']:.0f} naive_target_tok_s={row['naive_target_tok_s']:.0f} "
               f"featurize_over_bare={row['featurize_over_bare']:.3f} padding={row['padding']:.3f} "
-              f"outside_forward={row['outside_forward_share']:.3f} best_micro_batch_tokens={best['micro_batch_tokens']} "
-              f"mfu_measured_peak={best['mfu_measured_peak']:.3f}")
+              f"outside_forward={row['outside_forward_share']:.3f}"
+              + (f" best_micro_batch_tokens={best['micro_batch_tokens']} mfu_measured_peak={best['mfu_measured_peak']:.3f}"
+                 if best else ""))
+    for row in results.get("storage", []):
+        print("storage " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     for row in results.get("select", []):
         print("select " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 

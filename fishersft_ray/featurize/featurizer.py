@@ -108,7 +108,8 @@ class Featurizer:
         self.real_tokens = 0
         self.padded_tokens = 0
         # Seconds per phase over every call (what a Ray actor spends where); see `timed`.
-        self.seconds = dict.fromkeys(("tokenize", "pad", "forward", "gather_copy", "factors", "table"), 0.0)
+        self.seconds = dict.fromkeys(("tokenize", "pad", "forward", "gather", "factors", "table"), 0.0)
+        self.profile = False
 
     def _projection(self) -> np.ndarray | None:
         config = self.config
@@ -125,13 +126,15 @@ class Featurizer:
 
     @contextmanager
     def timed(self, phase: str):
-        """Add the wall time of the block to ``seconds[phase]``; on a GPU the queued kernels are
-        waited for first, so a phase is charged its own device work."""
+        """Add the wall time of the block to ``seconds[phase]``. Device work is queued, not
+        waited for, so it is charged to the phase where the host next waits for it; with
+        ``profile`` set the device is synchronised at every phase boundary instead, so each
+        phase is charged its own device work (slower: nothing overlaps)."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
+            if self.profile and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds[phase] += time.perf_counter() - start
 
@@ -145,10 +148,12 @@ class Featurizer:
         return [encode_with_targets(self.tokenizer, messages)
                 for messages in batch.column("messages").to_pylist()]
 
-    def pieces(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """(example, window token ids, window positions whose NEXT token is a target) per window."""
+    def pieces(self, encoded: list, examples=None) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(example, window token ids, window positions whose NEXT token is a target) per window
+        of the ``examples`` (positions into ``encoded``; default: all)."""
         pieces = []
-        for example, (ids, targets) in enumerate(encoded):
+        for example in range(len(encoded)) if examples is None else examples:
+            ids, targets = encoded[example]
             for start, end in windows(len(ids), self.max_length, self.config.overlong):
                 pieces.append((example, ids[start:end], np.flatnonzero(targets[start + 1:end])))
         return pieces
@@ -171,36 +176,51 @@ class Featurizer:
 
     def target_states(self, encoded: list[tuple[np.ndarray, np.ndarray]],
                       units: list[int] | None = None) -> list[np.ndarray]:
-        """Per example, X_i (m_i, d) float32: the pre-logit states predicting its target tokens.
-
-        With ``units`` (one id per example, see run/feature_cache.plan_forward_units) each unit is
-        micro-batched on its own, so an example's forward pass — and its float bits — depend
-        only on its unit, not on which other rows share this call.
-        """
-        states = [[] for _ in encoded]
-        pieces = self.pieces(encoded)
-        groups = [pieces] if units is None else \
-            [[p for p in pieces if units[p[0]] == unit] for unit in dict.fromkeys(units)]
-        for group in groups:
-            for micro_batch in self.micro_batches(group):
-                for (example, _, _), rows in zip(micro_batch, self._forward(micro_batch)):
-                    states[example].append(rows)
-        return [np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
-                for rows in states]
+        """Per example, X_i (m_i, d) float32 on the host: the pre-logit states predicting its
+        target tokens (see ``device_states``)."""
+        return [X.cpu().numpy() for X in self.device_states(encoded, units)]
 
     @torch.inference_mode()
-    def token_weights(self, states: list[np.ndarray], target_ids: list[np.ndarray]) -> list[np.ndarray] | None:
+    def device_states(self, encoded: list, units: list[int] | None = None, messages: list | None = None
+                      ) -> list[torch.Tensor]:
+        """Per example, X_i (m_i, d) float32 on the featurizer's device.
+
+        With ``units`` (one id per example, see run/feature_cache.plan_forward_units) each unit
+        is micro-batched on its own, so an example's forward pass — and its float bits — depend
+        only on its unit, not on which other rows share this call. With ``messages`` the
+        examples are tokenised here, unit by unit, into ``encoded``: a unit's tokenising and
+        padding run on the host while the device still computes the previous unit's forward
+        passes (nothing waits for the device until the caller reads the states).
+        """
+        count = len(messages) if messages is not None else len(encoded)
+        units = [0] * count if units is None else units
+        members: dict = {}
+        for example, unit in enumerate(units):
+            members.setdefault(unit, []).append(example)
+        rows: list[list] = [[] for _ in range(count)]
+        for group in members.values():
+            if messages is not None:
+                with self.timed("tokenize"):
+                    for example in group:
+                        encoded[example] = encode_with_targets(self.tokenizer, messages[example])
+            for micro_batch in self.micro_batches(self.pieces(encoded, group)):
+                for (example, _, _), piece_rows in zip(micro_batch, self._forward(micro_batch)):
+                    rows[example].append(piece_rows)
+        empty = torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
+        return [torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else empty) for parts in rows]
+
+    @torch.inference_mode()
+    def token_weights(self, states: list[torch.Tensor], target_ids: list[np.ndarray]) -> list[torch.Tensor] | None:
         """Per example, the weight of each target-token row (``loss_weights``); None if unweighted."""
         if self.head is None:
             return None
         lengths = [len(X) for X in states]
         if not sum(lengths):
-            return [np.zeros(0, np.float32) for _ in states]
-        flat = torch.from_numpy(np.concatenate(states)).to(self.device)
+            return [torch.zeros(0, device=self.device) for _ in states]
         targets = torch.from_numpy(np.concatenate(target_ids).astype(np.int64)).to(self.device)
         bias = getattr(self.head, "bias", None)
-        weights = loss_weights(flat, targets, self.head.weight, bias).cpu().numpy()
-        return np.split(weights, np.cumsum(lengths)[:-1])
+        weights = loss_weights(torch.cat(states), targets, self.head.weight, bias)
+        return list(torch.split(weights, lengths))
 
     def pad(self, micro_batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, position_ids) of a micro-batch, padded on the tokenizer's side."""
@@ -211,48 +231,41 @@ class Featurizer:
         return padded["input_ids"], attention_mask, position_ids
 
     @torch.inference_mode()
-    def _forward(self, pieces) -> list[np.ndarray]:
-        """One padded forward pass; per piece, the fp32 states at its predictor positions."""
+    def _forward(self, pieces) -> list[torch.Tensor]:
+        """One padded forward pass; per piece, the float32 states at its predictor positions,
+        left on the device."""
         with self.timed("pad"):
-            input_ids, attention_mask, position_ids = (t.to(self.device) for t in self.pad(pieces))
-        self.real_tokens += int(attention_mask.sum())
-        self.padded_tokens += int(attention_mask.numel() - attention_mask.sum())
+            input_ids, attention_mask, position_ids = self.pad(pieces)
+            width = input_ids.shape[1]
+            first_real = ((width - attention_mask.sum(-1)) if self.tokenizer.padding_side == "left"
+                          else torch.zeros(len(pieces), dtype=torch.long))
+            flat_index = torch.from_numpy(np.concatenate([row * width + int(first_real[row]) + predictors
+                                                          for row, (_, _, predictors) in enumerate(pieces)]))
+            self.real_tokens += int(attention_mask.sum())
+            self.padded_tokens += int(attention_mask.numel() - attention_mask.sum())
+            input_ids, attention_mask, position_ids, flat_index = (
+                t.to(self.device, non_blocking=True) for t in (input_ids, attention_mask, position_ids, flat_index))
         with self.timed("forward"):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False).last_hidden_state
-        with self.timed("gather_copy"):
-            width = hidden.shape[1]
-            first_real = ((width - attention_mask.sum(-1)).cpu() if self.tokenizer.padding_side == "left"
-                          else torch.zeros(len(pieces), dtype=torch.long))
-            flat_index = np.concatenate([row * width + int(first_real[row]) + predictors
-                                         for row, (_, _, predictors) in enumerate(pieces)])
-            gathered = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(flat_index).to(self.device)]
-            gathered = gathered.float().cpu().numpy()
-        return np.split(gathered, np.cumsum([len(p) for _, _, p in pieces])[:-1])
+        with self.timed("gather"):
+            gathered = hidden.reshape(-1, hidden.shape[-1])[flat_index].float()
+        return list(torch.split(gathered, [len(p) for _, _, p in pieces]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Examples (row_index, id, messages[, unit]) → one SHARD_SCHEMA row each."""
-        with self.timed("tokenize"):
-            encoded = self.encode(batch)
+        encoded: list = [None] * batch.num_rows
         units = batch.column("unit").to_pylist() if "unit" in batch.column_names else None
-        all_states = self.target_states(encoded, units)
+        states = self.device_states(encoded, units, batch.column("messages").to_pylist())
         # Truncation keeps a prefix of the targets, so the first len(X) target ids match X's rows.
-        target_ids = [ids_[1:][targets[1:]][:len(X)] for (ids_, targets), X in zip(encoded, all_states)]
+        target_ids = [ids_[1:][targets[1:]][:len(X)] for (ids_, targets), X in zip(encoded, states)]
         ids = batch.column("id").to_pylist()
-        for row_id, X in zip(ids, all_states):
-            if not np.isfinite(X).all():
-                raise ValueError(f"row id {row_id!r}: non-finite hidden states (NaN/Inf) from the model")
-        weights = self.token_weights(all_states, target_ids)
-        factors, spectra, embeddings = [], [], []
+        weights = self.token_weights(states, target_ids)
         with self.timed("factors"):
-            for position, X in enumerate(all_states):
-                rows = X if self.projection is None else X @ self.projection
-                embeddings.append(mean_rows(rows, rows.shape[1]))
-                if weights is not None:
-                    rows = rows * np.sqrt(weights[position])[:, None]
-                factor, spectrum = factor_from_rows(rows, self.config.max_rank)
-                factors.append(factor)
-                spectra.append(spectrum)
+            if self.device.type == "cuda":
+                host_states, factors, spectra, embeddings = self._storage_rule_on_device(states, weights, ids)
+            else:
+                host_states, factors, spectra, embeddings = self._storage_rule_on_host(states, weights, ids)
         num_tokens = [len(ids_) for ids_, _ in encoded]
         out_dim = self.dim if self.projection is None else self.projection.shape[1]
         with self.timed("table"):
@@ -260,15 +273,128 @@ class Featurizer:
                 "row_index": batch.column("row_index").to_pylist(), "id": ids,
                 "num_tokens": [min(n, self.max_length) if self.config.overlong == "truncate" else n
                                for n in num_tokens],
-                "num_targets": [len(X) for X in all_states],
+                "num_targets": [len(X) for X in states],
                 "truncated": [self.config.overlong == "truncate" and n > self.max_length for n in num_tokens],
                 "factor": factors, "spectrum": spectra, "embedding": embeddings,
             }, dim=out_dim, meta={"model": self.model_ref.name, "model_fingerprint": self.model_ref.fingerprint,
                                   "token_weights": self.config.token_weights})
             if self.config.keep_states:
-                table = with_token_states(table, all_states, target_ids)
+                table = with_token_states(table, host_states, target_ids)
         maybe_crash("featurize")
         return table
+
+    def _storage_rule_on_host(self, states, weights, ids):
+        """The storage rule per example in numpy float64 (features.factor_from_rows): the CPU path."""
+        host_states = [X.numpy() for X in states]
+        for row_id, X in zip(ids, host_states):
+            if not np.isfinite(X).all():
+                raise ValueError(f"row id {row_id!r}: non-finite hidden states (NaN/Inf) from the model")
+        factors, spectra, embeddings = [], [], []
+        for position, X in enumerate(host_states):
+            rows = X if self.projection is None else X @ self.projection
+            embeddings.append(mean_rows(rows, rows.shape[1]))
+            if weights is not None:
+                rows = rows * np.sqrt(weights[position].numpy())[:, None]
+            factor, spectrum = factor_from_rows(rows, self.config.max_rank)
+            factors.append(factor)
+            spectra.append(spectrum)
+        return host_states, factors, spectra, embeddings
+
+    @torch.inference_mode()
+    def _storage_rule_on_device(self, states, weights, ids):
+        """The storage rule for the whole call on the GPU: projection, token weights, the
+        spectra of X Xᵀ batched in float64 (``device_spectra``), eigen factors past d; then
+        ONE copy of every factor (and stored state) into pinned host memory."""
+        lengths = [len(X) for X in states]
+        flat = torch.cat(states) if sum(lengths) else torch.zeros((0, self.dim), device=self.device)
+        finite = torch.isfinite(flat).all(dim=1)
+        if not bool(finite.all()):
+            example = int(np.searchsorted(np.cumsum(lengths), int(torch.nonzero(~finite)[0, 0]), side="right"))
+            raise ValueError(f"row id {ids[example]!r}: non-finite hidden states (NaN/Inf) from the model")
+        rows = flat if self.projection is None else flat @ self._device_projection()
+        embeddings = [X.double().mean(0).float() if len(X) else torch.zeros(rows.shape[1], device=self.device)
+                      for X in torch.split(rows, lengths)]
+        if weights is not None:
+            rows = rows * torch.cat(weights).sqrt()[:, None]
+        factors, spectra = device_factors(list(torch.split(rows, lengths)), self.config.max_rank)
+        to_host = [flat] if self.config.keep_states else []
+        host = self._to_pinned_host(to_host + [torch.cat(factors), torch.cat(spectra), torch.stack(embeddings)])
+        factor_rows = [len(F) for F in factors]
+        host_factors = np.split(host[-3], np.cumsum(factor_rows)[:-1])
+        host_spectra = np.split(host[-2], np.cumsum(factor_rows)[:-1])
+        host_states = np.split(host[0], np.cumsum(lengths)[:-1]) if self.config.keep_states else None
+        return host_states, host_factors, host_spectra, list(host[-1])
+
+    def _device_projection(self) -> torch.Tensor:
+        if not hasattr(self, "_projection_on_device"):
+            self._projection_on_device = torch.from_numpy(self.projection).to(self.device)
+        return self._projection_on_device
+
+    def _to_pinned_host(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        """Device tensors copied into page-locked host memory (one buffer, reused by the next
+        call: the views are valid until then), queued together and waited for once:
+        page-locked copies run at the bus's speed."""
+        sizes = [t.numel() for t in tensors]
+        if getattr(self, "_pinned", None) is None or self._pinned.numel() < sum(sizes):
+            self._pinned = torch.empty(int(sum(sizes) * 1.25) + 1, dtype=torch.float32, pin_memory=True)
+        views, offset = [], 0
+        for tensor, size in zip(tensors, sizes):
+            view = self._pinned[offset:offset + size].view(tensor.shape)
+            view.copy_(tensor.float(), non_blocking=True)
+            views.append(view)
+            offset += size
+        torch.cuda.current_stream(self.device).synchronize()
+        return [view.numpy() for view in views]
+
+
+def device_factors(rows: list[torch.Tensor], max_rank: int | None = None,
+                   padded_elements: int = 1 << 25) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``features.factor_from_rows`` for many examples at once, on their device, float64
+    eigen-decompositions: the same factors and spectra up to rounding.
+
+    Examples with m ≤ d rows (and no rank cap below m) keep F = X; their spectra, the
+    eigenvalues of X Xᵀ, come from one batched ``eigvalsh`` per chunk of similar lengths,
+    each X zero-padded to the chunk's longest (padding adds zero eigenvalues only, and the
+    spectrum keeps the top m). The rest (m > d, or a rank cap) take the eigen factor one by one.
+    """
+    d = rows[0].shape[1] if rows else 0
+    factors: list = [None] * len(rows)
+    spectra: list = [None] * len(rows)
+    simple = sorted((i for i, X in enumerate(rows) if 0 < len(X) <= d and (max_rank is None or max_rank >= len(X))),
+                    key=lambda i: len(rows[i]))
+    start = 0
+    while start < len(simple):
+        stop = start + 1
+        while stop < len(simple) and (stop - start + 1) * len(rows[simple[stop]]) * d <= padded_elements:
+            stop += 1
+        chunk = simple[start:stop]
+        padded = torch.zeros(len(chunk), len(rows[chunk[-1]]), d, dtype=torch.float64, device=rows[0].device)
+        for b, i in enumerate(chunk):
+            padded[b, :len(rows[i])] = rows[i]
+        values = torch.linalg.eigvalsh(padded @ padded.mT).flip(-1).clamp_min(0)
+        for b, i in enumerate(chunk):
+            factors[i], spectra[i] = rows[i], values[b, :len(rows[i])].float()
+        start = stop
+    for i, X in enumerate(rows):
+        if factors[i] is not None:
+            continue
+        m = len(X)
+        keep = min(m, d) if max_rank is None else min(m, d, max_rank)
+        if m == 0 or keep == 0:
+            factors[i], spectra[i] = X[:0], X.new_zeros(0)
+            continue
+        X64 = X.double()
+        if m <= d:
+            w, U = torch.linalg.eigh(X64 @ X64.T)
+            w, U = w.flip(0)[:keep].clamp_min(0), U.flip(1)[:, :keep]
+            factors[i], spectra[i] = (U.T @ X64).float(), w.float()
+            continue
+        w, V = torch.linalg.eigh(X64.T @ X64)
+        w, V = w.flip(0), V.flip(1)
+        nonzero = int((w > max(float(w[0]), 0.0) * d * torch.finfo(torch.float64).eps).sum())
+        keep = min(keep, nonzero)
+        factors[i], spectra[i] = (V[:, :keep] * w[:keep].sqrt()).T.float(), w[:keep].float()
+    return factors, spectra
 
 
 # ---------------------------------------------------------------- entry points
