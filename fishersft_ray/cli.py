@@ -50,7 +50,27 @@ def _select(settings: SelectSettings) -> int:
     result = run_select(settings)
     print(f"\nfishersft-ray: selected {len(result.selection.indices)} examples → {result.output}")
     print(summary_table(result.manifest))
+    subset = result.manifest["files"][0]
+    peek = (f"head -n 3 {result.output}/{subset}" if subset.endswith(".jsonl") else
+            f"python -c \"import pyarrow.parquet as pq; [print(r) for r in "
+            f"pq.read_table('{result.output}/{subset}').slice(0, 3).to_pylist()]\"")
+    print(OUTPUT_GUIDE.format(output=result.output, subset=subset, peek=peek))
     return 0
+
+
+OUTPUT_GUIDE = """
+What is in {output}:
+  {subset:<16} the picked rows with all their original columns, plus fishersft_rank (pick
+                   order: the first k rows are the answer for k examples) and fishersft_gain
+  ranking.parquet  id, row_index, rank, gain, the objective after each pick, target tokens
+  report.png       objective and gain per pick, target lengths picked vs the corpus, and the
+                   spectrum of the design matrix against a random subset's
+  manifest.json    every setting, count, timing and the certificate; written last, so its
+                   presence means the output is complete
+  features/        the feature cache: rerun with another --budget or --method to reuse it
+Look at the first picks:
+  {peek}
+"""
 
 
 def _evaluate(settings: EvaluateSettings) -> int:

@@ -223,3 +223,31 @@ def test_relative_lam_scales_with_the_corpus():
     assert resolve_lam(3.0, 0.5, features) == pytest.approx(0.5 * features.mean_token_energy())
     with pytest.raises(ValueError, match="--lam-relative"):
         Rules(lam_relative=-1.0)
+
+
+def test_cli_rejects_a_lam_too_small_for_float64_in_one_line(tiny_llama_dir, alpaca_corpus, tmp_path, capsys):
+    path, _ = alpaca_corpus
+    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "3",
+                 "--model", str(tiny_llama_dir), "--executor", "local", "--lam", "1e-15"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "rror" in line]
+    assert code == 2 and len(errors) == 1  # one line, no traceback
+    assert errors[0].startswith("fishersft-ray: error:") and "--lam" in errors[0]
+
+
+def test_a_baseline_method_writes_the_same_outputs_for_an_ab_run(ray_local, tiny_llama_dir, alpaca_corpus, tmp_path):
+    path, _ = alpaca_corpus
+    features = str(tmp_path / "features")
+    runs = {method: run_select(SelectSettings.build(input=str(path), output=str(tmp_path / method), budget=6,
+                                                    model=str(tiny_llama_dir), features=features, method=method))
+            for method in ("tokenod", "uniform", "density")}
+    for method, result in runs.items():
+        selection = result.manifest["selection"]
+        assert selection["method"] == method and selection["selected"] == 6
+        assert sorted(p.name for p in (tmp_path / method).iterdir() if p.is_file()) == [
+            "manifest.json", "ranking.parquet", "report.png", "subset.parquet"]
+        # The same unit for every method: TokenOD's f(S) of the picks; a certificate only for log det.
+        gains = pq.read_table(tmp_path / method / "ranking.parquet").column("gain").to_numpy()
+        assert selection["objective"] == pytest.approx(float(np.sum(gains)), rel=1e-9)
+        assert (selection["certificate_ratio"] is None) == (method != "tokenod")
+    assert runs["tokenod"].manifest["selection"]["objective"] >= runs["uniform"].manifest["selection"]["objective"]
+    assert runs["uniform"].manifest["features"]["reused"] is True  # one cache serves every method

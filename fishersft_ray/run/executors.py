@@ -78,10 +78,11 @@ class RayExecutor:
             Featurizer, fn_constructor_kwargs={"config": config}, batch_size=None, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=gpus_per_actor,
             num_cpus=cpus_per_actor, runtime_env={"env_vars": env} if env else None)
-        # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold, and a
-        # few writers keep up with the actors (a fractional CPU alone would start dozens).
+        # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold (on a
+        # node whose CPUs all went to actors it would wait for the whole pool), and a few
+        # writers keep up with the actors (the concurrency caps them).
         featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
-                                 ray_remote_args={"num_cpus": 0.1}, concurrency=num_actors + 1)
+                                 ray_remote_args={"num_cpus": 0}, concurrency=num_actors + 1)
 
 
 def actor_resources(cluster: dict, resources: Resources, device: str) -> tuple[int, float, float]:
