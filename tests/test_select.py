@@ -14,13 +14,8 @@ from fishersft_ray.select import Selection, logdet_gains, select
 from fishersft_ray.select.logdet import _as_pool, _BoundTightener, _GainEvaluator
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small batched ops: one intra-op thread is much faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small batched ops: one intra-op thread is much faster on a shared, loaded CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_examples(rng, n, d, max_len):

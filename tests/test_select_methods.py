@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from fishersft_ray import select as selection
 from fishersft_ray.features import FeatureSet
@@ -13,13 +12,8 @@ from fishersft_ray.select import CERTIFIED, METHODS, logdet_gains, run_method
 from fishersft_ray.select.vopt import select_vopt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small batched ops: one intra-op thread is much faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small batched ops: one intra-op thread is much faster on a shared, loaded CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def feature_pool(seed=0, n=120, d=8, max_len=30):
@@ -27,9 +21,6 @@ def feature_pool(seed=0, n=120, d=8, max_len=30):
     examples = [rng.normal(size=(int(m), d)) * rng.lognormal(0, 0.5, size=d) + rng.normal(size=d)
                 for m in rng.integers(1, max_len, size=n)]
     return FeatureSet.from_examples(examples)
-
-
-# --- copied from tests/test_evaluate.py, on the new API ----------------------------------
 
 
 @pytest.mark.parametrize("method", ["uniform", "longest", "density"])
@@ -216,21 +207,17 @@ def test_driver_methods_checkpoint_and_resume_through_the_registry():
 # --- the near-duplicate guard in every method -----------------------------------------------
 
 
-def pool_with_near_copies(seed=0, n_base=40, copies=40, d=8):
-    rng = np.random.default_rng(seed)
-    base = [rng.normal(size=(int(m), d)) + 2 * rng.normal(size=d)
-            for m in rng.integers(1, 3 * d, size=n_base)]
-    examples = list(base)
-    for _ in range(copies):
-        source = base[int(rng.integers(n_base))]
-        examples.append(source * (1 + 0.01 * rng.normal()) + 0.01 * rng.normal(size=source.shape))
-    return FeatureSet.from_examples([examples[i] for i in rng.permutation(len(examples))])
+def pool_with_near_copies(seed=0):
+    from test_select import planted_near_copies
+
+    return FeatureSet.from_examples(planted_near_copies(seed, n_base=40, copies=40))
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_guard_keeps_twins_out_of_every_method(name):
     features = pool_with_near_copies()
-    unit = features.embeddings / np.linalg.norm(features.embeddings, axis=1, keepdims=True)
+    norms = np.linalg.norm(features.embeddings, axis=1, keepdims=True)
+    unit = features.embeddings / np.maximum(norms, 1e-30)  # rows of zeros (no targets) stay zero
     for budget_unit, budget in (("examples", 30), ("tokens", 400)):
         picked = run_method(name, features, budget, budget_unit=budget_unit, near_dup_cosine=0.99,
                             seed=1)
