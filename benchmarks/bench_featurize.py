@@ -53,7 +53,7 @@ def main() -> None:
     padded = [tuple(t.to(device) for t in featurizer.pad(batch)) for batch in micro_batches]
     real_tokens = sum(int(mask.sum()) for _, mask, _ in padded)
     naive_model = AutoModelForCausalLM.from_pretrained(
-        featurizer.model_ref.path, dtype=featurizer.model.dtype, attn_implementation="sdpa").to(device).eval()
+        featurizer.model_ref.local_path(), dtype=featurizer.model.dtype, attn_implementation="sdpa").to(device).eval()
 
     def sync():
         if device.type == "cuda":

@@ -151,7 +151,8 @@ def non_embedding_parameters(model) -> int:
 
 def bench_featurize(name: str, args, examples: pa.Table, peak: float, datasheet: float | None) -> dict:
     backend = RandomWeights(name, args.tokenizer)
-    ref = ModelRef(path=f"random:{name}", fingerprint=f"random-{name}", name=name)
+    # RandomWeights.load ignores the reference: it never calls local_path().
+    ref = ModelRef(source=f"random:{name}", kind="local", fingerprint=f"random-{name}", name=name)
     config = FeaturizeConfig(model=ref, device=args.device, micro_batch_tokens=args.micro_batch_tokens,
                              rows_per_unit=GPU_ROWS_PER_UNIT)
     featurizer = Featurizer(config, backend=backend)

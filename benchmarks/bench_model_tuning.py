@@ -37,7 +37,7 @@ def main() -> None:
     rows = read_corpus(args.corpus, CorpusOptions(format="alpaca")).examples
     rows = rows.column("messages").slice(0, 2 * args.examples).to_pylist()
     started = time.perf_counter()
-    tuner = ModelTuner(resolve_model(args.model).path, args.mode, device=args.device)
+    tuner = ModelTuner(resolve_model(args.model).local_path(), args.mode, device=args.device)
     load_seconds = time.perf_counter() - started
     train = tuner.encode(rows[:args.examples])
     held_out = tuner.encode(rows[args.examples:])

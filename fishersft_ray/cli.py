@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from fishersft_ray.featurize.model_ref import ModelUnavailable
+    from fishersft_ray.run.executors import ActorsUnavailable
 
     try:
         settings = from_args(COMMANDS[args.command][0], args)
         if args.command == "select":
             return _select(settings)
         return _evaluate(settings)
-    except (ValueError, StorageError, FileNotFoundError, ModelUnavailable) as exc:
+    except (ValueError, StorageError, FileNotFoundError, ModelUnavailable, ActorsUnavailable) as exc:
         print(f"fishersft-ray: error: {exc}", file=sys.stderr)
         return 2
 

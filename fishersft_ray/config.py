@@ -214,21 +214,57 @@ class FeaturizeConfig:
         return dataclasses.asdict(self) | {"model": None, "projection_matrix": None}
 
 
+def json_object(text: str) -> dict:
+    """A JSON object flag (``--actor-resources '{"accelerator_type:A10G": 0.01}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 @dataclass(frozen=True)
 class Resources:
-    """Where the featurizer runs (run/executors.py)."""
+    """Where the featurizer runs and what each actor asks for (run/executors.py). Sizes are
+    per actor and come from what single nodes offer, never from cluster totals."""
 
     executor: str = option("ray", choices=EXECUTORS,
                            help="ray: a Ray Data actor pool (local Ray, or --ray-address); "
                                 "local: in this process")
     ray_address: str | None = option(None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    num_actors: int | None = option(None, help="featurizer actors (default: one per GPU, else CPUs/8)")
-    batch_size: int = option(64, help="rows per map_batches call (whole forward units)")
+    num_actors: int | None = option(None, help="featurizer actors (default: as many as the nodes can host)")
+    min_actors: int | None = option(None, help="autoscaling pool: start with this many actors (with --max-actors)")
+    max_actors: int | None = option(None, help="autoscaling pool: grow up to this many actors while work is queued")
+    num_gpus_per_actor: float | None = option(None, help="GPUs per actor; a fraction shares one GPU between "
+                                                         "actors (default: 1 when featurizing on GPUs, else 0)")
+    cpus_per_actor: float | None = option(None, help="CPUs per actor (default: 1 with a GPU, else up to 8, "
+                                                     "never more than the largest node has)")
+    actor_resources: dict = option(default_factory=dict, parse=json_object,
+                                   help="custom resources each actor needs, as JSON, e.g. "
+                                        "'{\"accelerator_type:A10G\": 0.001}' or a resource a node was started with")
+    actor_start_timeout: float = option(300.0, help="seconds to wait for the first actors before failing with "
+                                                    "what was asked and what the largest node has")
+    batch_size: int = option(64, help="rows per featurizer call (whole forward units)")
 
     def __post_init__(self):
         _check_choice(self.executor, EXECUTORS, "--executor")
-        _check_positive(self.num_actors, "--num-actors")
+        for value, flag in ((self.num_actors, "--num-actors"), (self.min_actors, "--min-actors"),
+                            (self.max_actors, "--max-actors"), (self.cpus_per_actor, "--cpus-per-actor"),
+                            (self.actor_start_timeout, "--actor-start-timeout")):
+            _check_positive(value, flag)
         _check_positive(self.batch_size, "--batch-size", allow_none=False)
+        if self.num_gpus_per_actor is not None and not self.num_gpus_per_actor >= 0:
+            raise ValueError(f"--num-gpus-per-actor must be ≥ 0, got {self.num_gpus_per_actor}")
+        if self.num_gpus_per_actor and self.num_gpus_per_actor > 1 and not float(self.num_gpus_per_actor).is_integer():
+            raise ValueError(f"--num-gpus-per-actor above 1 must be a whole number, got {self.num_gpus_per_actor}")
+        if (self.min_actors or self.max_actors) and self.num_actors:
+            raise ValueError("--num-actors is a fixed pool: drop it to use --min-actors/--max-actors")
+        if self.min_actors and self.max_actors and self.min_actors > self.max_actors:
+            raise ValueError(f"--min-actors {self.min_actors} > --max-actors {self.max_actors}")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in self.actor_resources.values()):
+            raise ValueError(f"--actor-resources values must be numbers ≥ 0, got {self.actor_resources}")
 
 
 @dataclass(frozen=True)
@@ -241,11 +277,16 @@ class Rules:
     length_cap: str | None = option(None, help="never select examples with more target tokens than this: "
                                                "a number (e.g. 256) or a percentile of the corpus's target "
                                                "lengths (p50 = median)")
+    near_dup_cosine: float | None = option(None, help="near-duplicate guard: an example whose mean target-token "
+                                                      "embedding has cosine >= this with an already-picked "
+                                                      "example is not picked (e.g. 0.98; default: off)")
 
     def __post_init__(self):
         if not (isinstance(self.lam, (int, float)) and np.isfinite(self.lam) and self.lam > 0):
             raise ValueError(f"--lam must be a finite number > 0, got {self.lam}")
         _check_positive(self.lam_relative, "--lam-relative")
+        if self.near_dup_cosine is not None and not 0 < self.near_dup_cosine <= 1:
+            raise ValueError(f"--near-dup-cosine must be a cosine in (0, 1], got {self.near_dup_cosine}")
         if self.length_cap is not None:
             from fishersft_ray.select.rules import length_cap_tokens
 
@@ -275,6 +316,11 @@ class SelectSettings:
     features: str | None = option(None, help="feature-shard cache location (default: <output>/features)")
     checkpoint_seconds: float = option(30.0, help="save the selection state at most this often "
                                                   "(a rerun resumes from it)")
+    driver_memory_gb: float | None = option(None, help="feature shards larger than this are memory-mapped from "
+                                                       "local disk (--spill-dir) instead of loaded into RAM "
+                                                       "(default: half the memory available at start; 0: always)")
+    spill_dir: str | None = option(None, help="local directory for memory-mapped features "
+                                              "(default: $FISHERSFT_CACHE/spill)")
     select_threads: int | None = None  # torch threads for the selection (None: torch's default)
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
@@ -289,6 +335,8 @@ class SelectSettings:
         _check_choice(self.budget_unit, BUDGET_UNITS, "--budget-unit")
         _check_choice(self.method, METHODS, "--method")
         _check_choice(self.output_format, ("parquet", "jsonl"), "--output-format")
+        if self.driver_memory_gb is not None and not self.driver_memory_gb >= 0:
+            raise ValueError(f"--driver-memory-gb must be >= 0, got {self.driver_memory_gb}")
 
     build = classmethod(build)
 
@@ -306,6 +354,8 @@ class EvaluateRules(Rules):
     """evaluate's length-capped methods need a cap: the median by default."""
 
     length_cap: str | None = option("p50", help="cap of the length-capped methods, as select's --length-cap")
+    near_dup_cosine: float | None = option(0.98, help="cosine of the near-duplicate guard of the *_guard methods "
+                                                      "(as select's --near-dup-cosine)")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,11 @@ Imports numpy and pyarrow only (fsspec lazily, for ``load``/``save``): no torch,
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -75,6 +79,74 @@ def factor_from_rows(X: np.ndarray, max_rank: int | None = None) -> tuple[np.nda
     keep = min(keep, nonzero)
     w, V = w[:keep], V[:, :keep]
     return (V * np.sqrt(w)).T.astype(np.float32), w.astype(np.float32)
+
+
+# How feature shards should be written (``pq.write_table(table, sink, **SHARD_WRITE_OPTIONS)``,
+# Ray Data ``write_parquet(..., **SHARD_WRITE_OPTIONS)``): no dictionary encoding. pyarrow's
+# default tries a dictionary page (up to 1 MB) for every float column chunk before falling
+# back to plain values, which only makes float shards bigger: measured +10.4 % on the demo's
+# 8 featurizer shards (SmolLM2, 64 rows each, 47 MB), +13.6 % on large random float32
+# columns, +54 % on 1 MB column chunks. Without it a shard is within 0.3 % of
+# ``estimate_feature_bytes`` (snappy, the default codec, gains nothing on float32: ±0.1 %).
+SHARD_WRITE_OPTIONS = {"use_dictionary": False}
+# Bytes per example beyond the storage rule's arrays in a shard written that way:
+# row_index 8, num_tokens 4, num_targets 4, truncated 1 bit, three list offsets, the id
+# string and the list columns' repetition/definition levels (measured on shards of
+# ``FeatureSet.to_table``, tests/test_features.py).
+ROW_OVERHEAD_BYTES = 40
+FLOAT_BYTES = 4
+# Projection widths the storage guard offers, widest first (``fitting_options``).
+PROJECTION_LADDER = (512, 384, 256, 192, 128, 96, 64)
+
+
+def stored_rank(num_targets, dim: int, project_dim: int | None = None,
+                max_rank: int | None = None) -> np.ndarray:
+    """r_i = min(m_i, k, max_rank) per example (k = project_dim or dim): the factor rows
+    the storage rule keeps (an upper bound: numerically-zero eigenpairs are dropped too)."""
+    width = int(project_dim or dim)
+    ranks = np.minimum(np.asarray(num_targets, np.int64).reshape(-1), width)
+    return ranks if max_rank is None else np.minimum(ranks, int(max_rank))
+
+
+def estimate_feature_bytes(num_targets, dim: int, project_dim: int | None = None,
+                           max_rank: int | None = None, keep_states: bool = False) -> int:
+    """Bytes of the feature shards of examples with ``num_targets`` target tokens each.
+
+    Per example, with k = ``project_dim`` or ``dim`` and r = min(m, k, max_rank):
+    factor r·k·4 + spectrum r·4 + embedding k·4 (+ states m·d·4 and target ids m·4 with
+    ``keep_states``: the states are never projected) + ``ROW_OVERHEAD_BYTES``.
+
+    That is what the driver holds (in RAM, or in ``load(memmap_dir=...)``'s files: factors
+    + spectrum + embeddings, plus the per-row overhead) and the size of shards written with
+    ``SHARD_WRITE_OPTIONS`` (within 0.3 %; pyarrow's default writer adds 10–15 %, see there).
+    An upper bound where an example with m > k has numerically-zero eigenpairs (dropped).
+    """
+    m = np.asarray(num_targets, np.int64).reshape(-1)
+    if np.any(m < 0):
+        raise ValueError("num_targets must be >= 0")
+    width = int(project_dim or dim)
+    ranks = stored_rank(m, dim, project_dim, max_rank)
+    per_row = ranks * (width + 1) * FLOAT_BYTES + width * FLOAT_BYTES + ROW_OVERHEAD_BYTES
+    if keep_states:
+        per_row = per_row + m * (int(dim) + 1) * FLOAT_BYTES
+    return int(per_row.sum())
+
+
+def fitting_options(budget_bytes: float, num_targets, dim: int, max_rank: int | None = None,
+                    keep_states: bool = False, *,
+                    ladder: Sequence[int] = PROJECTION_LADDER) -> dict[int, int]:
+    """{k: estimated bytes} for the projection widths k of ``ladder`` (below ``dim``) whose
+    features fit in ``budget_bytes``, widest first: what the storage guard suggests
+    (``--project-dim k``). Empty when none fits (nor would any k: with ``keep_states``
+    the unprojected states alone may exceed the budget)."""
+    options = {}
+    for k in ladder:
+        if k >= dim:
+            continue
+        need = estimate_feature_bytes(num_targets, dim, k, max_rank, keep_states)
+        if need <= budget_bytes:
+            options[int(k)] = need
+    return options
 
 
 def _list_column(values: list[np.ndarray], width: int) -> pa.ListArray:
@@ -354,33 +426,55 @@ class FeatureSet:
                    embedding_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d))
 
     @classmethod
-    def load(cls, path: str, storage_options: Mapping | None = None) -> FeatureSet:
+    def load(cls, path: str, storage_options: Mapping | None = None,
+             memmap_dir: str | None = None) -> FeatureSet:
         """Read every ``*.parquet`` under a local path or fsspec URL into one FeatureSet
         (only the ``SHARD_SCHEMA`` columns: stored token states stay on disk).
 
         Files are read in sorted path order; a row_index held by several files (a retried
         write) is kept once, see ``from_table``.
+
+        ``memmap_dir`` (a local directory): stream the shards into two new float32 files
+        there instead of RAM: ``factors`` (R, d) and ``embeddings`` (N, d) become read-only
+        ``np.memmap``s of those files (the selection reads them with positioned reads).
+        The same arrays, order, duplicate rule and validations as without it; peak memory
+        is the small columns (about 30 bytes per example + 4 per factor row) plus one
+        shard batch of about ``MEMMAP_BATCH_BYTES``. The files stay until the caller
+        removes ``memmap_dir``; their space is reserved up front (an error when the disk
+        is too small, before anything is written).
         """
+        if memmap_dir is not None:
+            return _load_into_memmap(cls, path, storage_options, memmap_dir)
         return cls.from_table(read_shards(path, SHARD_SCHEMA.names, storage_options))
 
 
-def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | None = None) -> pa.Table:
-    """The given columns of every ``*.parquet`` shard under ``path``, concatenated in sorted
-    file order, with the first file's metadata (shards must agree on ``dim``)."""
+def _shard_files(path: str, storage_options: Mapping | None):
+    """(filesystem, the ``*.parquet`` files under ``path`` in sorted order)."""
     import fsspec.core
 
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
     if not files:
         raise ValueError(f"no *.parquet feature shards under {path}")
+    return fs, files
+
+
+def _missing_columns_error(file: str, missing: list[str]) -> ValueError:
+    return ValueError(f"feature shard {file} has no column(s) {missing}"
+                      + (" (written without --keep-states)" if "states" in missing else ""))
+
+
+def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | None = None) -> pa.Table:
+    """The given columns of every ``*.parquet`` shard under ``path``, concatenated in sorted
+    file order, with the first file's metadata (shards must agree on ``dim``)."""
+    fs, files = _shard_files(path, storage_options)
     tables = []
     for file in files:
         with fs.open(file, "rb") as handle:
             present = pq.read_schema(handle).names
             missing = [name for name in columns if name not in present]
             if missing:
-                raise ValueError(f"feature shard {file} has no column(s) {missing}"
-                                 + (" (written without --keep-states)" if "states" in missing else ""))
+                raise _missing_columns_error(file, missing)
             handle.seek(0)
             tables.append(pq.read_table(handle, columns=list(columns)))
     dims = {json.loads((t.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim") for t in tables}
@@ -388,6 +482,223 @@ def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | No
         raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
     meta = tables[0].schema.metadata
     return pa.concat_tables([t.replace_schema_metadata(meta) for t in tables])
+
+
+# ---------------------------------------------------------------- selection from disk
+
+# Factor bytes decoded at once while filling a memory-mapped store. pyarrow's list reader
+# peaks at several times the batch it decodes (levels, builders): loading 390 MB of factors
+# from 16 shards raised the peak RSS by 38 MB with 1 MB batches, 56 MB with 4 MB, 117 MB
+# with 16 MB (and by 1,782 MB without ``memmap_dir``).
+MEMMAP_BATCH_BYTES = 1 << 20
+_SMALL_COLUMNS = ("row_index", "id", "num_tokens", "num_targets", "truncated", "spectrum")
+
+
+def _pwrite_all(fd: int, values: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(values)).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"short write to a memory-mapped feature file at byte {offset}")
+        view, offset = view[written:], offset + written
+
+
+def _reserve(directory: str, prefix: str, nbytes: int) -> tuple[str, int]:
+    """A new file of exactly ``nbytes`` in ``directory`` (space reserved where the file
+    system can), opened for writing: (path, fd)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".f32", dir=directory)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes) if nbytes else None
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                free = shutil.disk_usage(directory).free
+                raise OSError(errno.ENOSPC, f"the memory-mapped feature store needs {nbytes / 1e9:.3g} GB "
+                                            f"in {directory}, which has {free / 1e9:.3g} GB free") from None
+            os.ftruncate(fd, nbytes)  # no fallocate on this file system: a sparse file
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    return name, fd
+
+
+def _runs(kept_local: np.ndarray, destination: np.ndarray):
+    """(start, stop) slices of ``kept_local`` where both the batch rows and their
+    destinations are consecutive: each is one positioned write."""
+    if len(kept_local) == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(kept_local) != 1) | (np.diff(destination) != 1)) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(kept_local)]])
+    return zip(starts.tolist(), stops.tolist())
+
+
+def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_dir: str) -> FeatureSet:
+    """``FeatureSet.load(..., memmap_dir=...)``: two passes over the shards, see there."""
+    fs, files = _shard_files(path, storage_options)
+    # Pass 1: the small columns of every file (schema, metadata and spectrum checks).
+    parts, dims, meta = [], set(), None
+    for number, file in enumerate(files):
+        with fs.open(file, "rb") as handle:
+            schema = pq.read_schema(handle)
+            missing = [name for name in SHARD_SCHEMA.names if name not in schema.names]
+            if missing:
+                raise _missing_columns_error(file, missing)
+            projected = pa.schema([schema.field(name) for name in SHARD_SCHEMA.names])
+            if not projected.equals(SHARD_SCHEMA):
+                raise ValueError(f"feature shard schema mismatch in {file}:\n{projected}\n"
+                                 f"expected\n{SHARD_SCHEMA}")
+            raw_meta = (schema.metadata or {}).get(METADATA_KEY)
+            file_meta = json.loads(raw_meta) if raw_meta is not None else {}
+            dims.add(file_meta.get("dim"))
+            if number == 0:
+                if raw_meta is None:
+                    raise ValueError("feature shards carry no 'fishersft' metadata (need at least dim)")
+                meta = file_meta
+            handle.seek(0)
+            # ParquetFile, not pq.read_table (the datasets path costs ~60 MB even for one small column).
+            table = pq.ParquetFile(handle, pre_buffer=False).read(columns=list(_SMALL_COLUMNS),
+                                                                   use_threads=False)
+        spectrum_col = table.column("spectrum").combine_chunks()
+        parts.append({
+            "row_index": table.column("row_index").to_numpy(),
+            "id": table.column("id").to_pylist(),
+            "num_tokens": table.column("num_tokens").to_numpy(),
+            "num_targets": table.column("num_targets").to_numpy(),
+            "truncated": table.column("truncated").to_numpy(zero_copy_only=False),
+            "spectrum": spectrum_col,
+        })
+    if len(dims) != 1:
+        raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
+    d = int(meta["dim"])
+    file_rows = np.array([len(part["row_index"]) for part in parts], np.int64)
+    file_start = np.concatenate([[0], np.cumsum(file_rows)])
+    row_index = np.concatenate([part["row_index"] for part in parts]).astype(np.int64)
+    if len(row_index) == 0:
+        return cls(np.zeros((0, d), np.float32), np.zeros(0, np.float32), np.zeros(1, np.int64), meta=meta)
+    order = np.argsort(row_index, kind="stable")
+    first_copy = np.concatenate([[True], np.diff(row_index[order]) != 0])
+    if not first_copy.all():
+        meta["duplicate_rows_dropped"] = int(np.count_nonzero(~first_copy))
+        order = order[first_copy]
+    n = len(order)
+    destination = np.full(len(row_index), -1, np.int64)  # global row → position in the set
+    destination[order] = np.arange(n)
+    if any(part["spectrum"].null_count for part in parts):
+        raise ValueError("null factor/spectrum in feature shards")
+    ranks_all = np.concatenate([pc.list_value_length(part["spectrum"]).to_numpy(zero_copy_only=False)
+                                for part in parts]).astype(np.int64)
+    spectrum_all = np.concatenate([part["spectrum"].flatten().to_numpy(zero_copy_only=False)
+                                   for part in parts]).astype(np.float32, copy=False)
+    starts_all = np.concatenate([[0], np.cumsum(ranks_all)])[:-1]
+    ranks = ranks_all[order]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(ranks, out=offsets[1:])
+    spectrum = spectrum_all[np.repeat(starts_all[order] - offsets[:-1], ranks) + np.arange(offsets[-1])]
+    del spectrum_all
+    row_index = row_index[order]
+    finite = np.isfinite(spectrum)
+    if not finite.all():
+        example = int(np.searchsorted(offsets, int(np.flatnonzero(~finite)[0]), side="right") - 1)
+        raise ValueError(f"row_index {row_index[example]}: non-finite factor or spectrum")
+
+    def gathered(name, dtype):
+        return np.concatenate([np.asarray(part[name]) for part in parts]).astype(dtype)[order]
+
+    num_targets, num_tokens = gathered("num_targets", np.int64), gathered("num_tokens", np.int64)
+    truncated = gathered("truncated", bool)
+    all_ids = [i for part in parts for i in part["id"]]
+    ids = [all_ids[g] for g in order.tolist()]
+    del parts, all_ids
+
+    # Pass 2: factors and embeddings, one shard batch at a time, written in place.
+    os.makedirs(memmap_dir, exist_ok=True)
+    row_bytes = d * FLOAT_BYTES
+    factor_path, factor_fd = _reserve(memmap_dir, "factors-", int(offsets[-1]) * row_bytes)
+    try:
+        embedding_path, embedding_fd = _reserve(memmap_dir, "embeddings-", n * row_bytes)
+    except BaseException:
+        os.close(factor_fd)
+        os.unlink(factor_path)
+        raise
+    try:
+        for number, file in enumerate(files):
+            first, count = int(file_start[number]), int(file_rows[number])
+            if count == 0:
+                continue
+            file_ranks = ranks_all[first:first + count]
+            per_row = max(1.0, float(file_ranks.mean()) * row_bytes + row_bytes)
+            batch_rows = max(1, int(MEMMAP_BATCH_BYTES // per_row))
+            done = 0
+            with fs.open(file, "rb") as handle:
+                reader = pq.ParquetFile(handle, pre_buffer=False)
+                for batch in reader.iter_batches(batch_size=batch_rows, columns=["factor", "embedding"],
+                                                 use_threads=False):
+                    rows = slice(first + done, first + done + batch.num_rows)
+                    _fill_batch(batch, d, ranks_all[rows], destination[rows], row_index_of=row_index,
+                                offsets=offsets, factor_fd=factor_fd, embedding_fd=embedding_fd)
+                    done += batch.num_rows
+            if done != count:
+                raise ValueError(f"feature shard {file} changed while it was read ({done} rows, "
+                                 f"expected {count})")
+    except BaseException:
+        for fd, name in ((factor_fd, factor_path), (embedding_fd, embedding_path)):
+            os.close(fd)
+            os.unlink(name)
+        raise
+    os.close(factor_fd)
+    os.close(embedding_fd)
+    factors = (np.memmap(factor_path, np.float32, mode="r", shape=(int(offsets[-1]), d))
+               if offsets[-1] and d else np.zeros((int(offsets[-1]), d), np.float32))
+    embeddings = np.memmap(embedding_path, np.float32, mode="r", shape=(n, d)) if d \
+        else np.zeros((n, d), np.float32)
+    return cls(factors, spectrum, offsets, num_targets, row_index, ids, meta, num_tokens, truncated,
+               embeddings)
+
+
+def _fill_batch(batch: pa.RecordBatch, d: int, ranks: np.ndarray, destination: np.ndarray, *,
+                row_index_of: np.ndarray, offsets: np.ndarray, factor_fd: int, embedding_fd: int) -> None:
+    """Validate the kept rows of one shard batch (as ``from_table`` does) and write their
+    factors and embeddings at their final places."""
+    kept = np.flatnonzero(destination >= 0)
+    if len(kept) == 0:
+        return
+    factor_col, embedding_col = batch.column(0), batch.column(1)
+    if factor_col.null_count and np.any(factor_col.is_null().to_numpy(zero_copy_only=False)[kept]):
+        raise ValueError("null factor/spectrum in feature shards")
+    factor_offsets = factor_col.offsets.to_numpy().astype(np.int64)
+    factor_offsets -= factor_offsets[0]
+    lengths = np.diff(factor_offsets)
+    wrong = kept[lengths[kept] != ranks[kept] * d]
+    if len(wrong):
+        example = row_index_of[destination[wrong].min()]
+        raise ValueError(f"row_index {example}: factor length is not len(spectrum) * dim ({d})")
+    flat = factor_col.flatten().to_numpy(zero_copy_only=False)
+    bad_values = np.flatnonzero(~np.isfinite(flat))
+    if len(bad_values):
+        owners = np.searchsorted(factor_offsets, bad_values, side="right") - 1
+        owners = owners[destination[owners] >= 0]
+        if len(owners):
+            raise ValueError(f"row_index {row_index_of[destination[owners].min()]}: "
+                             f"non-finite factor or spectrum")
+    embedding_lengths = pc.list_value_length(embedding_col).fill_null(-1).to_numpy(zero_copy_only=False)
+    wrong = kept[embedding_lengths[kept] != d]
+    if len(wrong):
+        first = wrong[np.argmin(destination[wrong])]
+        raise ValueError(f"row_index {row_index_of[destination[first]]}: embedding has "
+                         f"{embedding_lengths[first]} values, expected dim ({d})")
+    embedding_offsets = embedding_col.offsets.to_numpy().astype(np.int64)
+    embedding_offsets -= embedding_offsets[0]
+    embedding_flat = embedding_col.flatten().to_numpy(zero_copy_only=False)
+    row_bytes = d * FLOAT_BYTES
+    targets = destination[kept]
+    for start, stop in _runs(kept, targets):
+        a, b = kept[start], kept[stop - 1] + 1
+        _pwrite_all(factor_fd, flat[factor_offsets[a]:factor_offsets[b]],
+                    int(offsets[targets[start]]) * row_bytes)
+        _pwrite_all(embedding_fd, embedding_flat[embedding_offsets[a]:embedding_offsets[b]],
+                    int(targets[start]) * row_bytes)
 
 
 def with_token_states(table: pa.Table, states: Sequence[np.ndarray], target_ids: Sequence[np.ndarray]) -> pa.Table:

@@ -51,17 +51,14 @@ def ray_local():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    import socket
+@pytest.fixture()
+def ray_cluster():
+    """A LocalRayCluster (not started: the test starts its head and workers), stopped after."""
+    from local_cluster import LocalRayCluster
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def free_port():
-    return _free_port
+    cluster = LocalRayCluster()
+    yield cluster
+    cluster.stop()
 
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -148,7 +145,9 @@ def s3_server():
     import boto3
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    from local_cluster import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

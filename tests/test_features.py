@@ -7,7 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fishersft_ray.features import SHARD_SCHEMA, FeatureSet, count_near_twins, factor_from_rows, shard_table
+from fishersft_ray.features import (ROW_OVERHEAD_BYTES, SHARD_SCHEMA, SHARD_WRITE_OPTIONS, FeatureSet, count_near_twins,
+                                    estimate_feature_bytes, factor_from_rows, fitting_options,
+                                    shard_table)
 from fishersft_ray.select import select
 from fishersft_ray.select.rules import length_cap_tokens
 
@@ -136,17 +138,19 @@ def test_from_examples_validation_names_the_example():
         FeatureSet.from_examples([np.ones((2, 3)), np.ones((2, 3)), np.array([[1, np.inf, 0]])])
 
 
-def test_load_rejects_bad_shards(tmp_path):
+@pytest.mark.parametrize("memmap", [False, True])
+def test_load_rejects_bad_shards(tmp_path, memmap):
     _, features = random_feature_set(seed=5)
+    load = (lambda path: FeatureSet.load(path, memmap_dir=str(tmp_path / "mm"))) if memmap else FeatureSet.load
     table = features.to_table()
     wrong = table.drop_columns(["truncated"])
     pq.write_table(wrong, tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match=r"wrong\.parquet has no column\(s\) \['truncated'\]"):
-        FeatureSet.load(str(tmp_path))
+        load(str(tmp_path))
     pq.write_table(table.set_column(4, "truncated", pa.array([1] * table.num_rows, pa.int8())),
                    tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match="schema mismatch"):
-        FeatureSet.load(str(tmp_path))
+        load(str(tmp_path))
     (tmp_path / "wrong.parquet").unlink()
     values = features.factors.copy()
     bad_example = 4
@@ -155,12 +159,16 @@ def test_load_rejects_bad_shards(tmp_path):
                           features.row_index, features.ids).to_table()
     pq.write_table(poisoned, tmp_path / "nan.parquet")
     with pytest.raises(ValueError, match=f"row_index {features.row_index[bad_example]}"):
-        FeatureSet.load(str(tmp_path))
+        load(str(tmp_path))
     with pytest.raises(ValueError, match="no \\*.parquet"):
-        FeatureSet.load(str(tmp_path / "missing"))
+        load(str(tmp_path / "missing"))
     no_meta = pa.Table.from_arrays(table.columns, schema=SHARD_SCHEMA)
     with pytest.raises(ValueError, match="metadata"):
         FeatureSet.from_table(no_meta)
+    (tmp_path / "nan.parquet").unlink()
+    pq.write_table(no_meta, tmp_path / "no-meta.parquet")
+    with pytest.raises(ValueError, match="metadata"):
+        load(str(tmp_path))
 
 
 def test_load_keeps_one_copy_of_rows_written_twice(tmp_path):
@@ -210,3 +218,201 @@ def test_length_cap_tokens_reads_counts_and_percentiles():
             length_cap_tokens(bad, lengths)
     with pytest.raises(ValueError, match="no examples with target tokens"):
         length_cap_tokens("p50", np.zeros(3, int))
+
+
+# ---------------------------------------------------------------- storage model and guard
+
+def shard_bytes(table, path, **kwargs):
+    pq.write_table(table, path, **kwargs)
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize("d,max_rank,lengths", [
+    (64, None, (1, 200)),     # short and long examples (m > d: eigen factors)
+    (128, None, (20, 60)),    # all m <= d: F = X
+    (64, 16, (1, 200)),       # the rank cap
+])
+def test_estimate_feature_bytes_matches_real_shards(tmp_path, d, max_rank, lengths):
+    rng = np.random.default_rng(d)
+    num_targets = rng.integers(*lengths, size=400)
+    examples = [rng.normal(size=(int(m), d)).astype(np.float32) for m in num_targets]
+    features = FeatureSet.from_examples(examples, max_rank=max_rank, meta={"model": "toy"})
+    estimate = estimate_feature_bytes(num_targets, d, max_rank=max_rank)
+    table = features.to_table()
+    written = shard_bytes(table, tmp_path / "shard.parquet", **SHARD_WRITE_OPTIONS)  # snappy
+    plain = shard_bytes(table, tmp_path / "plain.parquet", compression="none", use_dictionary=False)
+    default = shard_bytes(table, tmp_path / "default.parquet")  # snappy + dictionary attempts
+    in_memory = features.factors.nbytes + features.spectrum.nbytes + features.embeddings.nbytes
+    assert estimate == pytest.approx(written, rel=0.005) and estimate == pytest.approx(plain, rel=0.005)
+    assert in_memory <= estimate <= in_memory * 1.02  # what the driver's RAM / memmap holds
+    assert default > written * 1.05  # why shards should be written with SHARD_WRITE_OPTIONS
+    with_states = estimate_feature_bytes(num_targets, d, max_rank=max_rank, keep_states=True)
+    assert with_states - estimate == int(num_targets.sum()) * (d + 1) * 4
+
+
+def test_estimate_feature_bytes_follows_the_storage_rule():
+    # d = 576, m = 100 and 1000 targets: factor min(m, k)·k·4 + spectrum + embedding + overhead
+    per_row = ROW_OVERHEAD_BYTES
+    assert estimate_feature_bytes([100], 576) == 100 * 577 * 4 + 576 * 4 + per_row
+    assert estimate_feature_bytes([1000], 576) == 576 * 577 * 4 + 576 * 4 + per_row
+    assert estimate_feature_bytes([1000], 576, project_dim=128) == 128 * 129 * 4 + 128 * 4 + per_row
+    assert estimate_feature_bytes([1000], 576, max_rank=32) == 32 * 577 * 4 + 576 * 4 + per_row
+    assert estimate_feature_bytes([0, 0], 8) == 2 * (8 * 4 + per_row)
+    with pytest.raises(ValueError, match="num_targets"):
+        estimate_feature_bytes([-1], 8)
+
+
+def test_fitting_options_lists_the_widths_that_fit():
+    num_targets = np.full(1000, 300)
+    full = estimate_feature_bytes(num_targets, 4096)
+    need = {k: estimate_feature_bytes(num_targets, 4096, k) for k in (512, 384, 256, 192, 128, 96, 64)}
+    budget = need[256]
+    options = fitting_options(budget, num_targets, 4096)
+    assert list(options) == [256, 192, 128, 96, 64] and options[256] == need[256] < full
+    assert fitting_options(1, num_targets, 4096) == {}
+    assert list(fitting_options(full, num_targets, 576)) == [512, 384, 256, 192, 128, 96, 64]
+    assert 512 not in fitting_options(10**15, num_targets, 512)  # never "project" to >= d
+
+
+# ---------------------------------------------------------------- selection from disk
+
+def write_messy_shards(features, directory, row_group_size=None):
+    """Three files out of row order, a retried write holding altered copies of some rows
+    (it sorts first, so ITS copies are the ones kept), and an empty shard."""
+    directory.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(11).permutation(features.n)
+    parts = np.array_split(order, 3)
+    for k, part in enumerate(parts):
+        pq.write_table(features.subset(part).to_table(), directory / f"part-{k}.parquet",
+                       row_group_size=row_group_size)
+    retried = features.subset(parts[0][:6])
+    altered = FeatureSet(np.asarray(retried.factors) * 2.0, retried.spectrum * 4.0, retried.offsets,
+                         retried.num_targets, retried.row_index, [f"retry-{i}" for i in retried.ids],
+                         retried.meta, retried.num_tokens, retried.truncated, retried.embeddings + 1.0)
+    pq.write_table(altered.to_table(), directory / "part-0-retry.parquet", row_group_size=row_group_size)
+    pq.write_table(features.subset([]).to_table(), directory / "part-9-empty.parquet")
+    return 6
+
+
+def assert_same_feature_sets(a, b):
+    for name in ("factors", "spectrum", "offsets", "num_targets", "num_tokens", "truncated",
+                 "row_index", "embeddings"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), err_msg=name)
+        assert np.asarray(getattr(a, name)).dtype == np.asarray(getattr(b, name)).dtype, name
+    assert a.ids == b.ids and a.meta == b.meta
+
+
+@pytest.mark.parametrize("batch_bytes", [1 << 25, 1])  # whole files; one row per batch
+def test_load_into_memmap_equals_the_in_ram_load(tmp_path, monkeypatch, batch_bytes):
+    import mmap
+
+    from fishersft_ray import features as features_module
+    from fishersft_ray.select.logdet import _Pool
+
+    monkeypatch.setattr(features_module, "MEMMAP_BATCH_BYTES", batch_bytes)
+    _, features = random_feature_set(seed=12, n=60, d=9)
+    dropped = write_messy_shards(features, tmp_path / "shards", row_group_size=7)
+    in_ram = FeatureSet.load(str(tmp_path / "shards"))
+    on_disk = FeatureSet.load(str(tmp_path / "shards"), memmap_dir=str(tmp_path / "mm"))
+    assert in_ram.meta["duplicate_rows_dropped"] == dropped
+    assert_same_feature_sets(on_disk, in_ram)
+    assert in_ram.ids[:1] != features.ids[:1] or "retry-" in "".join(in_ram.ids)  # retried copies kept
+    assert isinstance(on_disk.factors, np.memmap) and isinstance(on_disk.factors.base, mmap.mmap)
+    assert on_disk.factors.flags.c_contiguous and not on_disk.factors.flags.writeable
+    pool = _Pool(on_disk.factors, on_disk.offsets, on_disk.num_targets, on_disk)
+    assert pool.file == on_disk.factors.filename  # the engine's positioned reads
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "mm").iterdir()) == ["embeddings", "factors"]
+    for unit in ("examples", "tokens"):
+        budget = 8 if unit == "examples" else 60
+        np.testing.assert_array_equal(select(on_disk, budget, budget_unit=unit, threads=1).indices,
+                                      select(in_ram, budget, budget_unit=unit, threads=1).indices)
+    single = FeatureSet.load(str(tmp_path / "shards" / "part-1.parquet"), memmap_dir=str(tmp_path / "mm"))
+    assert_same_feature_sets(single, FeatureSet.load(str(tmp_path / "shards" / "part-1.parquet")))
+    assert "duplicate_rows_dropped" not in single.meta
+
+
+def test_load_into_memmap_of_empty_shards(tmp_path):
+    _, features = random_feature_set(seed=13)
+    pq.write_table(features.subset([]).to_table(), tmp_path / "empty.parquet")
+    loaded = FeatureSet.load(str(tmp_path), memmap_dir=str(tmp_path / "mm"))
+    assert loaded.n == 0 and loaded.dim == features.dim and loaded.meta["model"] == "toy"
+    only_empty_examples = features.subset(np.flatnonzero(features.num_targets == 0)[:2])
+    pq.write_table(only_empty_examples.to_table(), tmp_path / "empty.parquet")
+    assert_same_feature_sets(FeatureSet.load(str(tmp_path), memmap_dir=str(tmp_path / "mm")),
+                             FeatureSet.load(str(tmp_path)))
+
+
+@pytest.mark.parametrize("memmap", [False, True])
+def test_load_rejects_malformed_rows(tmp_path, memmap):
+    _, features = random_feature_set(seed=14)
+    table = features.to_table()
+    mm = str(tmp_path / "mm") if memmap else None
+    i = int(np.flatnonzero(features.num_targets > 0)[2])
+    short_factor = table.column("factor").to_pylist()
+    short_factor[i] = short_factor[i][:-1]
+    pq.write_table(table.set_column(5, SHARD_SCHEMA.field("factor"),
+                                    pa.array(short_factor, SHARD_SCHEMA.field("factor").type)),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=rf"row_index {features.row_index[i]}: factor length"):
+        FeatureSet.load(str(tmp_path / "bad.parquet"), memmap_dir=mm)
+    embedding = table.column("embedding").to_pylist()
+    embedding[i] = embedding[i] + [0.0]
+    pq.write_table(table.set_column(7, SHARD_SCHEMA.field("embedding"),
+                                    pa.array(embedding, SHARD_SCHEMA.field("embedding").type)),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=rf"row_index {features.row_index[i]}: embedding has"):
+        FeatureSet.load(str(tmp_path / "bad.parquet"), memmap_dir=mm)
+    pq.write_table(table.replace_schema_metadata({b"fishersft": b'{"dim": 3}'}), tmp_path / "other.parquet")
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="disagree on dim"):
+        FeatureSet.load(str(tmp_path), memmap_dir=mm)
+    if memmap:  # nothing is left behind by a failed load
+        assert not any((tmp_path / "mm").glob("*.f32"))
+
+
+RSS_CHILD = """
+import sys
+from fishersft_ray.features import FeatureSet
+
+def peak_mb():  # VmHWM: ru_maxrss would carry the parent's peak over fork + exec
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) // 1024
+
+cold = peak_mb()
+FeatureSet.load(sys.argv[1], memmap_dir=sys.argv[3] or None)  # one-time costs (pandas import, reader)
+before = peak_mb()
+features = FeatureSet.load(sys.argv[2], memmap_dir=sys.argv[3] or None)
+print(peak_mb() - before, peak_mb() - cold, features.factors.nbytes // 2**20, type(features.factors).__name__)
+"""
+
+
+@pytest.mark.slow  # ~20 s on an idle 2-core box (~75 s under load): writes and reads 400 MB twice
+def test_load_into_memmap_keeps_peak_memory_small(tmp_path):
+    """~400 MB of factors in 16 shards: the in-RAM load grows the peak RSS by at least that,
+    the memmap load by under 100 MB (the small columns and one shard batch)."""
+    import subprocess
+    import sys
+
+    d, rank, rows_per_file, files = 256, 200, 125, 16  # 400K factor rows × 1 KB
+    block = np.random.default_rng(15).standard_normal((rows_per_file * rank, d), dtype=np.float32)
+    directory, warm_up = tmp_path / "shards", tmp_path / "warm-up"
+    directory.mkdir()
+    warm_up.mkdir()
+    for k in range(files):
+        rows = np.arange(rows_per_file) * files + k  # interleaved: every file scatters
+        part = FeatureSet(block, np.ones(len(block), np.float32), np.arange(rows_per_file + 1) * rank,
+                          row_index=rows, embeddings=np.ones((rows_per_file, d), np.float32))
+        pq.write_table(part.to_table(), directory / f"part-{k:02d}.parquet", **SHARD_WRITE_OPTIONS)
+        if k == 0:
+            pq.write_table(part.subset([0, 1]).to_table(), warm_up / "part.parquet")
+    del block, part
+
+    def growth_mb(memmap_dir):
+        result = subprocess.run([sys.executable, "-c", RSS_CHILD, str(warm_up), str(directory), memmap_dir],
+                                capture_output=True, text=True, check=True)
+        grown, from_cold, factor_mb, kind = result.stdout.split()
+        return int(grown), int(from_cold), int(factor_mb), kind
+
+    in_ram, _, factor_mb, kind = growth_mb("")
+    assert kind == "ndarray" and factor_mb >= 390 and in_ram >= 400
+    on_disk, from_cold, factor_mb, kind = growth_mb(str(tmp_path / "mm"))
+    assert kind == "memmap" and factor_mb >= 390 and on_disk < 100, (in_ram, on_disk, from_cold)

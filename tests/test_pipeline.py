@@ -127,6 +127,37 @@ def test_length_cap_keeps_longer_examples_out(ray_local, tiny_llama_dir, alpaca_
     assert len({(r["instruction"], r["input"], r["output"]) for r in subset}) == selection["selected"]
 
 
+def test_near_duplicate_guard_keeps_close_pairs_out_of_the_subset(ray_local, tiny_llama_dir, alpaca_corpus,
+                                                                   tmp_path):
+    from fishersft_ray.features import FeatureSet
+    from fishersft_ray.select import run_method
+
+    path, _ = alpaca_corpus
+    features = tmp_path / "features"
+    plain = run_select(SelectSettings.build(input=str(path), output=str(tmp_path / "plain"), budget=10,
+                                            model=str(tiny_llama_dir), features=str(features)))
+    stored = FeatureSet.load(plain.manifest["features"]["location"])
+    unit = stored.embeddings / np.linalg.norm(stored.embeddings, axis=1, keepdims=True)
+    picked = unit[plain.selection.indices]
+    cosines = picked @ picked.T
+    np.fill_diagonal(cosines, -1.0)
+    threshold = float(np.sort(cosines.max(axis=1))[len(cosines) // 2])  # half the picks have a pair at or above it
+    guarded = run_select(SelectSettings.build(input=str(path), output=str(tmp_path / "guarded"), budget=10,
+                                              model=str(tiny_llama_dir), features=str(features),
+                                              near_dup_cosine=threshold))
+    chosen = unit[guarded.selection.indices]
+    cosines = chosen @ chosen.T
+    np.fill_diagonal(cosines, -1.0)
+    assert cosines.max() < threshold
+    guard = guarded.manifest["selection"]["near_duplicates"]["guard"]
+    assert guard["cosine"] == threshold and guard["excluded"] > 0
+    assert "near-duplicate guard" in guarded.manifest["selection"]["certificate"]
+    assert plain.manifest["selection"]["near_duplicates"]["guard"] is None
+    # The job's picks are the engine's with the same rule on the same features.
+    again = run_method("tokenod", stored, 10, lam=guarded.manifest["selection"]["lam"], near_dup_cosine=threshold)
+    np.testing.assert_array_equal(guarded.selection.indices, again.indices)
+
+
 def _select_one_line_corpus(tmp_path, *options) -> int:
     """`fishersft-ray select` on a one-row text corpus with extra ``options``; its exit code."""
     path = tmp_path / "c.jsonl"
@@ -207,7 +238,7 @@ def test_checkpoint_from_other_settings_is_ignored(ray_local, tiny_llama_dir, al
 
 def test_cli_explains_a_model_it_cannot_fetch(tmp_path, capsys):
     assert _select_one_line_corpus(tmp_path, "--model", "no-such-org/no-such-model-fishersft") == 2
-    assert "cannot fetch model 'no-such-org/no-such-model-fishersft'" in capsys.readouterr().err
+    assert "cannot resolve model 'no-such-org/no-such-model-fishersft'" in capsys.readouterr().err
 
 
 def test_relative_lam_scales_with_the_corpus():

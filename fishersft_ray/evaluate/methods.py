@@ -35,6 +35,7 @@ class EvalMethod:
     seeded: bool = False         # random: one subset per seed
     loss_weighted: bool = False  # on features weighted by ‖p − e_y‖² (featurize.loss_weights)
     capped: bool = False         # only among examples under the length cap
+    guarded: bool = False        # with the near-duplicate guard at rules.near_dup_cosine
 
 
 EVAL_METHODS = {
@@ -46,6 +47,9 @@ EVAL_METHODS = {
     "tokenod_capped": EvalMethod("TokenOD length-capped (n examples)", "tokenod", capped=True),
     "tokenod_capped_tokens": EvalMethod("TokenOD length-capped (tokens of uniform@n)", "tokenod",
                                         "uniform_tokens", capped=True),
+    "tokenod_guard": EvalMethod("TokenOD + near-duplicate guard (n examples)", "tokenod", guarded=True),
+    "tokenod_guard_tokens": EvalMethod("TokenOD + near-duplicate guard (tokens of uniform@n)", "tokenod",
+                                       "uniform_tokens", guarded=True),
     "vopt": EvalMethod("V-optimal (n examples)", "vopt"),
     "vopt_tokens": EvalMethod("V-optimal (tokens of uniform@n)", "vopt", "uniform_tokens"),
     "uniform": EvalMethod("uniform random (n examples)", "uniform", seeded=True),
@@ -80,7 +84,8 @@ def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[i
     into ``features`` (the pool). ``weighted``: the pool's loss-weighted features, needed by
     the loss-weighted methods. λ is ``rules.lam``, or ``rules.lam_relative`` × the mean ‖x‖²
     per token of the (weighted) pool as `select` resolves it; sentence-level OD works on one
-    mean row per example and keeps ``rules.lam``.
+    mean row per example and keeps ``rules.lam``. The ``*_guard`` methods skip a candidate at
+    cosine ≥ ``rules.near_dup_cosine`` with an earlier pick (select's ``--near-dup-cosine``).
     """
     check_methods(names)
     if weighted is None and any(EVAL_METHODS[name].loss_weighted for name in names):
@@ -96,6 +101,7 @@ def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[i
         started = time.time()
         selection = run_method(spec.method, pool, budget, budget_unit=budget_unit, lam=lam,
                                eligible=capped if spec.capped else None, seed=seed or 0, device=device,
+                               near_dup_cosine=rules.near_dup_cosine if spec.guarded else None,
                                report_logdet=False)
         if selection.evaluations:
             log.info("%s %s budget %g: %d picks, %d evaluations, %.0f s", spec.method, budget_unit, budget,

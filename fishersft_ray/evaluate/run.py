@@ -22,11 +22,11 @@ from fishersft_ray.evaluate.model_tuning import MODEL_MODES, ModelTrainer, Model
 from fishersft_ray.evaluate.outputs import markdown_table, write_outputs
 from fishersft_ray.evaluate.protocol import ProtocolCheckpoint, run_protocol, with_recipe_defaults
 from fishersft_ray.features import FeatureSet, TokenStates
-from fishersft_ray.io.corpus import read_corpus
+from fishersft_ray.io.corpus import CorpusIndex, file_examples, index_corpus
 from fishersft_ray.io.storage import Location, fingerprint
 from fishersft_ray.run.executors import executor_for
 from fishersft_ray.run.feature_cache import FeatureCache, cache_key
-from fishersft_ray.run.job import featurize_config, torch_device
+from fishersft_ray.run.job import torch_device
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +45,27 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
             require_peft()
         train_device = resolve_train_device(settings.train_device)
 
-    corpus = read_corpus(settings.input, settings.corpus, options)
-    split = split_examples(corpus.examples.num_rows, test_fraction=settings.split.test_fraction,
+    executor = executor_for(settings.resources)
+    corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
+    split = split_examples(corpus.num_rows, test_fraction=settings.split.test_fraction,
                            validation_size=settings.split.validation_size, seed=settings.split.split_seed,
                            max_pool=settings.split.max_pool, max_test=settings.split.max_test)
-    model = resolve_model(settings.featurize.model)
-    config = featurize_config(settings.featurize, model)
-    cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options),
-                         executor_for(settings.resources))
-    needed = np.sort(np.concatenate([split.pool, split.validation, split.test]))
-    whole_key = cache_key(model.fingerprint, corpus.examples, config)
-    if cache.is_complete(whole_key) or len(needed) == corpus.examples.num_rows:
-        shards, features_info = cache.ensure(corpus.examples, config, model)
+    model = resolve_model(settings.featurize.model, options)
+    config = executor.featurizer_config(dataclasses.replace(settings.featurize, model=model))
+    cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options), executor)
+    needed = corpus.row_index[np.sort(np.concatenate([split.pool, split.validation, split.test]))]
+    whole_key = cache_key(model.fingerprint, corpus, config)
+    if cache.is_complete(whole_key) or len(needed) == corpus.num_rows:
+        shards, features_info = cache.ensure(corpus, config, model)
     else:
         log.info("no complete feature cache of the whole corpus at %s (`select --keep-states --features "
                  "%s` fills one): featurizing the %d rows the split uses", cache.location(whole_key).url,
                  cache.root.url, len(needed))
-        shards, features_info = cache.ensure(corpus.examples.take(pa.array(needed)), config, model)
+        shards, features_info = cache.ensure(corpus, config, model, rows=needed)
     log.info("features %s at %s: %d rows embedded", "reused" if features_info["reused"] else "cached",
              shards.url, features_info["embedded_rows"])
 
-    row_index = corpus.examples.column("row_index").to_numpy()
-    parts = {name: _with_targets(TokenStates.load(shards.url, row_index[positions], options))
+    parts = {name: _with_targets(TokenStates.load(shards.url, corpus.row_index[positions], options))
              for name, positions in (("pool", split.pool), ("validation", split.validation),
                                      ("test", split.test))}
     pool, groups, features = parts["pool"], None, None
@@ -81,14 +80,14 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
     weight, bias = lm_head_weight(model)
     trainer = None
     if settings.mode in MODEL_MODES:
-        tuner = ModelTuner(model.path, settings.mode, device=train_device, seed=settings.protocol.train_seed)
-        trainer = ModelTrainer(tuner, corpus.examples, {"pool": pool, "validation": parts["validation"],
-                                                        "test": parts["test"]},
+        tuner = ModelTuner(model.local_path(), settings.mode, device=train_device, seed=settings.protocol.train_seed)
+        trainer = ModelTrainer(tuner, corpus_examples(corpus, needed, executor),
+                               {"pool": pool, "validation": parts["validation"], "test": parts["test"]},
                                batch_tokens=settings.protocol.batch_tokens)
     protocol = dataclasses.replace(with_recipe_defaults(settings.protocol, settings.mode),
                                    device=torch_device(settings.featurize.device))
     facts = {"input": settings.input, "format": corpus.format, "corpus_stats": corpus.stats,
-             "model": model.name, "model_path": model.path, "model_fingerprint": model.fingerprint,
+             "model": model.name, "model_source": model.source, "model_fingerprint": model.fingerprint,
              "split_seed": settings.split.split_seed,
              "split_sizes": {k: int(len(v)) for k, v in dataclasses.asdict(split).items()},
              "features": features_info, "mode": settings.mode}
@@ -105,6 +104,13 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
     files = write_outputs(result, output, settings.title or posixpath.basename(settings.input.rstrip("/")))
     checkpoint.clear()
     return {"table": markdown_table(result["summary"], result["info"]), "files": files}
+
+
+def corpus_examples(corpus: CorpusIndex, row_index: np.ndarray, executor) -> pa.Table:
+    """The examples (row_index, id, messages) of these kept rows, read from the corpus files."""
+    plan = pa.table({"row_index": pa.array(row_index, pa.int64()),
+                     "file": pa.array(corpus.file_of(row_index), pa.int64())})
+    return pa.concat_tables(executor.map_files(file_examples, corpus.work(plan)))
 
 
 def _with_targets(part: TokenStates) -> TokenStates:

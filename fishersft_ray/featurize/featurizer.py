@@ -76,16 +76,17 @@ class HFBackend:
     def load(self, model_ref: ModelRef, *, device: torch.device, dtype: torch.dtype, with_head: bool):
         """(tokenizer, base model (its ``last_hidden_state`` is the pre-logit state), LM head
         or None, model config); the base model in eval mode on ``device``."""
-        tokenizer = AutoTokenizer.from_pretrained(model_ref.path)
+        path = model_ref.local_path()  # fetched or converted once per node
+        tokenizer = AutoTokenizer.from_pretrained(path)
         head = None
         if with_head:  # load the causal LM, keep both parts
-            causal = AutoModelForCausalLM.from_pretrained(model_ref.path, dtype=dtype,
+            causal = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                           attn_implementation="sdpa").to(device).eval()
             model, head = causal.base_model, causal.get_output_embeddings()
         else:
-            model = AutoModel.from_pretrained(model_ref.path, dtype=dtype,
+            model = AutoModel.from_pretrained(path, dtype=dtype,
                                               attn_implementation="sdpa").to(device).eval()
-        return tokenizer, model, head, AutoConfig.from_pretrained(model_ref.path)
+        return tokenizer, model, head, AutoConfig.from_pretrained(path)
 
 
 class Featurizer:

