@@ -244,8 +244,9 @@ class Resources:
     actor_resources: dict = option(default_factory=dict, parse=json_object,
                                    help="custom resources each actor needs, as JSON, e.g. "
                                         "'{\"accelerator_type:A10G\": 0.001}' or a resource a node was started with")
-    actor_start_timeout: float = option(300.0, help="seconds to wait for the first actors before failing with "
-                                                    "what was asked and what the largest node has")
+    actor_start_timeout: float = option(300.0, help="when no node can host one featurizer actor: seconds to wait "
+                                                    "for one (an autoscaler may add it) before failing with what "
+                                                    "was asked and what the largest node has")
     batch_size: int = option(64, help="rows per featurizer call (whole forward units)")
 
     def __post_init__(self):

@@ -158,6 +158,45 @@ def test_near_duplicate_guard_keeps_close_pairs_out_of_the_subset(ray_local, tin
     np.testing.assert_array_equal(guarded.selection.indices, again.indices)
 
 
+def test_features_past_the_memory_budget_are_memory_mapped_with_the_same_picks(ray_local, tiny_llama_dir,
+                                                                               alpaca_corpus, tmp_path):
+    path, _ = alpaca_corpus
+    common = dict(input=str(path), budget=9, model=str(tiny_llama_dir), features=str(tmp_path / "features"))
+    in_ram = run_select(SelectSettings.build(output=str(tmp_path / "ram"), **common))
+    spill = tmp_path / "spill"
+    mapped = run_select(SelectSettings.build(output=str(tmp_path / "mapped"), driver_memory_gb=0,
+                                             spill_dir=str(spill), **common))
+    assert in_ram.manifest["features"]["driver"]["held"] == "RAM"
+    assert mapped.manifest["features"]["driver"]["held"] == "memory-mapped"
+    for name in ("subset.parquet", "ranking.parquet"):
+        assert (tmp_path / "ram" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes()
+    assert not list(spill.iterdir())  # the memory-mapped files are gone with the job
+    # The estimate made before featurizing is an over-estimate of the real shards, by design.
+    estimate = in_ram.manifest["features"]["estimate"]
+    assert estimate["dim"] == in_ram.manifest["model"]["dim"]
+    assert estimate["bytes"] >= in_ram.manifest["features"]["driver"]["shard_bytes"] * 0.5
+
+
+def test_features_too_large_for_the_disk_fail_early_naming_flags_that_fit(tmp_path):
+    from types import SimpleNamespace
+
+    from fishersft_ray.config import FeaturizeConfig
+    from fishersft_ray.io.storage import Location
+    from fishersft_ray.run import driver_store
+
+    # A million rows of 100K characters through a 4096-wide model: tens of TB unprojected.
+    corpus = SimpleNamespace(length=np.full(1_000_000, 100_000), num_rows=1_000_000)
+    config = FeaturizeConfig(max_length=2048)
+    guess = driver_store.estimate(corpus, config, 4096)
+    assert guess["bytes"] > 1e13
+    with pytest.raises(driver_store.FeaturesTooLarge) as error:
+        driver_store.check_fits(guess, corpus, config, Location.of(str(tmp_path / "features")),
+                                memory_budget=10**9, spill=tmp_path / "spill")
+    message = str(error.value)
+    assert "1000000 rows" in message and "feature store" in message and "GB free" in message
+    assert "--project-dim" in message or "no --project-dim fits" in message
+
+
 def _select_one_line_corpus(tmp_path, *options) -> int:
     """`fishersft-ray select` on a one-row text corpus with extra ``options``; its exit code."""
     path = tmp_path / "c.jsonl"

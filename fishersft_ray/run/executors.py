@@ -6,9 +6,10 @@ featurizer (featurize/featurizer.py) over a plan of forward units (run/feature_c
 * ``RayExecutor``: per-file functions as Ray tasks; the featurizer on a Ray Data actor
   pool fed one block of whole forward units per call by CPU-free tasks that read the corpus
   files (no text passes through the driver), streaming into ``write_parquet``. Actors are
-  sized from what single nodes offer (``plan_actors``), never cluster totals, and a pool
-  whose first actors cannot start within ``actor_start_timeout`` fails with what it asked
-  for and what the largest node has. Ray Data restarts an actor that dies and retries its
+  sized from what single nodes offer (``plan_actors``), never cluster totals; when no live
+  node can host one actor, the job waits up to ``actor_start_timeout`` for room (an
+  autoscaler may add a node) and otherwise fails with what it asked for and what the
+  largest node has. Ray Data restarts an actor that dies and retries its
   block.
 * ``LocalExecutor``: the same functions in this process, file by file, block by block
   (evaluate's default, tests, a laptop without Ray).
@@ -114,16 +115,14 @@ class RayExecutor:
 
     def featurize(self, items: list[dict], config: FeaturizeConfig, shards: Location) -> None:
         ray = self._ray()
-        from ray.data import ActorPoolStrategy, DataContext
+        from ray.data import ActorPoolStrategy
 
         from fishersft_ray.featurize.featurizer import Featurizer
 
         plan = plan_actors(ray.nodes(), self.resources, config.device)
         log.info("featurizer actors: %s", plan.describe())
         if not plan.fits_now:
-            log.warning("no live node can host one featurizer actor (%s; the largest node offers %s): waiting up "
-                        "to %g s for an autoscaler to add one", plan.describe_ask(), _largest_node(ray.nodes()),
-                        self.resources.actor_start_timeout)
+            self._wait_for_room(plan)
         # One input row per block of whole forward units; the reading task turns it into that
         # block's examples, so each featurizer call gets exactly one block (units never split).
         work = [{"item": i, "block": int(block)} for i, item in enumerate(items)
@@ -138,23 +137,35 @@ class RayExecutor:
             Featurizer, fn_constructor_kwargs={"config": config}, batch_size=None, batch_format="pyarrow",
             compute=compute, num_gpus=plan.num_gpus, num_cpus=plan.num_cpus,
             resources=plan.resources or None, runtime_env={"env_vars": env} if env else None)
-        context = DataContext.get_current()
-        previous, context.wait_for_min_actors_s = context.wait_for_min_actors_s, int(self.resources.actor_start_timeout)
+        # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold (on a
+        # node whose CPUs all went to actors it would wait for the whole pool), and a few
+        # writers keep up with the actors (the concurrency caps them).
+        featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
+                                 ray_remote_args={"num_cpus": 0}, concurrency=plan.num_actors + 1)
+
+    def _wait_for_room(self, plan: ActorPlan) -> None:
+        """No live node can host one actor: reserve one actor's resources (a placement group,
+        which an autoscaler scales up for) for up to ``actor_start_timeout``; fail naming the
+        ask and the largest node if it never fits. Only scheduling is timed, never the
+        actors' model loading."""
+        ray = self._ray()
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        timeout = self.resources.actor_start_timeout
+        log.warning("no live node can host one featurizer actor (%s; the largest node offers %s): waiting up "
+                    "to %g s for an autoscaler to add one", plan.describe_ask(), _largest_node(ray.nodes()), timeout)
+        bundle = {name: amount for name, amount in
+                  {"CPU": plan.num_cpus, "GPU": plan.num_gpus, **plan.resources}.items() if amount}
+        group = placement_group([bundle])
         try:
-            # Writing a shard is I/O: it must not wait for a CPU slot that the actors hold (on a
-            # node whose CPUs all went to actors it would wait for the whole pool), and a few
-            # writers keep up with the actors (the concurrency caps them).
-            featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
-                                     ray_remote_args={"num_cpus": 0}, concurrency=plan.num_actors + 1)
-        except Exception as exc:  # noqa: BLE001 - Ray wraps the pool's timeout in its own errors
-            if "Timed out while starting actors" not in str(exc):
-                raise
-            raise ActorsUnavailable(
-                f"no featurizer actor could start within {self.resources.actor_start_timeout:g} s: each asks for "
-                f"{plan.describe_ask()}; the largest node offers {_largest_node(ray.nodes())}. Lower "
-                "--cpus-per-actor/--num-gpus-per-actor, fix --actor-resources, or add a node that fits") from None
+            ready = group.wait(timeout_seconds=timeout)
         finally:
-            context.wait_for_min_actors_s = previous
+            remove_placement_group(group)
+        if not ready:
+            raise ActorsUnavailable(
+                f"no featurizer actor could start within {timeout:g} s: each asks for "
+                f"{plan.describe_ask()}; the largest node offers {_largest_node(ray.nodes())}. Lower "
+                "--cpus-per-actor/--num-gpus-per-actor, fix --actor-resources, or add a node that fits")
 
 
 def _call(function, item: dict):

@@ -42,6 +42,9 @@ SPECTRUM_REL_TOL = 1e-5
 CHUNK_ELEMENTS = 1 << 22
 # Tightened-bound refreshes happen at steps ≥ REFRESH_GROWTH × the previous one.
 REFRESH_GROWTH = 1.1
+# Skip tightening epochs while fewer than d rows were added since the last (see
+# _BoundTightener.due); a switch only so benchmarks/bench_select.py can measure what it saves.
+ADAPTIVE_REFRESH = True
 MAX_SNAPSHOTS = 4
 # eigvalsh is backward stable: computed eigenvalues are within a small multiple of
 # d·eps·λ_max of the true ones; EIGEN_TOL·λ_max is a generous margin for d ≤ 10⁵.
@@ -184,6 +187,7 @@ class _GainEvaluator:
 
     def reset(self):
         self.sigma = self.sigma0.clone()
+        self.rows_added = 0  # factor rows added to Σ since the reset
         self._refactor()
         self.logdet0 = self.logdet
 
@@ -199,6 +203,7 @@ class _GainEvaluator:
         """Σ_S ← Σ_S + A_i and refactor."""
         rows = torch.as_tensor(self.pool.rows(i), device=self.device)
         self.sigma += rows.T @ rows
+        self.rows_added += len(rows)
         self._refactor()
 
     @property
@@ -288,9 +293,16 @@ class _BoundTightener:
         self.nu = None
         self.epoch = 0
         self.last_refresh = -1
+        self.rows_at_refresh = 0
         self.spectrum = _SortedSpectrum(pool.feature_set) if pool.feature_set is not None else None
 
     def due(self, step: int) -> bool:
+        """On the geometric schedule, and only once ≥ d factor rows were added since the last
+        snapshot: before that Σ_now − Σ_snapshot has rank < d, so its μ is exactly 1 and the
+        O(d³) epoch would buy little (ADAPTIVE_REFRESH; picks are the same either way)."""
+        if (ADAPTIVE_REFRESH and self.snapshot_steps
+                and self.evaluator.rows_added - self.rows_at_refresh < self.evaluator.pool.dim):
+            return False
         return step >= max(self.last_refresh + 1, math.ceil(REFRESH_GROWTH * self.last_refresh))
 
     def record(self, ids, gains: np.ndarray, traces: np.ndarray, step: int):
@@ -327,6 +339,7 @@ class _BoundTightener:
             self.mu = self.mu[1:]
         self.epoch += 1
         self.last_refresh = step
+        self.rows_at_refresh = self.evaluator.rows_added
 
     def bounds(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Bounds of the current epoch for ``ids`` (all entries if None; inf where none applies)."""
