@@ -20,7 +20,6 @@ for the near-copy scenario at the largest budget.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import time

@@ -154,9 +154,7 @@ class RayExecutor:
         timeout = self.resources.actor_start_timeout
         log.warning("no live node can host one featurizer actor (%s; the largest node offers %s): waiting up "
                     "to %g s for an autoscaler to add one", plan.describe_ask(), _largest_node(ray.nodes()), timeout)
-        bundle = {name: amount for name, amount in
-                  {"CPU": plan.num_cpus, "GPU": plan.num_gpus, **plan.resources}.items() if amount}
-        group = placement_group([bundle])
+        group = placement_group([plan.ask()])
         try:
             ready = group.wait(timeout_seconds=timeout)
         finally:
@@ -213,9 +211,13 @@ class ActorPlan:
     max_actors: int | None = None
     fits_now: bool = True  # a live node can host one actor now
 
-    def describe_ask(self) -> str:
+    def ask(self) -> dict:
+        """What one actor asks the scheduler for (nonzero amounts only)."""
         ask = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
-        return ", ".join(f"{name} {amount:g}" for name, amount in ask.items() if amount)
+        return {name: amount for name, amount in ask.items() if amount}
+
+    def describe_ask(self) -> str:
+        return ", ".join(f"{name} {amount:g}" for name, amount in self.ask().items())
 
     def describe(self) -> str:
         size = (f"{self.num_actors}" if self.max_actors is None

@@ -20,7 +20,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fishersft_ray import __version__
 from fishersft_ray.config import SelectSettings, flat_dict
