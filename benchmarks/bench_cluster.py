@@ -9,7 +9,7 @@
     python benchmarks/bench_cluster.py                       # last line: driver_rss_gb rows=…: a,b,c
     python benchmarks/bench_cluster.py --rows 5000,20000 --job-rows 2000   # quick
 
-Each measurement runs in a fresh process (its own ru_maxrss).
+Each measurement runs in a fresh process (its own peak RSS, VmHWM).
 """
 
 from __future__ import annotations
@@ -31,17 +31,18 @@ from local_cluster import LocalRayCluster  # noqa: E402
 WORDS = ("love war king crown night sword heart blood honour grace fortune sorrow death life dream "
          "tongue gentle noble foul fair").split()
 INDEX_ONLY = """
-import resource, sys, time
+import sys, time
 from fishersft_ray.config import CorpusOptions, Resources
 from fishersft_ray.io.corpus import index_corpus
 from fishersft_ray.run.executors import executor_for
 executor = executor_for(Resources(executor="ray"))
 executor.map_files(lambda: None, [])  # start Ray before the baseline
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():  # VmHWM: ru_maxrss survives execve (it would start at the parent's size)
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+before = peak_kb()
 started = time.perf_counter()
 index = index_corpus(sys.argv[1], CorpusOptions(), None, executor.map_files)
-print("RESULT", index.num_rows, time.perf_counter() - started, before,
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("RESULT", index.num_rows, time.perf_counter() - started, before, peak_kb())
 """
 
 

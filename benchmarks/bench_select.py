@@ -3,6 +3,12 @@
     python benchmarks/bench_select.py            # side-by-side configs, ends with the speedup line
     python benchmarks/bench_select.py --quick    # small smoke run (< 1 min)
     python benchmarks/bench_select.py --scale    # N=1,000,000, d=128, n=10,000 from an on-disk memmap
+    python benchmarks/bench_select.py --two-stage  # N=200,000, d=64: one stage vs RandGreeDi, m = 4, 16
+
+--two-stage writes the instance as parquet feature shards; each measurement is a fresh driver
+process (its own peak RSS): one stage loads every shard and runs lazy TokenOD; two stages
+(run/two_stage.py, the job's code) run the parts in 2 worker processes that read the shards,
+and the driver holds only the candidates.
 
 The default run also times lazy greedy at SmolLM2's width (d=576, N=7000, n=500), where
 naive is timed on its first step only (every naive step evaluates all N − t candidates, so
@@ -16,6 +22,7 @@ in a FeatureSet — what the pipeline hands to ``select``.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
@@ -197,10 +204,88 @@ def scale_run(n, d, budget, seed, instance_dir=None, workers=2):
             shutil.rmtree(directory, ignore_errors=True)
 
 
+TWO_STAGE_DRIVER = """
+import concurrent.futures, json, resource, sys, time
+import numpy as np
+from fishersft_ray.features import FeatureSet, FeatureSummary
+from fishersft_ray.io.storage import Location
+from fishersft_ray.run import two_stage
+from fishersft_ray.select import select
+
+shards, parts, budget, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+
+def call(function, item):
+    return function(**item)
+
+
+started = time.perf_counter()
+if parts == 1:
+    selection = select(FeatureSet.load(shards), budget, lam=1.0)
+    kept = "one stage"
+else:
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        result = two_stage.run(Location.of(shards), FeatureSummary.of_shards(shards), None, parts, seed=0,
+                               oversample=1.0, budget=budget, budget_unit="examples", lam=1.0, prior=None,
+                               near_dup_cosine=None, threads=1,
+                               map_tasks=lambda f, items: list(pool.map(call, [f] * len(items), items)),
+                               run_union=lambda union: select(union, budget, lam=1.0))
+    selection, kept = result.selection, result.account["kept"]
+print("RESULT", json.dumps({"seconds": time.perf_counter() - started, "value": float(selection.objective[-1]),
+      "evaluations": int(selection.evaluations), "kept": kept,
+      # VmHWM, not ru_maxrss: ru_maxrss survives execve, so it would start at the parent's size.
+      "driver_peak_rss_gb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2 ** 20,
+      "workers_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20}))
+"""
+
+
+def write_feature_shards(directory, n, d, chunk=20_000):
+    """The synthetic instance as parquet feature shards of ``chunk`` examples (seeded per chunk)."""
+    import pyarrow.parquet as pq
+
+    os.makedirs(directory, exist_ok=True)
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        part = synthetic_feature_set(count, d, seed=start + d)
+        part = FeatureSet(part.factors, part.spectrum, part.offsets, row_index=np.arange(start, start + count),
+                          embeddings=part.embeddings)
+        pq.write_table(part.to_table(), os.path.join(directory, f"shard-{start // chunk:05d}.parquet"))
+
+
+def two_stage_run(n, d, budget, parts_list, workers=2):
+    """One stage vs two stages over the same shards, each in a fresh driver process."""
+    directory = tempfile.mkdtemp(prefix="fsr-two-stage-")
+    try:
+        started = time.perf_counter()
+        write_feature_shards(directory, n, d)
+        print(f"two_stage instance N={n} d={d}: shards written in {time.perf_counter() - started:.0f} s", flush=True)
+        results = {}
+        for parts in [1, *parts_list]:
+            done = subprocess.run([sys.executable, "-c", TWO_STAGE_DRIVER, directory, str(parts), str(budget),
+                                   str(workers)], capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
+            if line is None:
+                raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
+            results[parts] = result = json.loads(line[len("RESULT"):])
+            print(f"two_stage N={n} d={d} n={budget} parts={parts}: {result['seconds']:.1f} s "
+                  f"value={result['value']:.4f} ratio={result['value'] / results[1]['value']:.5f} "
+                  f"kept={result['kept']} evaluations={result['evaluations']} "
+                  f"driver_peak_rss_gb={result['driver_peak_rss_gb']:.2f} "
+                  f"workers_peak_rss_gb={result['workers_peak_rss_gb']:.2f}", flush=True)
+        last = parts_list[-1]
+        print(f"two_stage N={n} parts={last} objective_ratio={results[last]['value'] / results[1]['value']:.4f} "
+              f"speedup={results[1]['seconds'] / results[last]['seconds']:.2f}")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 1 min)")
     parser.add_argument("--scale", action="store_true", help="N=1M, d=128, n=10k from an on-disk memmap")
+    parser.add_argument("--two-stage", action="store_true", help="N=200K, d=64: one stage vs two stages "
+                        "(--parts) over parquet shards")
+    parser.add_argument("--parts", default="4,16", help="--two-stage: part counts, comma-separated")
     parser.add_argument("--generate-into", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1_000_000, help="--scale: number of examples")
     parser.add_argument("--d", type=int, default=128, help="--scale: embedding dimension")
@@ -217,6 +302,10 @@ def main():
     # 2-core box, torch's thread pool spin-waits on small batched ops and makes both slower.
     torch.set_num_threads(1)
     print(f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()}")
+    if args.two_stage:
+        two_stage_run(args.n if args.n != 1_000_000 else 200_000, args.d if args.d != 128 else 64,
+                      args.budget if args.budget != 10_000 else 1000, [int(p) for p in args.parts.split(",")])
+        return
     if args.scale:
         scale_run(args.n, args.d, args.budget, args.seed, args.instance_dir, args.workers)
         return

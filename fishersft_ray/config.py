@@ -43,6 +43,19 @@ def numbers(kind):
     return parse
 
 
+def partitions(text) -> str | int:
+    """``--partitions``: "auto" or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
+    return value
+
+
 def names(text: str) -> list[str]:
     return [value.strip() for value in text.split(",") if value.strip()]
 
@@ -322,6 +335,13 @@ class SelectSettings:
                                                        "(default: half the memory available at start; 0: always)")
     spill_dir: str | None = option(None, help="local directory for memory-mapped features "
                                               "(default: $FISHERSFT_CACHE/spill)")
+    partitions: str | int = option("auto", parse=partitions, help="two-stage selection (RandGreeDi): split the examples "
+                                                             "into this many random parts, select in each on the "
+                                                             "cluster, then over their candidates on the driver "
+                                                             "(auto: 1 part while the features fit the driver's "
+                                                             "memory or spill disk, else enough parts that one "
+                                                             "fits its memory budget)")
+    part_oversample: float = option(1.0, help="two-stage: each part returns this many times --budget candidates")
     select_threads: int | None = None  # torch threads for the selection (None: torch's default)
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
@@ -336,6 +356,13 @@ class SelectSettings:
         _check_choice(self.budget_unit, BUDGET_UNITS, "--budget-unit")
         _check_choice(self.method, METHODS, "--method")
         _check_choice(self.output_format, ("parquet", "jsonl"), "--output-format")
+        if not (self.partitions == "auto" or (isinstance(self.partitions, (int, np.integer))
+                                                and self.partitions >= 1)):
+            raise ValueError(f"--partitions must be auto or an integer >= 1, got {self.partitions!r}")
+        if not self.part_oversample >= 1:
+            raise ValueError(f"--part-oversample must be >= 1, got {self.part_oversample}")
+        if self.partitions not in ("auto", 1) and self.method != "tokenod":
+            raise ValueError(f"--partitions {self.partitions} runs TokenOD only, not --method {self.method}")
         if self.driver_memory_gb is not None and not self.driver_memory_gb >= 0:
             raise ValueError(f"--driver-memory-gb must be >= 0, got {self.driver_memory_gb}")
 

@@ -464,10 +464,15 @@ def _missing_columns_error(file: str, missing: list[str]) -> ValueError:
                       + (" (written without --keep-states)" if "states" in missing else ""))
 
 
-def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | None = None) -> pa.Table:
+def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | None = None,
+                rows: np.ndarray | None = None) -> pa.Table:
     """The given columns of every ``*.parquet`` shard under ``path``, concatenated in sorted
-    file order, with the first file's metadata (shards must agree on ``dim``)."""
+    file order, with the first file's metadata (shards must agree on ``dim``).
+
+    ``rows``: keep only the rows whose ``row_index`` is in it (one file in memory at a time).
+    """
     fs, files = _shard_files(path, storage_options)
+    wanted = None if rows is None else pa.array(np.asarray(rows, np.int64))
     tables = []
     for file in files:
         with fs.open(file, "rb") as handle:
@@ -476,12 +481,64 @@ def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | No
             if missing:
                 raise _missing_columns_error(file, missing)
             handle.seek(0)
-            tables.append(pq.read_table(handle, columns=list(columns)))
+            table = pq.read_table(handle, columns=list(columns) + (["row_index"] if wanted is not None
+                                                                    and "row_index" not in columns else []))
+            if wanted is not None:
+                table = table.filter(pc.is_in(table.column("row_index"), value_set=wanted)).select(list(columns))
+            tables.append(table)
     dims = {json.loads((t.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim") for t in tables}
     if len(dims) != 1:
         raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
     meta = tables[0].schema.metadata
     return pa.concat_tables([t.replace_schema_metadata(meta) for t in tables])
+
+
+@dataclass
+class FeatureSummary:
+    """Every example's small columns, without its factors: what a job needs of the whole pool
+    (λ from the mean token energy, the length cap, corpus totals) when the factors stay in
+    the shards (two-stage selection). One entry per distinct ``row_index``, sorted by it."""
+
+    row_index: np.ndarray
+    num_targets: np.ndarray
+    truncated: np.ndarray
+    spectrum_total: float
+    dim: int
+
+    @property
+    def n(self) -> int:
+        return len(self.row_index)
+
+    def mean_token_energy(self) -> float:
+        """As ``FeatureSet.mean_token_energy``."""
+        tokens = int(self.num_targets.sum())
+        return self.spectrum_total / tokens if tokens else 0.0
+
+    @classmethod
+    def of_shards(cls, path: str, storage_options: Mapping | None = None) -> "FeatureSummary":
+        """Read the small columns shard by shard (a row_index stored twice counts once, its
+        first copy in file order, as in ``FeatureSet.from_table``)."""
+        fs, files = _shard_files(path, storage_options)
+        parts, dims = [], set()
+        for file in files:
+            with fs.open(file, "rb") as handle:
+                table = pq.read_table(handle, columns=["row_index", "num_targets", "truncated", "spectrum"])
+            dims.add(json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim"))
+            spectrum = table.column("spectrum").combine_chunks()
+            values = pc.list_flatten(spectrum).to_numpy(zero_copy_only=False).astype(np.float64)
+            lengths = pc.list_value_length(spectrum).to_numpy(zero_copy_only=False)
+            per_row = np.zeros(len(lengths))
+            nonempty = lengths > 0
+            if nonempty.any():
+                per_row[nonempty] = np.add.reduceat(values, np.r_[0, np.cumsum(lengths)[:-1]][nonempty])
+            parts.append((table.column("row_index").to_numpy(), table.column("num_targets").to_numpy(),
+                          table.column("truncated").to_numpy(zero_copy_only=False), per_row))
+        if len(dims) != 1 or None in dims:
+            raise ValueError(f"feature shards disagree on dim or carry no metadata: {sorted(map(str, dims))}")
+        row_index, num_targets, truncated, energy = (np.concatenate(column) for column in zip(*parts))
+        row_index, first = np.unique(row_index, return_index=True)
+        return cls(row_index, num_targets[first].astype(np.int64), truncated[first].astype(bool),
+                   float(energy[first].sum()), int(dims.pop()))
 
 
 # ---------------------------------------------------------------- selection from disk

@@ -26,9 +26,14 @@ def information_matrix(features: FeatureSet, positions: np.ndarray | None = None
     return total
 
 
-def render_report(features: FeatureSet, selection: Selection, *, lam: float) -> bytes:
+def render_report(features: FeatureSet, selection: Selection, *, lam: float,
+                  pool_lengths: np.ndarray | None = None, pool_information: np.ndarray | None = None) -> bytes:
     """A 2×2 PNG: objective and marginal gain per step; target lengths, selected vs corpus;
-    eigen-spectrum of Σ_S against a same-size uniform subset's expected Σ."""
+    eigen-spectrum of Σ_S against a same-size uniform subset's expected Σ.
+
+    ``features`` holds the picks (``selection.indices`` point into it); the corpus side
+    comes from it too unless ``pool_lengths`` (every example's target tokens) and
+    ``pool_information`` (Σ A_i over the pool) are given, as a two-stage run does."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,10 +57,10 @@ def render_report(features: FeatureSet, selection: Selection, *, lam: float) -> 
     ax.set_title("marginal gain of each pick")
 
     ax = axes[1, 0]
-    lengths = features.num_targets
+    lengths = features.num_targets if pool_lengths is None else np.asarray(pool_lengths)
     bins = np.histogram_bin_edges(lengths, bins=40)
-    ax.hist(lengths, bins=bins, density=True, alpha=0.5, label=f"corpus (n={features.n})")
-    ax.hist(lengths[picked], bins=bins, density=True, alpha=0.6, label=f"selected (n={len(picked)})")
+    ax.hist(lengths, bins=bins, density=True, alpha=0.5, label=f"corpus (n={len(lengths)})")
+    ax.hist(features.num_targets[picked], bins=bins, density=True, alpha=0.6, label=f"selected (n={len(picked)})")
     ax.set_xlabel("target tokens per example")
     ax.set_ylabel("density")
     ax.set_title("target length: selected vs corpus")
@@ -64,8 +69,9 @@ def render_report(features: FeatureSet, selection: Selection, *, lam: float) -> 
     ax = axes[1, 1]
     eye = lam * np.eye(features.dim)
     selected_eigs = np.linalg.eigvalsh(eye + information_matrix(features, picked))[::-1]
-    share = len(picked) / max(features.n, 1)
-    uniform_eigs = np.linalg.eigvalsh(eye + share * information_matrix(features))[::-1]
+    share = len(picked) / max(len(lengths), 1)
+    pool = information_matrix(features) if pool_information is None else pool_information
+    uniform_eigs = np.linalg.eigvalsh(eye + share * pool)[::-1]
     ax.semilogy(selected_eigs, label="Σ_S (selected)")
     ax.semilogy(uniform_eigs, label="E[Σ] of a uniform subset of the same size", linestyle="--")
     ax.set_xlabel("eigenvalue index")

@@ -14,8 +14,10 @@ import pytest
 from fishersft_ray.featurize.model_ref import resolve_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PEAK_RSS = ("import resource, sys; from fishersft_ray.cli import main; code = main(sys.argv[1:]); "
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+# VmHWM, not ru_maxrss: ru_maxrss survives execve, so a child's starts at the size of the
+# process that forked it (here pytest's), which would hide the driver's own growth.
+PEAK_RSS = ("import sys; from fishersft_ray.cli import main; code = main(sys.argv[1:]); "
+            "print('PEAK_RSS_KB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(code)")
 
 
 def _upload(client, bucket: str, prefix: str, directory: str) -> str:

@@ -321,3 +321,50 @@ def test_a_baseline_method_writes_the_same_outputs_for_an_ab_run(ray_local, tiny
         assert (selection["certificate_ratio"] is None) == (method != "tokenod")
     assert runs["tokenod"].manifest["selection"]["objective"] >= runs["uniform"].manifest["selection"]["objective"]
     assert runs["uniform"].manifest["features"]["reused"] is True  # one cache serves every method
+
+
+def test_two_stage_job_picks_what_the_engine_picks_and_says_what_it_certifies(ray_local, tiny_llama_dir,
+                                                                              alpaca_corpus, tmp_path):
+    from fishersft_ray.features import FeatureSet
+    from fishersft_ray.select.two_stage import select_two_stage
+
+    path, _ = alpaca_corpus
+    common = dict(input=str(path), budget=6, model=str(tiny_llama_dir), features=str(tmp_path / "features"),
+                  seed=3)
+    one = run_select(SelectSettings.build(output=str(tmp_path / "one"), **common))
+    two = run_select(SelectSettings.build(output=str(tmp_path / "two"), partitions=3, part_oversample=2, **common))
+    account = two.manifest["selection"]["two_stage"]
+    assert one.manifest["selection"]["two_stage"] is None
+    assert account["parts"] == 3 and sum(account["part_sizes"]) == one.manifest["corpus"]["kept"]
+    assert account["candidates"] <= 3 * 12 and two.manifest["features"]["driver"]["held"] == "shards (3 parts)"
+    # The corpus totals still cover every example, not just the candidates.
+    assert two.manifest["corpus"]["target_tokens"] == one.manifest["corpus"]["target_tokens"]
+    # The same two stages on the stored features, in memory, pick the same rows.
+    stored = FeatureSet.load(str(tmp_path / "features" / one.manifest["features"]["key"]))
+    lam = one.manifest["selection"]["lam"]
+    engine, engine_account = select_two_stage(stored, 6, parts=3, oversample=2, seed=3, lam=lam)
+    ranking = pq.read_table(tmp_path / "two" / "ranking.parquet")
+    assert ranking.column("row_index").to_pylist() == stored.row_index[engine.indices].tolist()
+    assert account["kept"] == engine_account["kept"]
+    # Its certificate (the sum of the parts' bounds) is a true bound: at least the one-stage greedy's value.
+    assert two.manifest["selection"]["upper_bound"] >= one.manifest["selection"]["objective"]
+    assert two.manifest["selection"]["objective"] <= one.manifest["selection"]["upper_bound"] + 1e-9
+    assert "two-stage" in two.manifest["selection"]["certificate"]
+
+
+def test_partitions_auto_splits_only_when_the_features_fit_neither_memory_nor_spill_disk(tmp_path):
+    from fishersft_ray.run import driver_store
+
+    spill = tmp_path / "spill"
+    assert driver_store.partitions_for("auto", None, 10**9, spill) == 1
+    assert driver_store.partitions_for("auto", {"bytes": 5 * 10**9}, 10**9, spill) == 1  # fits the spill disk
+    assert driver_store.partitions_for("auto", {"bytes": 10**18}, 10**12, spill) == 10**6
+    assert driver_store.partitions_for(4, {"bytes": 1}, 10**9, spill) == 4
+
+
+def test_cli_rejects_bad_partitions_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        _select_one_line_corpus(tmp_path, "--partitions", "0")
+    assert exited.value.code == 2 and "--partitions: expected auto or an integer >= 1" in capsys.readouterr().err
+    assert _select_one_line_corpus(tmp_path, "--partitions", "2", "--method", "uniform") == 2
+    assert "runs TokenOD only" in capsys.readouterr().err

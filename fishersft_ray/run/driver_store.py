@@ -14,6 +14,7 @@ so features larger than RAM need disk, not memory. The picks are the same either
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -74,20 +75,37 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def partitions_for(requested, guess: dict | None, memory_budget: int, spill: Path) -> int:
+    """``--partitions``: an integer as given; "auto": 1 while the estimated features fit the
+    driver's memory budget or its spill disk, else enough parts that one part fits the budget
+    (two-stage selection: the driver then holds only the parts' candidates)."""
+    if requested != "auto":
+        return int(requested)
+    if guess is None or guess["bytes"] <= memory_budget or guess["bytes"] <= _free_bytes(spill):
+        return 1
+    parts = max(2, math.ceil(guess["bytes"] / max(memory_budget, 1)))
+    log.info("features (about %.3g GB) exceed the driver's memory budget and spill disk: two-stage selection "
+             "over %d parts", guess["bytes"] / 1e9, parts)
+    return parts
+
+
 def check_fits(guess: dict | None, corpus: CorpusIndex, config: FeaturizeConfig, store: Location | None,
-               memory_budget: int, spill: Path) -> None:
+               memory_budget: int, spill: Path, whole_pool_on_driver: bool = True) -> None:
     """Raise FeaturesTooLarge when the estimated features cannot be stored (in ``store``, a
-    feature cache still to be filled; None when it is complete) or selected from."""
+    feature cache still to be filled; None when it is complete) or, when the driver selects
+    over the whole pool (one stage), selected from."""
     if guess is None:
         return
     need = guess["bytes"]
     places = []
     if store is not None and store.is_local:
-        places.append((f"the feature store {store.url}", _free_bytes(Path(store.path))))
-    if need > memory_budget:
+        places.append((f"the feature store {store.url}", _free_bytes(Path(store.path)),
+                       "point --features at a larger disk"))
+    if whole_pool_on_driver and need > memory_budget:
         places.append((f"the spill directory {spill} (the features exceed the driver's memory budget of "
-                       f"{memory_budget / 1e9:.3g} GB)", _free_bytes(spill)))
-    for where, free in places:
+                       f"{memory_budget / 1e9:.3g} GB)", _free_bytes(spill),
+                       "point --spill-dir at a larger disk, or select in two stages (--partitions auto)"))
+    for where, free, elsewhere in places:
         if need > free:
             targets = estimated_targets(corpus, config.max_length)
             options = fitting_options(free, targets, guess["dim"], config.max_rank, config.keep_states)
@@ -96,7 +114,7 @@ def check_fits(guess: dict | None, corpus: CorpusIndex, config: FeaturizeConfig,
             raise FeaturesTooLarge(
                 f"the features of {guess['rows']} rows need about {need / 1e9:.3g} GB (d={guess['dim']}, stored "
                 f"width {guess['stored_width']}; {guess['rule']}) but {where} has {free / 1e9:.3g} GB free: "
-                f"{hint}, or point --features/--spill-dir at a larger disk")
+                f"{hint}, or {elsewhere}")
 
 
 def shard_bytes(shards: Location) -> int:

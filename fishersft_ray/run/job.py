@@ -24,10 +24,10 @@ import pyarrow as pa
 from fishersft_ray import __version__
 from fishersft_ray.config import SelectSettings, flat_dict
 from fishersft_ray.faults import maybe_crash
-from fishersft_ray.features import NEAR_TWIN_COSINE, FeatureSet, count_near_twins
+from fishersft_ray.features import NEAR_TWIN_COSINE, FeatureSet, FeatureSummary, count_near_twins
 from fishersft_ray.io.corpus import CorpusIndex, file_rows, index_corpus
 from fishersft_ray.io.storage import MANIFEST_NAME, Location, fingerprint
-from fishersft_ray.run import driver_store
+from fishersft_ray.run import driver_store, two_stage
 from fishersft_ray.run.executors import executor_for, ray_version
 from fishersft_ray.run.feature_cache import FeatureCache, cache_key
 from fishersft_ray.select import CERTIFIED, Selection, run_method
@@ -104,10 +104,16 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
         log.info("features: about %.3g GB estimated for %d rows (d=%d, stored width %d)",
                  guess["bytes"] / 1e9, guess["rows"], guess["dim"], guess["stored_width"])
     complete = cache.is_complete(cache_key(model.fingerprint, corpus, config))
-    driver_store.check_fits(guess, corpus, config, None if complete else cache.root, memory_budget, spill)
+    parts = driver_store.partitions_for(settings.partitions, guess, memory_budget, spill)
+    driver_store.check_fits(guess, corpus, config, None if complete else cache.root, memory_budget, spill,
+                            whole_pool_on_driver=parts == 1)
     with timer.stage("featurize"):
         shards, features_info = cache.ensure(corpus, config, model)
-        features, held = driver_store.load(shards, corpus.num_rows, memory_budget, spill, stack)
+        if parts == 1:
+            features, held = driver_store.load(shards, corpus.num_rows, memory_budget, spill, stack)
+        else:  # two-stage: the driver only ever loads the parts' candidates
+            features, held = None, {"shard_bytes": driver_store.shard_bytes(shards),
+                                    "memory_budget_bytes": memory_budget, "held": f"shards ({parts} parts)"}
         features_info = {**features_info, "estimate": guess, "driver": held}
         prior, prior_info = None, None
         if prior_corpus is not None:
@@ -115,26 +121,45 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
             prior = driver_store.load(prior_shards, prior_corpus.num_rows, memory_budget, spill, stack)[0]
 
     with timer.stage("select"):
-        lam = resolve_lam(settings.rules.lam, settings.rules.lam_relative, features)
-        eligible, length_cap = within_length_cap(settings.rules.length_cap, features.num_targets)
-        usable = features.n if eligible is None else len(eligible)
+        pool = features if parts == 1 else FeatureSummary.of_shards(shards.url, shards.storage_options)
+        if pool.n != corpus.num_rows:
+            raise RuntimeError(f"feature shards at {shards.url} hold {pool.n} examples but the corpus has "
+                               f"{corpus.num_rows}; delete that directory and re-run")
+        lam = resolve_lam(settings.rules.lam, settings.rules.lam_relative, pool)
+        eligible, length_cap = within_length_cap(settings.rules.length_cap, pool.num_targets)
+        usable = pool.n if eligible is None else len(eligible)
         if settings.budget_unit == "examples" and settings.budget > usable:
             warnings.warn(f"budget {settings.budget} exceeds the {usable} usable examples: "
                           "every example is selected (in greedy order)", stacklevel=3)
         selection_key = fingerprint(features_info["key"], prior_info and prior_info["key"], settings.budget,
                                     settings.budget_unit, lam, length_cap and length_cap["tokens"],
-                                    settings.method, settings.seed, settings.rules.near_dup_cosine)
+                                    settings.method, settings.seed, settings.rules.near_dup_cosine,
+                                    *((parts, settings.part_oversample) if parts > 1 else ()))
         checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
-        selection = run_method(settings.method, features, settings.budget, budget_unit=settings.budget_unit,
-                               lam=lam, prior=prior, eligible=eligible, seed=settings.seed,
-                               device=torch_device(settings.featurize.device), progress=_progress_bar(),
-                               checkpoint=checkpoints.save, resume=checkpoints.load(),
-                               threads=settings.select_threads, near_dup_cosine=settings.rules.near_dup_cosine)
+
+        def run(pool: FeatureSet, eligible: np.ndarray | None) -> Selection:
+            return run_method(settings.method, pool, settings.budget, budget_unit=settings.budget_unit,
+                              lam=lam, prior=prior, eligible=eligible, seed=settings.seed,
+                              device=torch_device(settings.featurize.device), progress=_progress_bar(),
+                              checkpoint=checkpoints.save, resume=checkpoints.load(),
+                              threads=settings.select_threads, near_dup_cosine=settings.rules.near_dup_cosine)
+
+        two_stage_account, report_pool = None, {}
+        if parts == 1:
+            selection = run(features, eligible)
+        else:
+            result = two_stage.run(shards, pool, eligible, parts, seed=settings.seed,
+                                   oversample=settings.part_oversample, budget=settings.budget,
+                                   budget_unit=settings.budget_unit, lam=lam, prior=prior,
+                                   near_dup_cosine=settings.rules.near_dup_cosine, threads=settings.select_threads,
+                                   map_tasks=executor.map_files, run_union=lambda union: run(union, None))
+            features, selection, two_stage_account = result.union, result.selection, result.account
+            report_pool = {"pool_lengths": pool.num_targets, "pool_information": result.information}
 
     with timer.stage("write_outputs"):
         picked = picked_rows(corpus, features.row_index[selection.indices], executor)
-        manifest = _write_outputs(output, settings, corpus, picked, features, selection, model,
-                                  features_info, timer, lam, length_cap)
+        manifest = _write_outputs(output, settings, corpus, picked, features, pool, selection, model,
+                                  features_info, timer, lam, length_cap, two_stage_account, report_pool)
     checkpoints.clear()
     return JobResult(output=settings.output, manifest=manifest, selection=selection)
 
@@ -245,23 +270,25 @@ def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> st
 
 
 def _write_outputs(output: Location, settings: SelectSettings, corpus: CorpusIndex, picked: pa.Table,
-                   features: FeatureSet, selection: Selection, model, features_info: dict, timer: StageTimer,
-                   lam: float, length_cap: dict | None) -> dict:
+                   features: FeatureSet, pool, selection: Selection, model, features_info: dict, timer: StageTimer,
+                   lam: float, length_cap: dict | None, two_stage_account: dict | None, report_pool: dict) -> dict:
+    """``features``: holds the picks (the whole pool, or a two-stage run's candidates);
+    ``pool``: every example's small columns (``features`` itself in a one-stage run)."""
     from fishersft_ray.report import render_report
 
     subset_file = _write_table(output, "subset", _selected_rows(picked, selection), settings.output_format)
     ranking_file = _write_table(output, "ranking", _ranking(features, selection), "parquet")
-    output.write_bytes("report.png", render_report(features, selection, lam=lam))
-    manifest = _manifest(settings, corpus, features, selection, model, features_info, timer,
+    output.write_bytes("report.png", render_report(features, selection, lam=lam, **report_pool))
+    manifest = _manifest(settings, corpus, features, pool, selection, model, features_info, timer,
                          files=[subset_file, ranking_file, "report.png"], lam=lam,
-                         length_cap=length_cap)
+                         length_cap=length_cap, two_stage_account=two_stage_account)
     output.write_json(MANIFEST_NAME, manifest)  # last: its presence means the output is complete
     return manifest
 
 
-def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSet, selection: Selection,
+def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSet, pool, selection: Selection,
               model, features_info: dict, timer: StageTimer, files: list[str], lam: float,
-              length_cap: dict | None) -> dict:
+              length_cap: dict | None, two_stage_account: dict | None) -> dict:
     import torch
     import transformers
 
@@ -276,8 +303,8 @@ def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSe
         "model": {"name": model.name, "source": model.source, "kind": model.kind, "revision": model.revision,
                   "fingerprint": model.fingerprint, "dim": features.dim},
         "corpus": {"format": corpus.format, **corpus.stats,
-                   "truncated": int(features.truncated.sum()),
-                   "target_tokens": int(features.num_targets.sum())},
+                   "truncated": int(pool.truncated.sum()),
+                   "target_tokens": int(pool.num_targets.sum())},
         "features": features_info,
         "selection": {
             "method": selection.method,
@@ -294,11 +321,14 @@ def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSe
             "upper_bound": float(selection.upper_bound) if certified else None,
             "certificate_ratio": float(selection.certificate_ratio) if certified else None,
             "certificate": (("f(OPT) ≤ upper_bound for the same budget and λ"
+                             + (" (two-stage: the sum of the parts' certificates, see two_stage)"
+                                if two_stage_account else "")
                              + (", OPT over the examples the near-duplicate guard leaves eligible (not over "
                                 "the whole corpus)" if guard is not None else "")) if certified else
                             f"none: {selection.method} is not a log-det greedy ({', '.join(sorted(CERTIFIED))} are)"),
             "evaluations": int(selection.evaluations),
             "variant": selection.variant,
+            "two_stage": two_stage_account,
             "near_duplicates": {
                 "picks_with_twin": count_near_twins(features.embeddings[selection.indices]),
                 "cosine_threshold": NEAR_TWIN_COSINE,

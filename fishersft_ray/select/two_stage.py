@@ -1,0 +1,137 @@
+"""Two-stage TokenOD across partitions: RandGreeDi (Barbosa et al. 2015), after GreeDi
+(Mirzasoleiman et al. 2013).
+
+When every candidate's factors cannot reach one process, the examples are split by a seeded
+random partition into m parts; lazy TokenOD runs on each part alone (stage 1, where the
+part's shards are) and returns its first κ·budget picks; lazy TokenOD then runs over the
+union of those candidates (stage 2, on the driver, which only ever holds m·κ·budget
+examples). The answer is the better of stage 2 and the best part's own answer for the
+budget (RandGreeDi keeps the better of the two; that is what its guarantee needs:
+E[f] ≥ (1 − 1/e)/2 · f(OPT) under an example budget with a random partition).
+
+Certificates. Stage 2's certificate only bounds OPT over the union of the candidates, not the
+corpus. A bound over the whole pool does hold: f is normalised, monotone and submodular,
+so it is subadditive, and OPT ∩ part_p is feasible for part p's run, hence
+
+    f(OPT) ≤ Σ_p f(OPT ∩ part_p) ≤ Σ_p UB_p,
+
+UB_p being part p's certificate (for κ·budget ≥ budget, so still an upper bound). It is
+valid but loose (about m times the value when the parts look alike); ``account`` reports it
+as ``upper_bound`` together with the union-only one.
+
+Pure math: numpy (torch through the objective). The product's stage 1 runs part by part on
+an executor (run/two_stage.py); ``select_two_stage`` below runs both stages on one
+in-memory FeatureSet (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .greedy import Selection
+from .logdet import select
+
+
+def partition(positions: np.ndarray, parts: int, seed: int) -> list[np.ndarray]:
+    """A seeded random partition of ``positions`` into ``parts`` parts of near-equal size,
+    each sorted (so a part's order, and so its ties, do not depend on the permutation)."""
+    if not (isinstance(parts, (int, np.integer)) and parts >= 1):
+        raise ValueError(f"partitions must be an integer >= 1, got {parts!r}")
+    shuffled = np.random.default_rng(seed).permutation(np.asarray(positions, np.int64))
+    return [np.sort(part) for part in np.array_split(shuffled, parts)]
+
+
+def part_budget(budget: float, budget_unit: str, oversample: float) -> float:
+    """Stage 1's budget: κ × budget (whole examples under an example budget)."""
+    if not oversample >= 1:
+        raise ValueError(f"part oversample κ must be >= 1, got {oversample!r}")
+    scaled = budget * oversample
+    return float(int(np.ceil(scaled))) if budget_unit == "examples" else float(scaled)
+
+
+def _prefix_within(selection: Selection, costs: np.ndarray, budget: float, budget_unit: str) -> int:
+    """Length of the longest prefix of a part's picks that fits ``budget``: under an example
+    budget it is exactly the part's greedy answer for ``budget``; under a token budget a
+    feasible set (token-budget prefixes are not the run for the smaller budget)."""
+    if budget_unit == "examples":
+        return int(min(len(selection.indices), int(budget)))
+    return int(np.searchsorted(np.cumsum(costs), budget, side="right"))
+
+
+def combine(union, part_keys: Sequence[np.ndarray], part_selections: Sequence[Selection], budget: float,
+            budget_unit: str, run_union: Callable[[object], Selection]) -> tuple[Selection, dict]:
+    """Stage 2 and the keep-the-better rule.
+
+    ``union``: a FeatureSet of every part's candidates; ``part_keys[p]``: part p's picks as
+    ``row_index`` values (pick order), ``part_selections[p]`` its stage-1 Selection.
+    ``run_union(union)`` runs the same lazy TokenOD with ``budget`` on the union (the
+    caller's λ, prior, checkpoints…). Returns the kept Selection (indices into ``union``)
+    and the manifest's account of the two stages.
+    """
+    sorter = np.argsort(union.row_index, kind="stable")
+
+    def positions(keys):
+        return sorter[np.searchsorted(union.row_index, keys, sorter=sorter)]
+
+    stage2 = run_union(union)
+    union_value = float(stage2.objective[-1]) if len(stage2.objective) else 0.0
+    part_values, prefixes = [], []
+    for keys, part in zip(part_keys, part_selections):
+        costs = np.ones(len(keys)) if budget_unit == "examples" else union.num_targets[positions(keys)]
+        length = _prefix_within(part, costs, budget, budget_unit)
+        prefixes.append(length)
+        part_values.append(float(part.objective[length - 1]) if length else 0.0)
+    best = int(np.argmax(part_values)) if part_values else -1
+    evaluations = stage2.evaluations + sum(p.evaluations for p in part_selections)
+    part_bounds = [p.upper_bound for p in part_selections]
+    upper_bound = float(sum(part_bounds)) if part_bounds and None not in part_bounds else None
+    if best >= 0 and part_values[best] > union_value:
+        part, length = part_selections[best], prefixes[best]
+        kept = dataclasses.replace(
+            part, indices=positions(part_keys[best][:length]).astype(np.int64), gains=part.gains[:length],
+            objective=part.objective[:length], cost=float(union.num_targets[positions(part_keys[best][:length])].sum())
+            if budget_unit == "tokens" else float(length))
+        kept_from = f"part {best}"
+    else:
+        kept, kept_from = stage2, "union"
+    kept = dataclasses.replace(kept, evaluations=evaluations, upper_bound=upper_bound,
+                               logdet_value=float(kept.objective[-1]) if len(kept.objective) else 0.0)
+    account = {
+        "parts": len(part_selections),
+        "candidates": int(union.n),
+        "kept": kept_from,
+        "union_value": union_value,
+        "part_values": part_values,
+        "union_upper_bound": stage2.upper_bound,
+        "upper_bound": upper_bound,
+        "certificate": ("upper_bound = Σ over parts of each part's certificate: f(OPT) ≤ Σ_p f(OPT ∩ part_p) "
+                        "(subadditivity) bounds OPT over the whole eligible pool, loosely; union_upper_bound bounds "
+                        "OPT over the candidates only" if upper_bound is not None else "none"),
+    }
+    return kept, account
+
+
+def select_two_stage(features, budget: float, *, parts: int, oversample: float = 1.0, seed: int = 0,
+                     budget_unit: str = "examples", eligible=None,
+                     map_parts: Callable = map, **select_kwargs) -> tuple[Selection, dict]:
+    """Both stages on one in-memory FeatureSet (unique ``row_index``; ``select``'s other
+    keyword arguments pass through to every run). ``map_parts(function, parts)`` runs stage 1 (default: in turn).
+    Returns the Selection (indices into ``features``) and the account of ``combine``."""
+    positions = np.arange(features.n) if eligible is None else np.asarray(eligible, np.int64)
+    groups = partition(positions, parts, seed)
+    stage1_budget = part_budget(budget, budget_unit, oversample)
+
+    def run_part(group: np.ndarray) -> tuple[np.ndarray, Selection]:
+        picked = select(features.subset(group), stage1_budget, budget_unit=budget_unit, **select_kwargs)
+        return group[picked.indices], picked
+
+    results = list(map_parts(run_part, groups))
+    candidates = np.unique(np.concatenate([picks for picks, _ in results] or [np.zeros(0, np.int64)]))
+    union = features.subset(candidates)  # its row_index: the keys combine matches picks by
+    kept, account = combine(union, [features.row_index[picks] for picks, _ in results], [s for _, s in results],
+                            budget, budget_unit,
+                            lambda u: select(u, budget, budget_unit=budget_unit, **select_kwargs))
+    return dataclasses.replace(kept, indices=candidates[kept.indices]), account

@@ -1,0 +1,74 @@
+"""Two-stage selection (RandGreeDi): the math module on in-memory features."""
+
+import numpy as np
+import pytest
+
+from fishersft_ray.features import FeatureSet, FeatureSummary
+from fishersft_ray.select import select
+from fishersft_ray.select.two_stage import partition, select_two_stage
+
+
+def _pool(n=600, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return FeatureSet.from_examples([rng.normal(size=(int(rng.integers(1, 9)), d)) * rng.uniform(0.3, 2)
+                                     for _ in range(n)])
+
+
+def test_partition_is_seeded_disjoint_and_balanced():
+    positions = np.arange(10, 111)
+    parts = partition(positions, 4, seed=7)
+    assert sorted(np.concatenate(parts).tolist()) == positions.tolist()
+    assert {len(p) for p in parts} <= {25, 26}
+    assert all(np.all(np.diff(p) > 0) for p in parts)
+    again = partition(positions, 4, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, partition(positions, 4, seed=8)))
+    with pytest.raises(ValueError, match="partitions"):
+        partition(positions, 0, seed=0)
+
+
+@pytest.mark.parametrize("unit, budget", [("examples", 25), ("tokens", 120)])
+def test_one_part_is_exactly_the_one_stage_greedy(unit, budget):
+    pool = _pool()
+    one = select(pool, budget, lam=0.5, budget_unit=unit)
+    two, account = select_two_stage(pool, budget, parts=1, lam=0.5, budget_unit=unit)
+    np.testing.assert_array_equal(two.indices, one.indices)
+    np.testing.assert_allclose(two.objective, one.objective)
+    assert account["parts"] == 1
+
+
+@pytest.mark.parametrize("unit, budget", [("examples", 25), ("tokens", 120)])
+def test_many_parts_stay_feasible_close_and_certified(unit, budget):
+    pool = _pool()
+    one = select(pool, budget, lam=0.5, budget_unit=unit)
+    two, account = select_two_stage(pool, budget, parts=6, oversample=2, seed=1, lam=0.5, budget_unit=unit)
+    cost = len(two.indices) if unit == "examples" else pool.num_targets[two.indices].sum()
+    assert cost <= budget and len(set(two.indices.tolist())) == len(two.indices)
+    # The reported objective is f of the reported picks, whichever stage they came from.
+    np.testing.assert_allclose(select(pool.subset(two.indices), len(two.indices), lam=0.5).objective[-1],
+                               two.objective[-1], rtol=1e-9)
+    assert two.objective[-1] >= 0.9 * one.objective[-1]
+    # Σ of the parts' certificates bounds OPT over the whole pool: above any feasible value.
+    assert account["upper_bound"] == two.upper_bound >= max(one.objective[-1], two.objective[-1])
+    assert account["candidates"] <= 6 * 2 * budget and account["kept"] in {"union"} | {f"part {p}" for p in range(6)}
+    again, _ = select_two_stage(pool, budget, parts=6, oversample=2, seed=1, lam=0.5, budget_unit=unit)
+    np.testing.assert_array_equal(again.indices, two.indices)
+
+
+def test_the_kept_answer_is_the_better_of_the_union_and_the_best_part():
+    pool = _pool(n=200, seed=3)
+    two, account = select_two_stage(pool, 10, parts=4, lam=0.5)
+    assert two.objective[-1] == pytest.approx(max(account["union_value"], *account["part_values"]))
+
+
+def test_summary_of_shards_matches_the_loaded_features(tmp_path):
+    pool = _pool(n=50)
+    directory = tmp_path / "shards"
+    directory.mkdir()
+    pool.subset(np.arange(30)).save(str(directory / "a.parquet"))
+    pool.subset(np.arange(20, 50)).save(str(directory / "b.parquet"))  # rows 20..29 stored twice
+    summary = FeatureSummary.of_shards(str(directory))
+    loaded = FeatureSet.load(str(directory))
+    np.testing.assert_array_equal(summary.row_index, loaded.row_index)
+    np.testing.assert_array_equal(summary.num_targets, loaded.num_targets)
+    assert summary.mean_token_energy() == pytest.approx(loaded.mean_token_energy(), rel=1e-12)
