@@ -5,8 +5,11 @@ tightening epochs on the plain geometric schedule vs only once ≥ d factor rows
 since the last snapshot. Runs alternate (--repeats each, best kept), one torch thread.
 
     PYTHONPATH=. python benchmarks/bench_refresh.py FEATURES [--budget 60] [--unit examples]
+    # issue 14's token-mode figure: a 2,400-row GSM8K pool, the tokens of a uniform 250
+    PYTHONPATH=. python benchmarks/bench_refresh.py POOL --unit tokens --uniform-budget 250 --limit 2400
 
-The last line: ``refresh adaptive_vs_plain=<speed-up> picks_equal=<bool> evaluations=<plain>,<adaptive>``.
+The last line: ``refresh adaptive_vs_plain=<speed-up> picks_equal=<bool> evaluations=<plain>,<adaptive>``,
+then with ``--unit tokens`` ``token_mode d=<d> before_s=<plain> after_s=<adaptive> picks_equal=<bool>``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,16 @@ def main() -> None:
     parser.add_argument("--unit", default="examples", choices=("examples", "tokens"))
     parser.add_argument("--limit", type=int, default=2000, help="the first N examples")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--uniform-budget", type=int, default=None,
+                        help="--unit tokens: the budget is the target tokens of a seeded uniform sample of this "
+                             "many examples (overrides --budget)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     features = FeatureSet.load(args.features)
     features = features.subset(np.arange(min(args.limit, features.n)))
+    if args.uniform_budget is not None:
+        sample = np.random.default_rng(0).permutation(features.n)[:args.uniform_budget]
+        args.budget = float(features.num_targets[sample].sum())
     best, runs = {}, {}
     for _ in range(args.repeats):
         for adaptive in (False, True):
@@ -45,6 +54,8 @@ def main() -> None:
           f"adaptive {best[True]:.2f} s ({runs[True].evaluations} evaluations)")
     print(f"refresh adaptive_vs_plain={best[False] / best[True]:.2f} picks_equal={equal} "
           f"evaluations={runs[False].evaluations},{runs[True].evaluations}")
+    if args.unit == "tokens":
+        print(f"token_mode d={features.dim} before_s={best[False]:.1f} after_s={best[True]:.1f} picks_equal={equal}")
 
 
 if __name__ == "__main__":

@@ -54,11 +54,14 @@ def token_embeddings(rng, lengths, d, axis_scales):
             + offsets).astype(np.float32)
 
 
-def synthetic_feature_set(n, d, seed=0):
+def synthetic_feature_set(n, d, seed=0, vary_scale=False):
+    """``vary_scale``: each example's rows × U(0.3, 2), so stale gains spread over a wide range."""
     rng = np.random.default_rng(seed)
     lengths = sample_lengths(rng, n)
     axis_scales = (1.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float32)
     rows = token_embeddings(rng, lengths, d, axis_scales)
+    if vary_scale:
+        rows *= np.repeat(rng.uniform(0.3, 2.0, size=n).astype(np.float32), lengths)[:, None]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     return FeatureSet.from_examples([rows[bounds[i]:bounds[i + 1]] for i in range(n)])
 
@@ -69,15 +72,15 @@ def timed_select(features, budget, **kwargs):
     return selection, time.perf_counter() - start
 
 
-def compare(n, budget, d, budget_unit="examples", lam=1.0):
-    features = synthetic_feature_set(n, d, seed=n + d)
+def compare(n, budget, d, budget_unit="examples", lam=1.0, vary_scale=False):
+    features = synthetic_feature_set(n, d, seed=n + d, vary_scale=vary_scale)
     naive, naive_s = timed_select(features, budget, lam=lam, method="naive",
                                   budget_unit=budget_unit, threads=1)
     lazy, lazy_s = timed_select(features, budget, lam=lam, method="lazy",
                                 budget_unit=budget_unit, threads=1)
     picks_equal = bool(np.array_equal(naive.indices, lazy.indices))
     speedup = naive_s / lazy_s
-    print(f"config N={n} budget={budget} unit={budget_unit} d={d} lam={lam}: "
+    print(f"config N={n} budget={budget} unit={budget_unit} d={d} lam={lam}{' scales~U(0.3,2)' if vary_scale else ''}: "
           f"naive_s={naive_s:.2f} lazy_s={lazy_s:.3f} speedup={speedup:.1f} "
           f"naive_evals={naive.evaluations} lazy_evals={lazy.evaluations} picks_equal={picks_equal} "
           f"objective={lazy.objective[-1]:.3f} certificate_ratio={lazy.certificate_ratio:.4f} "
@@ -317,6 +320,7 @@ def main():
         compare(5000, 1000, 64, "tokens")
         wide_lazy(7000, 500, 576)
         thread_comparison(20000, 200, 64)
+        compare(20000, 200, 64, vary_scale=True)
         n, budget, d = 20000, 200, 64
     speedup, picks_equal = compare(n, budget, d)
     print(f"lazy_speedup_vs_naive N={n} n={budget} d={d}: {speedup:.1f} picks_equal={picks_equal}")
