@@ -100,8 +100,10 @@ def test_a_corpus_on_s3_larger_than_the_drivers_memory_budget(s3_server, tiny_mo
     manifest = json.loads((tmp_path / "big" / "manifest.json").read_text())
     assert manifest["corpus"]["kept"] == 1000 and manifest["selection"]["selected"] == 5
     assert pq.read_table(tmp_path / "big" / "subset.parquet").num_rows == 5
+    # Holding the corpus would cost its 100 MB at least; what does grow is the 1,000 rows' features
+    # (4 MB, loaded at ~4×), their index and the scan results (measured: 28 MB).
     growth = _peak_rss_mb(big) - _peak_rss_mb(small)
-    assert growth < 25, f"driver peak RSS grew by {growth:.0f} MB for a 100 MB corpus"
+    assert growth < 50, f"driver peak RSS grew by {growth:.0f} MB for a 100 MB corpus"
 
 
 @pytest.mark.parametrize("cpus,gpus,expected", [(None, None, (1, 2.0, 0.0)), ("1", None, (3, 1.0, 0.0)),
