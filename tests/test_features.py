@@ -416,3 +416,20 @@ def test_load_into_memmap_keeps_peak_memory_small(tmp_path):
     assert kind == "ndarray" and factor_mb >= 390 and in_ram >= 400
     on_disk, from_cold, factor_mb, kind = growth_mb(str(tmp_path / "mm"))
     assert kind == "memmap" and factor_mb >= 390 and on_disk < 100, (in_ram, on_disk, from_cold)
+
+
+def test_project_dim_auto_projects_only_wide_models():
+    from fishersft_ray.config import AUTO_PROJECT_ABOVE, AUTO_PROJECT_DIM, EvaluateSettings, FeaturizeConfig, project_dim
+
+    auto = FeaturizeConfig()
+    assert auto.project_dim == "auto"
+    assert auto.for_width(576).project_dim is None and auto.for_width(None).project_dim is None
+    assert auto.for_width(AUTO_PROJECT_ABOVE).project_dim is None
+    assert auto.for_width(4096).project_dim == AUTO_PROJECT_DIM
+    assert FeaturizeConfig(project_dim=64).for_width(4096).project_dim == 64
+    assert FeaturizeConfig(project_dim=None).for_width(4096).project_dim is None
+    assert project_dim("none") is None and project_dim("auto") == "auto" and project_dim("128") == 128
+    with pytest.raises(Exception, match="auto, none or an integer"):
+        project_dim("0")
+    # evaluate fine-tunes on unprojected states: auto means none there.
+    assert EvaluateSettings.build(input="x", output="y").featurize.project_dim is None

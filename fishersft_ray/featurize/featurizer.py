@@ -105,6 +105,7 @@ class Featurizer:
         model_max = max_positions(model_config)
         self.max_length = min(config.max_length or model_max, model_max)
         self.dim = model_config.hidden_size
+        self.config = config = config.for_width(self.dim)  # --project-dim auto, if the caller left it
         self.projection = self._projection()
         self.real_tokens = 0
         self.padded_tokens = 0

@@ -94,7 +94,8 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
 
     with timer.stage("load_model"):
         model = resolve_model(settings.featurize.model, options)
-        config = executor.featurizer_config(dataclasses.replace(settings.featurize, model=model))
+        config = executor.featurizer_config(dataclasses.replace(settings.featurize, model=model)
+                                            .for_width(model.hidden_size()))
 
     cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options), executor)
     memory_budget = driver_store.memory_budget_bytes(settings.driver_memory_gb)
