@@ -43,17 +43,20 @@ def numbers(kind):
     return parse
 
 
-def partitions(text) -> str | int:
-    """``--partitions``: "auto" or an integer >= 1."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
-    return value
+def count_or(*words: str):
+    """Parser of a flag that takes one of ``words`` ("none" parses to None) or an integer >= 1."""
+    def parse(text):
+        if text in words:
+            return None if text == "none" else text
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected {', '.join(words)} or an integer >= 1, got {text!r}")
+        return value
+    parse.__name__ = " or ".join(words) + " or count"
+    return parse
 
 
 def names(text: str) -> list[str]:
@@ -173,19 +176,6 @@ AUTO_PROJECT_ABOVE = 1024
 AUTO_PROJECT_DIM = 512
 
 
-def project_dim(text) -> str | int | None:
-    """``--project-dim``: "auto", "none" or an integer >= 1."""
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected auto, none or an integer >= 1, got {text!r}")
-    return value
-
-
 # ---------------------------------------------------------------- stage groups
 
 
@@ -218,7 +208,7 @@ class FeaturizeConfig:
                                                "(default: the model's maximum)")
     micro_batch_tokens: int = option(8192, help="padded tokens per forward pass on the featurizer")
     max_padding: float = 0.05              # start a new micro-batch rather than pad more than this
-    project_dim: int | str | None = option("auto", parse=project_dim, metavar="auto|none|K",
+    project_dim: int | str | None = option("auto", parse=count_or("auto", "none"), metavar="auto|none|K",
                                            help="project embeddings to K dims on the actors (seeded "
                                                 "orthonormal), before the products; auto: none up to "
                                                 f"width {AUTO_PROJECT_ABOVE}, {AUTO_PROJECT_DIM} above")
@@ -367,7 +357,7 @@ class SelectSettings:
                                                        "(default: half the memory available at start; 0: always)")
     spill_dir: str | None = option(None, help="local directory for memory-mapped features "
                                               "(default: $FISHERSFT_CACHE/spill)")
-    partitions: str | int = option("auto", parse=partitions, help="two-stage selection (RandGreeDi): split the examples "
+    partitions: str | int = option("auto", parse=count_or("auto"), help="two-stage selection (RandGreeDi): split the examples "
                                                              "into this many random parts, select in each on the "
                                                              "cluster, then over their candidates on the driver "
                                                              "(auto: 1 part while the features fit the driver's "

@@ -419,7 +419,7 @@ def test_load_into_memmap_keeps_peak_memory_small(tmp_path):
 
 
 def test_project_dim_auto_projects_only_wide_models():
-    from fishersft_ray.config import AUTO_PROJECT_ABOVE, AUTO_PROJECT_DIM, EvaluateSettings, FeaturizeConfig, project_dim
+    from fishersft_ray.config import AUTO_PROJECT_ABOVE, AUTO_PROJECT_DIM, EvaluateSettings, FeaturizeConfig, count_or
 
     auto = FeaturizeConfig()
     assert auto.project_dim == "auto"
@@ -428,6 +428,7 @@ def test_project_dim_auto_projects_only_wide_models():
     assert auto.for_width(4096).project_dim == AUTO_PROJECT_DIM
     assert FeaturizeConfig(project_dim=64).for_width(4096).project_dim == 64
     assert FeaturizeConfig(project_dim=None).for_width(4096).project_dim is None
+    project_dim = count_or("auto", "none")
     assert project_dim("none") is None and project_dim("auto") == "auto" and project_dim("128") == 128
     with pytest.raises(Exception, match="auto, none or an integer"):
         project_dim("0")
