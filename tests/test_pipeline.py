@@ -186,9 +186,11 @@ def test_features_too_large_for_the_disk_fail_early_naming_flags_that_fit(tmp_pa
 
     # A million rows of 100K characters through a 4096-wide model: tens of TB unprojected.
     corpus = SimpleNamespace(length=np.full(1_000_000, 100_000), num_rows=1_000_000)
-    config = FeaturizeConfig(max_length=2048)
+    config = FeaturizeConfig(max_length=2048, project_dim=None)
     guess = driver_store.estimate(corpus, config, 4096)
     assert guess["bytes"] > 1e13
+    # The default (--project-dim auto) stores a 4096-wide model at 512 dims: 8x fewer bytes or more.
+    assert driver_store.estimate(corpus, FeaturizeConfig(max_length=2048), 4096)["bytes"] < guess["bytes"] / 8
     with pytest.raises(driver_store.FeaturesTooLarge) as error:
         driver_store.check_fits(guess, corpus, config, Location.of(str(tmp_path / "features")),
                                 memory_budget=10**9, spill=tmp_path / "spill")

@@ -76,6 +76,7 @@ def estimate(corpus: CorpusIndex, config: FeaturizeConfig, dim: int | None) -> d
     """The manifest's ``features.estimate``: bytes of the feature shards of ``corpus``."""
     if dim is None:
         return None
+    config = config.for_width(dim)
     targets = estimated_targets(corpus, config.max_length)
     return {"bytes": estimate_feature_bytes(targets, dim, config.project_dim, config.max_rank, config.keep_states),
             "rows": int(corpus.num_rows), "dim": int(dim), "stored_width": int(config.project_dim or dim),
@@ -120,9 +121,11 @@ def check_fits(guess: dict | None, corpus: CorpusIndex, config: FeaturizeConfig,
     for where, free, elsewhere in places:
         if need > free:
             targets = estimated_targets(corpus, config.max_length)
-            options = fitting_options(free, targets, guess["dim"], config.max_rank, config.keep_states)
+            options = {k: size for k, size in fitting_options(free, targets, guess["dim"], config.max_rank,
+                                                              config.keep_states).items()
+                       if k < guess["stored_width"]}  # narrower than what is stored now
             hint = (f"pass --project-dim {next(iter(options))} (about {next(iter(options.values())) / 1e9:.3g} GB)"
-                    if options and config.project_dim is None else "no --project-dim fits either")
+                    if options and config.projection == "random" else "no --project-dim fits either")
             raise FeaturesTooLarge(
                 f"the features of {guess['rows']} rows need about {need / 1e9:.3g} GB (d={guess['dim']}, stored "
                 f"width {guess['stored_width']}; {guess['rule']}) but {where} has {free / 1e9:.3g} GB free: "
