@@ -12,7 +12,7 @@ uniform random 250 examples), λ = 1:
     ``random_projection``, or PCA fitted on the first 256 examples' states, ``pca_projection``,
     as the featurizer does), then the storage rule at width k;
   * for r ∈ --ranks: picks on the full-width top-r eigenpairs (the storage rule's ``max_rank``);
-  * float16: picks on the full-width factors rounded to float16 (and read back as float32).
+  * float16: picks on the full-width factors stored as float16 (``--factor-dtype float16``).
 Every pick set is scored with ``logdet_gains`` on the FULL-width FeatureSet (λ = 1):
 full_metric_ratio = f_full(picks) / f_full(full picks); overlap = |picks ∩ full| / |full|.
 Also: stored bytes (the storage rule, ``features.estimate_feature_bytes``) and selection
@@ -95,21 +95,6 @@ def plan_order(name: str, limit: int, rows_per_unit: int = 16) -> np.ndarray:
     return plan_forward_units(examples, rows_per_unit).column("row_index").to_numpy()
 
 
-def rounded_to_float16(features: FeatureSet) -> FeatureSet:
-    """The factors stored as float16 and read back as float32; spectra recomputed from the
-    rounded factors (so the free initial bounds stay valid for what is selected on)."""
-    rounded = np.asarray(features.factors, np.float32).astype(np.float16).astype(np.float32)
-    spectrum = np.zeros(len(rounded), np.float32)
-    for i in range(features.n):
-        a, b = features.offsets[i], features.offsets[i + 1]
-        if b > a:
-            F = rounded[a:b].astype(np.float64)
-            spectrum[a:b] = np.clip(np.linalg.eigvalsh(F @ F.T)[::-1], 0.0, None)
-    return FeatureSet(rounded, spectrum, features.offsets, features.num_targets, features.row_index,
-                      features.ids, features.meta, features.num_tokens, features.truncated,
-                      features.embeddings)
-
-
 def pick(features: FeatureSet, budget: float, unit: str) -> tuple[np.ndarray, float]:
     started = time.perf_counter()
     indices = select(features, budget, lam=1.0, budget_unit=unit, threads=1).indices
@@ -138,7 +123,7 @@ def variants(states: list[np.ndarray], full: FeatureSet, pca_rows: np.ndarray, k
     for r in ranks:
         yield f"max_rank r={r}", "max_rank", r, (lambda r=r: FeatureSet.from_examples(
             states, num_targets=num_targets, row_index=full.row_index, max_rank=r)), d
-    yield "float16", "float16", 16, (lambda: rounded_to_float16(full)), d
+    yield "float16", "float16", 16, (lambda: full.stored_as("float16")), d
 
 
 def pca_energy(states: list[np.ndarray], pca_rows: np.ndarray, ks) -> dict[int, float]:
@@ -190,11 +175,9 @@ def run_corpus(name: str, args) -> dict:
                 built[variant] = make()
             picks, seconds = pick(built[variant], budget, unit)
             value = f_full(full, picks)
-            if kind == "float16":  # factors at 2 bytes a value, the rest unchanged
-                stored = full_bytes - int(np.minimum(m, dim).sum()) * dim * 2
-            else:
-                stored = estimate_feature_bytes(m, dim, width if width < dim else None,
-                                                param if kind == "max_rank" else None)
+            stored = estimate_feature_bytes(m, dim, width if width < dim else None,
+                                            param if kind == "max_rank" else None,
+                                            factor_dtype="float16" if kind == "float16" else "float32")
             rows.append({"variant": variant, "kind": kind, "param": param, "f_full": value,
                          "ratio": value / f_ref, "overlap": len(np.intersect1d(picks, full_picks)) / len(full_picks),
                          "bytes": stored, "reduction": full_bytes / stored, "select_s": seconds,
@@ -215,7 +198,7 @@ def synthetic_float16(seed: int = 0, n: int = 2000, d: int = 64) -> list[dict]:
         own = rng.normal(size=(d, d)) * 0.1 + np.eye(d)
         examples.append((rng.normal(size=(int(m), d)) * scales) @ own)
     full = FeatureSet.from_examples(examples)
-    rounded = rounded_to_float16(full)
+    rounded = full.stored_as("float16")
     rows = []
     token_budget = int(full.num_targets[uniform_random(full, 250, seed=seed)].sum())
     for label, budget, unit in (("n=100", 100, "examples"), (f"tokens={token_budget}", token_budget, "tokens")):

@@ -23,6 +23,7 @@ BUDGET_UNITS = ("examples", "tokens")
 TOKEN_WEIGHTS = ("none", "loss")
 EXECUTORS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
+FACTOR_DTYPES = ("float32", "float16")  # the keys of features.FACTOR_TYPES
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, parse=None, choices=None,
@@ -217,6 +218,9 @@ class FeaturizeConfig:
     projection_matrix: np.ndarray | None = field(default=None, compare=False)  # fitted PCA basis (d, k)
     pca_sample_rows: int = 256
     max_rank: int | None = None            # keep the top eigenpairs only
+    factor_dtype: str = option("float32", choices=FACTOR_DTYPES,
+                               help="store the factors as float16: half the feature bytes (spectra "
+                                    "recomputed from the rounded factors; picks measured unchanged, see README)")
     keep_states: bool = option(False, help="also store each target token's state and id in the feature "
                                            "shards, so `evaluate --features` can reuse them")
     rows_per_unit: int = 16                # rows per forward unit (run/feature_cache.plan_forward_units)
@@ -229,6 +233,7 @@ class FeaturizeConfig:
         _check_choice(self.device, DEVICES, "--device")
         _check_choice(self.token_weights, TOKEN_WEIGHTS, "--token-weights")
         _check_choice(self.overlong, ("truncate", "split"), "overlong")
+        _check_choice(self.factor_dtype, FACTOR_DTYPES, "--factor-dtype")
         _check_choice(self.projection, ("random", "pca"), "projection")
         for value, flag in ((None if self.project_dim == "auto" else self.project_dim, "--project-dim"),
                             (self.max_length, "--max-length"),
@@ -246,7 +251,10 @@ class FeaturizeConfig:
     def cache_identity(self) -> dict:
         """The fields that decide the features' numbers: the cache key's settings part (the
         model enters by its fingerprint; a PCA basis is fitted from the corpus and model)."""
-        return dataclasses.asdict(self) | {"model": None, "projection_matrix": None}
+        identity = dataclasses.asdict(self) | {"model": None, "projection_matrix": None}
+        if self.factor_dtype == "float32":  # float32 shards predate the option: their keys stay
+            del identity["factor_dtype"]
+        return identity
 
 
 def json_object(text: str) -> dict:

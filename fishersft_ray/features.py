@@ -24,16 +24,27 @@ import pyarrow.parquet as pq
 
 from .validation import checked_examples
 
-SHARD_SCHEMA = pa.schema([
-    pa.field("row_index", pa.int64()),
-    pa.field("id", pa.string()),
-    pa.field("num_tokens", pa.int32()),
-    pa.field("num_targets", pa.int32()),
-    pa.field("truncated", pa.bool_()),
-    pa.field("factor", pa.list_(pa.float32())),
-    pa.field("spectrum", pa.list_(pa.float32())),
-    pa.field("embedding", pa.list_(pa.float32())),
-])
+# How the storage rule's factors are stored (``--factor-dtype``). float16 halves the dominant
+# column at a relative rounding of 2⁻¹¹ per value; the spectrum is then recomputed from the
+# rounded factor (``stored_factor``), so every bound and energy describes what is stored.
+FACTOR_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}  # config.FACTOR_DTYPES
+
+
+def shard_schema(factor_dtype: str = "float32") -> pa.Schema:
+    """The feature shard schema with factors stored as ``factor_dtype`` (config.FACTOR_DTYPES)."""
+    return pa.schema([
+        pa.field("row_index", pa.int64()),
+        pa.field("id", pa.string()),
+        pa.field("num_tokens", pa.int32()),
+        pa.field("num_targets", pa.int32()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("factor", pa.list_(FACTOR_TYPES[factor_dtype][1])),
+        pa.field("spectrum", pa.list_(pa.float32())),
+        pa.field("embedding", pa.list_(pa.float32())),
+    ])
+
+
+SHARD_SCHEMA = shard_schema()
 # Optional columns (``FeaturizeConfig.keep_states``): each example's unprojected target-token
 # states, row-major (m_i × d), and the token ids they predict.
 STATE_FIELDS = pa.schema([
@@ -89,6 +100,37 @@ def factor_from_rows(X: np.ndarray, max_rank: int | None = None) -> tuple[np.nda
 # columns, +54 % on 1 MB column chunks. Without it a shard is within 0.3 % of
 # ``estimate_feature_bytes`` (snappy, the default codec, gains nothing on float32: ±0.1 %).
 SHARD_WRITE_OPTIONS = {"use_dictionary": False}
+def factor_dtype_of(schema: pa.Schema, where: str = "feature shard") -> str:
+    """Which FACTOR_TYPES entry a shard schema (its SHARD_SCHEMA columns) stores; an error
+    naming ``where`` when it is no feature shard schema at all."""
+    projected = pa.schema([schema.field(name) for name in SHARD_SCHEMA.names]).remove_metadata()
+    for name in FACTOR_TYPES:
+        if projected.equals(shard_schema(name)):
+            return name
+    raise ValueError(f"{where} schema mismatch:\n{projected}\nexpected\n{SHARD_SCHEMA}\n"
+                     f"(or the factor stored as {', '.join(FACTOR_TYPES)})")
+
+
+def stored_factor(factor: np.ndarray, spectrum: np.ndarray, factor_dtype: str = "float32"):
+    """The storage rule's (factor, spectrum) as stored with ``factor_dtype``.
+
+    float16: the factor is rounded and the spectrum recomputed in float64 from the rounded
+    factor (eigvalsh of F Fᵀ, r × r), so it stays the exact spectrum of what selection reads.
+    Values past float16's range raise ValueError (store float32 instead).
+    """
+    numpy_dtype = FACTOR_TYPES[factor_dtype][0]
+    if numpy_dtype == np.float32:
+        return np.asarray(factor, np.float32), np.asarray(spectrum, np.float32)
+    largest = float(np.abs(factor).max(initial=0.0))
+    if largest > np.finfo(np.float16).max:
+        raise ValueError(f"factor values up to {largest:.3g} exceed float16's range "
+                         f"({np.finfo(np.float16).max:.0f}): use --factor-dtype float32")
+    rounded = np.asarray(factor).astype(np.float16)
+    F = rounded.astype(np.float64)
+    recomputed = np.clip(np.linalg.eigvalsh(F @ F.T)[::-1], 0.0, None) if len(F) else np.zeros(0)
+    return rounded, recomputed.astype(np.float32)
+
+
 # Bytes per example beyond the storage rule's arrays in a shard written that way:
 # row_index 8, num_tokens 4, num_targets 4, truncated 1 bit, three list offsets, the id
 # string and the list columns' repetition/definition levels (measured on shards of
@@ -109,11 +151,12 @@ def stored_rank(num_targets, dim: int, project_dim: int | None = None,
 
 
 def estimate_feature_bytes(num_targets, dim: int, project_dim: int | None = None,
-                           max_rank: int | None = None, keep_states: bool = False) -> int:
+                           max_rank: int | None = None, keep_states: bool = False,
+                           factor_dtype: str = "float32") -> int:
     """Bytes of the feature shards of examples with ``num_targets`` target tokens each.
 
-    Per example, with k = ``project_dim`` or ``dim`` and r = min(m, k, max_rank):
-    factor r·k·4 + spectrum r·4 + embedding k·4 (+ states m·d·4 and target ids m·4 with
+    Per example, with k = ``project_dim`` or ``dim``, r = min(m, k, max_rank) and b the
+    bytes of one ``factor_dtype`` value: factor r·k·b + spectrum r·4 + embedding k·4 (+ states m·d·4 and target ids m·4 with
     ``keep_states``: the states are never projected) + ``ROW_OVERHEAD_BYTES``.
 
     That is what the driver holds (in RAM, or in ``load(memmap_dir=...)``'s files: factors
@@ -126,14 +169,15 @@ def estimate_feature_bytes(num_targets, dim: int, project_dim: int | None = None
         raise ValueError("num_targets must be >= 0")
     width = int(project_dim or dim)
     ranks = stored_rank(m, dim, project_dim, max_rank)
-    per_row = ranks * (width + 1) * FLOAT_BYTES + width * FLOAT_BYTES + ROW_OVERHEAD_BYTES
+    factor_bytes = np.dtype(FACTOR_TYPES[factor_dtype][0]).itemsize
+    per_row = ranks * (width * factor_bytes + FLOAT_BYTES) + width * FLOAT_BYTES + ROW_OVERHEAD_BYTES
     if keep_states:
         per_row = per_row + m * (int(dim) + 1) * FLOAT_BYTES
     return int(per_row.sum())
 
 
 def fitting_options(budget_bytes: float, num_targets, dim: int, max_rank: int | None = None,
-                    keep_states: bool = False, *,
+                    keep_states: bool = False, factor_dtype: str = "float32", *,
                     ladder: Sequence[int] = PROJECTION_LADDER) -> dict[int, int]:
     """{k: estimated bytes} for the projection widths k of ``ladder`` (below ``dim``) whose
     features fit in ``budget_bytes``, widest first: what the storage guard suggests
@@ -143,41 +187,48 @@ def fitting_options(budget_bytes: float, num_targets, dim: int, max_rank: int | 
     for k in ladder:
         if k >= dim:
             continue
-        need = estimate_feature_bytes(num_targets, dim, k, max_rank, keep_states)
+        need = estimate_feature_bytes(num_targets, dim, k, max_rank, keep_states, factor_dtype)
         if need <= budget_bytes:
             options[int(k)] = need
     return options
 
 
-def _list_column(values: list[np.ndarray], width: int) -> pa.ListArray:
-    """A list<float32> column from per-row arrays: flat values + offsets, one copy."""
+def _list_column(values: list[np.ndarray], width: int, dtype: str = "float32") -> pa.ListArray:
+    """A list<dtype> column from per-row arrays: flat values + offsets, one copy."""
+    numpy_dtype, arrow_type = FACTOR_TYPES[dtype]
     lengths = np.fromiter((v.size for v in values), np.int64, len(values))
     offsets = np.zeros(len(values) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = (np.concatenate([np.asarray(v, np.float32).ravel() for v in values])
-            if values else np.zeros(0, np.float32))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))
+    flat = (np.concatenate([np.asarray(v, numpy_dtype).ravel() for v in values])
+            if values else np.zeros(0, numpy_dtype))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, arrow_type))
 
 
-def _schema_with_meta(dim: int, meta: Mapping | None) -> pa.Schema:
-    return SHARD_SCHEMA.with_metadata({METADATA_KEY: json.dumps({**(meta or {}), "dim": int(dim)})})
+def _schema_with_meta(dim: int, meta: Mapping | None, factor_dtype: str = "float32") -> pa.Schema:
+    return shard_schema(factor_dtype).with_metadata(
+        {METADATA_KEY: json.dumps({**(meta or {}), "dim": int(dim)})})
+
+
+def _factor_dtype_name(factors: np.ndarray) -> str:
+    return "float16" if np.asarray(factors[:0]).dtype == np.float16 else "float32"
 
 
 def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
-                meta: Mapping | None = None) -> pa.Table:
-    """Build one feature shard in ``SHARD_SCHEMA``.
+                meta: Mapping | None = None, factor_dtype: str = "float32") -> pa.Table:
+    """Build one feature shard in ``shard_schema(factor_dtype)``.
 
     ``records`` is either a sequence of per-example dicts or a dict of columns; both
     carry row_index, id, num_tokens, num_targets, truncated, factor ((r, d) array),
     spectrum ((r,) array) and embedding ((d,) array: the mean target-token row, used to
     measure near-duplicates). ``meta`` is stored as JSON under the ``fishersft`` key.
+    The factors are cast to ``factor_dtype`` (see ``stored_factor`` for float16's spectra).
     """
     if isinstance(records, Mapping):
         columns = records
     else:
         names = _SCALAR_COLUMNS + ("factor", "spectrum", "embedding")
         columns = {name: [record[name] for record in records] for name in names}
-    factors = [np.asarray(f, np.float32).reshape(-1, dim) for f in columns["factor"]]
+    factors = [np.asarray(f).reshape(-1, dim) for f in columns["factor"]]
     spectra = [np.asarray(s, np.float32).ravel() for s in columns["spectrum"]]
     for position, (factor, spectrum) in enumerate(zip(factors, spectra)):
         if factor.shape[0] != spectrum.shape[0]:
@@ -189,11 +240,11 @@ def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
         pa.array(np.asarray(columns["num_tokens"], np.int32)),
         pa.array(np.asarray(columns["num_targets"], np.int32)),
         pa.array(np.asarray(columns["truncated"], bool)),
-        _list_column(factors, dim),
+        _list_column(factors, dim, factor_dtype),
         _list_column(spectra, 1),
         _list_column([np.asarray(e, np.float32).reshape(dim) for e in columns["embedding"]], dim),
     ]
-    return pa.Table.from_arrays(arrays, schema=_schema_with_meta(dim, meta))
+    return pa.Table.from_arrays(arrays, schema=_schema_with_meta(dim, meta, factor_dtype))
 
 
 def mean_rows(X: np.ndarray, dim: int) -> np.ndarray:
@@ -316,6 +367,17 @@ class FeatureSet:
                           self.num_tokens[positions], self.truncated[positions],
                           self.embeddings[positions])
 
+    def stored_as(self, factor_dtype: str) -> FeatureSet:
+        """This set with its factors stored as ``factor_dtype`` (``stored_factor`` per example:
+        float16 rounds them and recomputes the spectra); the other columns are shared."""
+        pairs = [stored_factor(self.factor(i), self.spectrum[self.offsets[i]:self.offsets[i + 1]], factor_dtype)
+                 for i in range(self.n)]
+        numpy_dtype = FACTOR_TYPES[factor_dtype][0]
+        factors = np.concatenate([f for f, _ in pairs]) if pairs else np.zeros((0, self.dim), numpy_dtype)
+        spectrum = np.concatenate([s for _, s in pairs]) if pairs else np.zeros(0, np.float32)
+        return FeatureSet(factors.astype(numpy_dtype, copy=False), spectrum, self.offsets, self.num_targets,
+                          self.row_index, self.ids, self.meta, self.num_tokens, self.truncated, self.embeddings)
+
     @classmethod
     def from_examples(cls, examples: Sequence[np.ndarray], num_targets=None, ids=None,
                       row_index=None, max_rank: int | None = None, meta=None) -> FeatureSet:
@@ -338,21 +400,22 @@ class FeatureSet:
                    embeddings=np.stack([mean_rows(X, dim) for X in arrays]))
 
     def to_table(self) -> pa.Table:
-        """This set as one table in SHARD_SCHEMA (factor lists built from flat arrays)."""
-        d = self.dim
+        """This set as one shard table (factor lists built from flat arrays; float16 factors
+        stay float16, any other dtype is stored as float32)."""
+        d, factor_dtype = self.dim, _factor_dtype_name(self.factors)
         arrays = [
             pa.array(self.row_index),
             pa.array(self.ids, pa.string()),
             pa.array(self.num_tokens.astype(np.int32)),
             pa.array(self.num_targets.astype(np.int32)),
             pa.array(self.truncated),
-            pa.ListArray.from_arrays(pa.array(self.offsets * d),
-                                     pa.array(np.asarray(self.factors, np.float32).ravel())),
+            pa.ListArray.from_arrays(pa.array(self.offsets * d), pa.array(
+                np.asarray(self.factors, FACTOR_TYPES[factor_dtype][0]).ravel())),
             pa.ListArray.from_arrays(pa.array(self.offsets), pa.array(self.spectrum)),
             pa.ListArray.from_arrays(pa.array(np.arange(self.n + 1, dtype=np.int64) * d),
                                      pa.array(self.embeddings.ravel())),
         ]
-        return pa.Table.from_arrays(arrays, schema=_schema_with_meta(d, self.meta))
+        return pa.Table.from_arrays(arrays, schema=_schema_with_meta(d, self.meta, factor_dtype))
 
     def save(self, path: str, storage_options: Mapping | None = None) -> str:
         """Write this set as ``path/part-00000.parquet``; returns the file path."""
@@ -374,8 +437,9 @@ class FeatureSet:
         """
         if all(name in table.column_names for name in STATE_FIELDS.names):
             table = table.drop_columns(STATE_FIELDS.names)
-        if not table.schema.remove_metadata().equals(SHARD_SCHEMA):
+        if table.schema.names != SHARD_SCHEMA.names:
             raise ValueError(f"feature shard schema mismatch:\n{table.schema}\nexpected\n{SHARD_SCHEMA}")
+        factor_dtype = factor_dtype_of(table.schema)
         raw_meta = (table.schema.metadata or {}).get(METADATA_KEY)
         if raw_meta is None:
             raise ValueError("feature shards carry no 'fishersft' metadata (need at least dim)")
@@ -394,7 +458,7 @@ class FeatureSet:
         factor_col = table.column("factor").chunk(0) if table.num_rows else None
         spectrum_col = table.column("spectrum").chunk(0) if table.num_rows else None
         if factor_col is None:
-            return cls(np.zeros((0, d), np.float32), np.zeros(0, np.float32),
+            return cls(np.zeros((0, d), FACTOR_TYPES[factor_dtype][0]), np.zeros(0, np.float32),
                        np.zeros(1, np.int64), meta=meta)
         if factor_col.null_count or spectrum_col.null_count:
             raise ValueError("null factor/spectrum in feature shards")
@@ -434,8 +498,8 @@ class FeatureSet:
         Files are read in sorted path order; a row_index held by several files (a retried
         write) is kept once, see ``from_table``.
 
-        ``memmap_dir`` (a local directory): stream the shards into two new float32 files
-        there instead of RAM: ``factors`` (R, d) and ``embeddings`` (N, d) become read-only
+        ``memmap_dir`` (a local directory): stream the shards into two new files there
+        (factors in their stored dtype, embeddings float32) instead of RAM: ``factors`` (R, d) and ``embeddings`` (N, d) become read-only
         ``np.memmap``s of those files (the selection reads them with positioned reads).
         The same arrays, order, duplicate rule and validations as without it; peak memory
         is the small columns (about 30 bytes per example + 4 per factor row) plus one
@@ -489,6 +553,9 @@ def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | No
     dims = {json.loads((t.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim") for t in tables}
     if len(dims) != 1:
         raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
+    if "factor" in columns and len({str(t.schema.field("factor").type) for t in tables}) != 1:
+        raise ValueError(f"feature shards under {path} mix factor dtypes: write them again with one "
+                         f"--factor-dtype")
     meta = tables[0].schema.metadata
     return pa.concat_tables([t.replace_schema_metadata(meta) for t in tables])
 
@@ -595,17 +662,14 @@ def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_di
     """``FeatureSet.load(..., memmap_dir=...)``: two passes over the shards, see there."""
     fs, files = _shard_files(path, storage_options)
     # Pass 1: the small columns of every file (schema, metadata and spectrum checks).
-    parts, dims, meta = [], set(), None
+    parts, dims, factor_dtypes, meta = [], set(), set(), None
     for number, file in enumerate(files):
         with fs.open(file, "rb") as handle:
             schema = pq.read_schema(handle)
             missing = [name for name in SHARD_SCHEMA.names if name not in schema.names]
             if missing:
                 raise _missing_columns_error(file, missing)
-            projected = pa.schema([schema.field(name) for name in SHARD_SCHEMA.names])
-            if not projected.equals(SHARD_SCHEMA):
-                raise ValueError(f"feature shard schema mismatch in {file}:\n{projected}\n"
-                                 f"expected\n{SHARD_SCHEMA}")
+            factor_dtypes.add(factor_dtype_of(schema, f"feature shard {file}"))
             raw_meta = (schema.metadata or {}).get(METADATA_KEY)
             file_meta = json.loads(raw_meta) if raw_meta is not None else {}
             dims.add(file_meta.get("dim"))
@@ -628,12 +692,16 @@ def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_di
         })
     if len(dims) != 1:
         raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
+    if len(factor_dtypes) != 1:
+        raise ValueError(f"feature shards under {path} mix factor dtypes: write them again with one "
+                         f"--factor-dtype")
+    factor_dtype = FACTOR_TYPES[factor_dtypes.pop()][0]
     d = int(meta["dim"])
     file_rows = np.array([len(part["row_index"]) for part in parts], np.int64)
     file_start = np.concatenate([[0], np.cumsum(file_rows)])
     row_index = np.concatenate([part["row_index"] for part in parts]).astype(np.int64)
     if len(row_index) == 0:
-        return cls(np.zeros((0, d), np.float32), np.zeros(0, np.float32), np.zeros(1, np.int64), meta=meta)
+        return cls(np.zeros((0, d), factor_dtype), np.zeros(0, np.float32), np.zeros(1, np.int64), meta=meta)
     order = np.argsort(row_index, kind="stable")
     first_copy = np.concatenate([[True], np.diff(row_index[order]) != 0])
     if not first_copy.all():
@@ -671,8 +739,8 @@ def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_di
 
     # Pass 2: factors and embeddings, one shard batch at a time, written in place.
     os.makedirs(memmap_dir, exist_ok=True)
-    row_bytes = d * FLOAT_BYTES
-    factor_path, factor_fd = _reserve(memmap_dir, "factors-", int(offsets[-1]) * row_bytes)
+    factor_row_bytes, row_bytes = d * np.dtype(factor_dtype).itemsize, d * FLOAT_BYTES
+    factor_path, factor_fd = _reserve(memmap_dir, "factors-", int(offsets[-1]) * factor_row_bytes)
     try:
         embedding_path, embedding_fd = _reserve(memmap_dir, "embeddings-", n * row_bytes)
     except BaseException:
@@ -685,7 +753,7 @@ def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_di
             if count == 0:
                 continue
             file_ranks = ranks_all[first:first + count]
-            per_row = max(1.0, float(file_ranks.mean()) * row_bytes + row_bytes)
+            per_row = max(1.0, float(file_ranks.mean()) * factor_row_bytes + row_bytes)
             batch_rows = max(1, int(MEMMAP_BATCH_BYTES // per_row))
             done = 0
             with fs.open(file, "rb") as handle:
@@ -706,8 +774,8 @@ def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_di
         raise
     os.close(factor_fd)
     os.close(embedding_fd)
-    factors = (np.memmap(factor_path, np.float32, mode="r", shape=(int(offsets[-1]), d))
-               if offsets[-1] and d else np.zeros((int(offsets[-1]), d), np.float32))
+    factors = (np.memmap(factor_path, factor_dtype, mode="r", shape=(int(offsets[-1]), d))
+               if offsets[-1] and d else np.zeros((int(offsets[-1]), d), factor_dtype))
     embeddings = np.memmap(embedding_path, np.float32, mode="r", shape=(n, d)) if d \
         else np.zeros((n, d), np.float32)
     return cls(factors, spectrum, offsets, num_targets, row_index, ids, meta, num_tokens, truncated,
@@ -748,14 +816,13 @@ def _fill_batch(batch: pa.RecordBatch, d: int, ranks: np.ndarray, destination: n
     embedding_offsets = embedding_col.offsets.to_numpy().astype(np.int64)
     embedding_offsets -= embedding_offsets[0]
     embedding_flat = embedding_col.flatten().to_numpy(zero_copy_only=False)
-    row_bytes = d * FLOAT_BYTES
     targets = destination[kept]
     for start, stop in _runs(kept, targets):
         a, b = kept[start], kept[stop - 1] + 1
         _pwrite_all(factor_fd, flat[factor_offsets[a]:factor_offsets[b]],
-                    int(offsets[targets[start]]) * row_bytes)
+                    int(offsets[targets[start]]) * d * flat.itemsize)
         _pwrite_all(embedding_fd, embedding_flat[embedding_offsets[a]:embedding_offsets[b]],
-                    int(targets[start]) * row_bytes)
+                    int(targets[start]) * d * FLOAT_BYTES)
 
 
 def with_token_states(table: pa.Table, states: Sequence[np.ndarray], target_ids: Sequence[np.ndarray]) -> pa.Table:

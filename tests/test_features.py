@@ -9,7 +9,7 @@ import pytest
 
 from fishersft_ray.features import (ROW_OVERHEAD_BYTES, SHARD_SCHEMA, SHARD_WRITE_OPTIONS, FeatureSet, count_near_twins,
                                     estimate_feature_bytes, factor_from_rows, fitting_options,
-                                    shard_table)
+                                    shard_table, stored_factor)
 from fishersft_ray.select import select
 from fishersft_ray.select.rules import length_cap_tokens
 
@@ -227,17 +227,18 @@ def shard_bytes(table, path, **kwargs):
     return path.stat().st_size
 
 
-@pytest.mark.parametrize("d,max_rank,lengths", [
-    (64, None, (1, 200)),     # short and long examples (m > d: eigen factors)
-    (128, None, (20, 60)),    # all m <= d: F = X
-    (64, 16, (1, 200)),       # the rank cap
+@pytest.mark.parametrize("d,max_rank,lengths,factor_dtype", [
+    (64, None, (1, 200), "float32"),     # short and long examples (m > d: eigen factors)
+    (128, None, (20, 60), "float32"),    # all m <= d: F = X
+    (64, 16, (1, 200), "float32"),       # the rank cap
+    (64, None, (1, 200), "float16"),     # half the factor bytes
 ])
-def test_estimate_feature_bytes_matches_real_shards(tmp_path, d, max_rank, lengths):
+def test_estimate_feature_bytes_matches_real_shards(tmp_path, d, max_rank, lengths, factor_dtype):
     rng = np.random.default_rng(d)
     num_targets = rng.integers(*lengths, size=400)
     examples = [rng.normal(size=(int(m), d)).astype(np.float32) for m in num_targets]
-    features = FeatureSet.from_examples(examples, max_rank=max_rank, meta={"model": "toy"})
-    estimate = estimate_feature_bytes(num_targets, d, max_rank=max_rank)
+    features = FeatureSet.from_examples(examples, max_rank=max_rank, meta={"model": "toy"}).stored_as(factor_dtype)
+    estimate = estimate_feature_bytes(num_targets, d, max_rank=max_rank, factor_dtype=factor_dtype)
     table = features.to_table()
     written = shard_bytes(table, tmp_path / "shard.parquet", **SHARD_WRITE_OPTIONS)  # snappy
     plain = shard_bytes(table, tmp_path / "plain.parquet", compression="none", use_dictionary=False)
@@ -245,8 +246,10 @@ def test_estimate_feature_bytes_matches_real_shards(tmp_path, d, max_rank, lengt
     in_memory = features.factors.nbytes + features.spectrum.nbytes + features.embeddings.nbytes
     assert estimate == pytest.approx(written, rel=0.005) and estimate == pytest.approx(plain, rel=0.005)
     assert in_memory <= estimate <= in_memory * 1.02  # what the driver's RAM / memmap holds
-    assert default > written * 1.05  # why shards should be written with SHARD_WRITE_OPTIONS
-    with_states = estimate_feature_bytes(num_targets, d, max_rank=max_rank, keep_states=True)
+    if factor_dtype == "float32":  # why shards should be written with SHARD_WRITE_OPTIONS (float16: ±1 %)
+        assert default > written * 1.05
+    with_states = estimate_feature_bytes(num_targets, d, max_rank=max_rank, keep_states=True,
+                                         factor_dtype=factor_dtype)
     assert with_states - estimate == int(num_targets.sum()) * (d + 1) * 4
 
 
@@ -434,3 +437,37 @@ def test_project_dim_auto_projects_only_wide_models():
         project_dim("0")
     # evaluate fine-tunes on unprojected states: auto means none there.
     assert EvaluateSettings.build(input="x", output="y").featurize.project_dim is None
+
+
+def test_float16_factors_keep_exact_spectra_and_select_as_their_float32_copy(tmp_path):
+    _, features = random_feature_set(seed=21, n=80, d=12)
+    half = features.stored_as("float16")
+    assert half.factors.dtype == np.float16 and half.factors.nbytes * 2 == np.asarray(features.factors).nbytes
+    for i in range(half.n):  # the spectrum describes the rounded factor, not the float32 one
+        F = half.factor(i).astype(np.float64)
+        expected = np.sort(np.linalg.eigvalsh(F @ F.T))[::-1] if len(F) else np.zeros(0)
+        np.testing.assert_allclose(half.spectrum[half.offsets[i]:half.offsets[i + 1]], np.clip(expected, 0, None),
+                                   rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(half.factors, features.factors, rtol=2 ** -10, atol=1e-4)
+    pq.write_table(half.to_table(), tmp_path / "part-0.parquet", **SHARD_WRITE_OPTIONS)
+    assert pq.read_schema(tmp_path / "part-0.parquet").field("factor").type == pa.list_(pa.float16())
+    in_ram = FeatureSet.load(str(tmp_path))
+    on_disk = FeatureSet.load(str(tmp_path), memmap_dir=str(tmp_path / "mm"))
+    assert_same_feature_sets(in_ram, half)
+    assert_same_feature_sets(on_disk, half)
+    upcast = FeatureSet(half.factors.astype(np.float32), half.spectrum, half.offsets, half.num_targets)
+    for unit, budget in (("examples", 10), ("tokens", 90)):
+        picks = select(upcast, budget, budget_unit=unit, threads=1)
+        for stored in (in_ram, on_disk):
+            chosen = select(stored, budget, budget_unit=unit, threads=1)
+            np.testing.assert_array_equal(chosen.indices, picks.indices)
+            np.testing.assert_array_equal(chosen.gains, picks.gains)
+    pq.write_table(features.to_table(), tmp_path / "part-1.parquet")
+    for load in (FeatureSet.load, lambda path: FeatureSet.load(path, memmap_dir=str(tmp_path / "mm2"))):
+        with pytest.raises(ValueError, match="mix factor dtypes"):
+            load(str(tmp_path))
+
+
+def test_float16_storage_refuses_values_past_its_range():
+    with pytest.raises(ValueError, match="exceed float16's range.*--factor-dtype float32"):
+        stored_factor(np.full((2, 3), 7e4, np.float32), np.ones(2, np.float32), "float16")

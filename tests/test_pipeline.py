@@ -158,6 +158,40 @@ def test_near_duplicate_guard_keeps_close_pairs_out_of_the_subset(ray_local, tin
     np.testing.assert_array_equal(guarded.selection.indices, again.indices)
 
 
+def test_float16_factor_storage_halves_the_factors_and_selects_on_what_it_stored(ray_local, tiny_llama_dir,
+                                                                                  alpaca_corpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    from fishersft_ray.features import FeatureSet
+    from fishersft_ray.select import run_method
+
+    path, _ = alpaca_corpus
+    common = dict(input=str(path), budget=10, model=str(tiny_llama_dir), features=str(tmp_path / "features"))
+    single = run_select(SelectSettings.build(output=str(tmp_path / "float32"), **common))
+    half = run_select(SelectSettings.build(output=str(tmp_path / "float16"), factor_dtype="float16", **common))
+    location = half.manifest["features"]["location"]
+    assert location != single.manifest["features"]["location"]  # its own cache key
+    assert half.manifest["features"]["estimate"]["factor_dtype"] == "float16"
+    shard = next(p for p in sorted((tmp_path / "features").rglob("*.parquet")) if str(p).startswith(location))
+    assert str(pq.read_schema(shard).field("factor").type) == "list<element: halffloat>"
+    stored, full = FeatureSet.load(location), FeatureSet.load(single.manifest["features"]["location"])
+    assert stored.factors.dtype == np.float16
+    np.testing.assert_allclose(stored.factors, full.factors, rtol=2 ** -10, atol=1e-3)
+    assert stored.factors.nbytes * 2 == full.factors.nbytes
+    assert half.manifest["features"]["driver"]["shard_bytes"] < 0.7 * single.manifest["features"]["driver"]["shard_bytes"]
+    # The job selects on exactly what it stored, and that stays close to the float32 picks.
+    again = run_method("tokenod", stored, 10, lam=half.manifest["selection"]["lam"])
+    np.testing.assert_array_equal(half.selection.indices, again.indices)
+    assert len(set(half.selection.indices) & set(single.selection.indices)) >= 8
+    # Two stages ship float16 candidates back to the driver: the same picks as the engine's two stages.
+    from fishersft_ray.select.two_stage import select_two_stage
+
+    two = run_select(SelectSettings.build(output=str(tmp_path / "two"), factor_dtype="float16", partitions=2,
+                                          part_oversample=2, seed=1, **common))
+    engine, _ = select_two_stage(stored, 10, parts=2, oversample=2, seed=1, lam=half.manifest["selection"]["lam"])
+    np.testing.assert_array_equal(two.selection.indices, engine.indices)
+
+
 def test_features_past_the_memory_budget_are_memory_mapped_with_the_same_picks(ray_local, tiny_llama_dir,
                                                                                alpaca_corpus, tmp_path):
     path, _ = alpaca_corpus

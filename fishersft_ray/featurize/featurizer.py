@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from fishersft_ray.faults import maybe_crash
 from fishersft_ray.config import FeaturizeConfig
-from fishersft_ray.features import factor_from_rows, mean_rows, shard_table, with_token_states
+from fishersft_ray.features import factor_from_rows, mean_rows, shard_table, stored_factor, with_token_states
 from fishersft_ray.featurize.masks import encode_with_targets, max_positions, windows
 from fishersft_ray.featurize.model_ref import ModelRef, resolve_model
 
@@ -268,6 +268,8 @@ class Featurizer:
                 host_states, factors, spectra, embeddings = self._storage_rule_on_device(states, weights, ids)
             else:
                 host_states, factors, spectra, embeddings = self._storage_rule_on_host(states, weights, ids)
+            if self.config.factor_dtype != "float32":
+                factors, spectra = self._stored_factors(factors, spectra, ids)
         num_tokens = [len(ids_) for ids_, _ in encoded]
         out_dim = self.dim if self.projection is None else self.projection.shape[1]
         with self.timed("table"):
@@ -279,11 +281,22 @@ class Featurizer:
                 "truncated": [self.config.overlong == "truncate" and n > self.max_length for n in num_tokens],
                 "factor": factors, "spectrum": spectra, "embedding": embeddings,
             }, dim=out_dim, meta={"model": self.model_ref.name, "model_fingerprint": self.model_ref.fingerprint,
-                                  "token_weights": self.config.token_weights})
+                                  "token_weights": self.config.token_weights},
+                factor_dtype=self.config.factor_dtype)
             if self.config.keep_states:
                 table = with_token_states(table, host_states, target_ids)
         maybe_crash("featurize")
         return table
+
+    def _stored_factors(self, factors, spectra, ids):
+        """Factors rounded to ``--factor-dtype`` with their spectra recomputed (features.stored_factor)."""
+        stored = []
+        for row_id, factor, spectrum in zip(ids, factors, spectra):
+            try:
+                stored.append(stored_factor(factor, spectrum, self.config.factor_dtype))
+            except ValueError as error:
+                raise ValueError(f"row id {row_id!r}: {error}") from None
+        return [f for f, _ in stored], [s for _, s in stored]
 
     def _storage_rule_on_host(self, states, weights, ids):
         """The storage rule per example in numpy float64 (features.factor_from_rows): the CPU path."""

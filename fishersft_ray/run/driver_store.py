@@ -78,8 +78,10 @@ def estimate(corpus: CorpusIndex, config: FeaturizeConfig, dim: int | None) -> d
         return None
     config = config.for_width(dim)
     targets = estimated_targets(corpus, config.max_length)
-    return {"bytes": estimate_feature_bytes(targets, dim, config.project_dim, config.max_rank, config.keep_states),
+    return {"bytes": estimate_feature_bytes(targets, dim, config.project_dim, config.max_rank, config.keep_states,
+                                            config.factor_dtype),
             "rows": int(corpus.num_rows), "dim": int(dim), "stored_width": int(config.project_dim or dim),
+            "factor_dtype": config.factor_dtype,
             "rule": f"every character a target, {CHARS_PER_TOKEN} characters a token, capped at --max-length"}
 
 
@@ -122,10 +124,15 @@ def check_fits(guess: dict | None, corpus: CorpusIndex, config: FeaturizeConfig,
         if need > free:
             targets = estimated_targets(corpus, config.max_length)
             options = {k: size for k, size in fitting_options(free, targets, guess["dim"], config.max_rank,
-                                                              config.keep_states).items()
+                                                              config.keep_states, config.factor_dtype).items()
                        if k < guess["stored_width"]}  # narrower than what is stored now
             hint = (f"pass --project-dim {next(iter(options))} (about {next(iter(options.values())) / 1e9:.3g} GB)"
                     if options and config.projection == "random" else "no --project-dim fits either")
+            if config.factor_dtype == "float32":
+                half = estimate_feature_bytes(targets, guess["dim"], guess["stored_width"], config.max_rank,
+                                              config.keep_states, "float16")
+                if half <= free:
+                    hint = f"pass --factor-dtype float16 (about {half / 1e9:.3g} GB), or {hint}"
             raise FeaturesTooLarge(
                 f"the features of {guess['rows']} rows need about {need / 1e9:.3g} GB (d={guess['dim']}, stored "
                 f"width {guess['stored_width']}; {guess['rule']}) but {where} has {free / 1e9:.3g} GB free: "
