@@ -129,7 +129,10 @@ def run_cases(root: pathlib.Path) -> dict:
         manifest = json.loads((out / "manifest.json").read_text())
         flat: dict = {}
         _flatten("", {k: v for k, v in manifest.items() if k not in VOLATILE}, flat)
-        flat = {k: v for k, v in flat.items() if not k.startswith(("features.reused", "features.resumed"))}
+        # Paths under the work directory and the memory budget (half the memory free now) vary by run.
+        flat = {k: v.replace(str(root), "<workdir>") if isinstance(v, str) else v for k, v in flat.items()
+                if not k.startswith(("features.reused", "features.resumed"))
+                and k != "features.driver.memory_budget_bytes"}
         record[name] = {"files": {p.name: _digest(p) for p in sorted(out.iterdir())
                                   if p.is_file() and p.name not in ("manifest.json", "report.png")},
                         "manifest": json.loads(json.dumps(flat, default=str))}
