@@ -1,19 +1,15 @@
-"""What the engine's work-saving switches save on real states, picks unchanged.
+"""What the adaptive tightening schedule saves (select/logdet.py ADAPTIVE_REFRESH), picks unchanged.
 
-Two switches, neither of which may change a pick: the adaptive tightening schedule
-(select/logdet.py ADAPTIVE_REFRESH: no tightening epoch before ≥ d factor rows were added
-since the last snapshot) and, under a token budget, stopping the unit-cost run once it
-provably cannot beat the cost-benefit value (select/greedy.py STOP_LOSING_VARIANT). Lazy
-TokenOD on stored feature shards (a `select`/`evaluate` cache) runs with neither switch
-("before"), each alone, and both ("after"), alternating, --repeats each (best kept), one
-torch thread.
+Lazy TokenOD on stored feature shards (a `select`/`evaluate` cache; real model states), with
+tightening epochs on the plain geometric schedule vs only once ≥ d factor rows were added
+since the last snapshot. Runs alternate (--repeats each, best kept), one torch thread.
 
     PYTHONPATH=. python benchmarks/bench_refresh.py FEATURES [--budget 60] [--unit examples]
     # issue 14's token-mode figure: a 2,400-row GSM8K pool, the tokens of a uniform 250
     PYTHONPATH=. python benchmarks/bench_refresh.py POOL --unit tokens --uniform-budget 250 --limit 2400
 
-The last line: ``refresh after_vs_before=<speed-up> picks_equal=<bool> evaluations=<before>,<after>``,
-then with ``--unit tokens`` ``token_mode d=<d> before_s=<before> after_s=<after> picks_equal=<bool>``.
+The last line: ``refresh adaptive_vs_plain=<speed-up> picks_equal=<bool> evaluations=<plain>,<adaptive>``,
+then with ``--unit tokens`` ``token_mode d=<d> before_s=<plain> after_s=<adaptive> picks_equal=<bool>``.
 """
 
 from __future__ import annotations
@@ -25,10 +21,7 @@ import numpy as np
 import torch
 
 from fishersft_ray.features import FeatureSet
-from fishersft_ray.select import greedy, logdet, select
-
-CONFIGS = {"before": (False, False), "adaptive_refresh": (True, False),
-           "stop_losing_variant": (False, True), "after": (True, True)}
+from fishersft_ray.select import logdet, select
 
 
 def main() -> None:
@@ -38,8 +31,6 @@ def main() -> None:
     parser.add_argument("--unit", default="examples", choices=("examples", "tokens"))
     parser.add_argument("--limit", type=int, default=2000, help="the first N examples")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated subset of {','.join(CONFIGS)} (before and after always run)")
     parser.add_argument("--uniform-budget", type=int, default=None,
                         help="--unit tokens: the budget is the target tokens of a seeded uniform sample of this "
                              "many examples (overrides --budget)")
@@ -50,26 +41,21 @@ def main() -> None:
     if args.uniform_budget is not None:
         sample = np.random.default_rng(0).permutation(features.n)[:args.uniform_budget]
         args.budget = float(features.num_targets[sample].sum())
-    names = [name for name in CONFIGS if name in {"before", "after", *args.configs.split(",")}]
     best, runs = {}, {}
     for _ in range(args.repeats):
-        for name in names:
-            logdet.ADAPTIVE_REFRESH, greedy.STOP_LOSING_VARIANT = CONFIGS[name]
+        for adaptive in (False, True):
+            logdet.ADAPTIVE_REFRESH = adaptive
             started = time.perf_counter()
-            runs[name] = select(features, args.budget, budget_unit=args.unit)
-            best[name] = min(best.get(name, np.inf), time.perf_counter() - started)
-            print(f"  {name}: {time.perf_counter() - started:.2f} s, {runs[name].evaluations} evaluations, "
-                  f"variant {runs[name].variant}", flush=True)
-    equal = all(np.array_equal(runs[name].indices, runs["before"].indices)
-                and np.array_equal(runs[name].gains, runs["before"].gains) for name in names)
-    print(f"{features.n} examples, d={features.dim}, budget {args.budget:g} {args.unit}: " + ", ".join(
-        f"{name} {best[name]:.2f} s ({runs[name].evaluations} evaluations)" for name in names))
-    before, after = runs["before"].evaluations, runs["after"].evaluations
-    print(f"refresh after_vs_before={best['before'] / best['after']:.2f} picks_equal={equal} "
-          f"evaluations={before},{after}")
+            runs[adaptive] = select(features, args.budget, budget_unit=args.unit)
+            best[adaptive] = min(best.get(adaptive, np.inf), time.perf_counter() - started)
+    equal = np.array_equal(runs[False].indices, runs[True].indices)
+    print(f"{features.n} examples, d={features.dim}, budget {args.budget:g} {args.unit}: "
+          f"plain {best[False]:.2f} s ({runs[False].evaluations} evaluations), "
+          f"adaptive {best[True]:.2f} s ({runs[True].evaluations} evaluations)")
+    print(f"refresh adaptive_vs_plain={best[False] / best[True]:.2f} picks_equal={equal} "
+          f"evaluations={runs[False].evaluations},{runs[True].evaluations}")
     if args.unit == "tokens":
-        print(f"token_mode d={features.dim} before_s={best['before']:.1f} after_s={best['after']:.1f} "
-              f"picks_equal={equal}")
+        print(f"token_mode d={features.dim} before_s={best[False]:.1f} after_s={best[True]:.1f} picks_equal={equal}")
 
 
 if __name__ == "__main__":

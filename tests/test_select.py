@@ -305,38 +305,6 @@ def test_resume_after_a_crash_gives_the_identical_answer(budget_unit, method):
         select(data, budget + 1, resume=state, **kwargs)
 
 
-@pytest.mark.parametrize("as_feature_set", [False, True])
-def test_stopping_a_losing_knapsack_variant_changes_nothing_but_the_work(monkeypatch, as_feature_set):
-    """The unit-cost run stops once it cannot beat cost-benefit's value: same answer, fewer
-    evaluations, a certificate that still holds; it runs to the end when it is the winner."""
-    from fishersft_ray.select import greedy
-
-    cheap = [np.eye(4)[:1] for _ in range(12)]  # one direction: gains shrink with each pick
-    big = np.stack([np.eye(4)[1 + k % 3] for k in range(10)])  # cost 10, lower gain/cost
-    rng = np.random.default_rng(3)
-    instances = [(cheap + [big], 10, "unit_cost")]
-    instances += [(random_examples(rng, 120, 8, 24), 300, None) for _ in range(4)]
-    fewer = 0
-    for examples, budget, winner in instances:
-        data = FeatureSet.from_examples(examples) if as_feature_set else examples
-        runs = {}
-        for stop in (False, True):
-            monkeypatch.setattr(greedy, "STOP_LOSING_VARIANT", stop)
-            runs[stop] = select(data, budget, lam=0.5, budget_unit="tokens")
-        np.testing.assert_array_equal(runs[True].indices, runs[False].indices)
-        np.testing.assert_array_equal(runs[True].gains, runs[False].gains)
-        assert runs[True].variant == runs[False].variant == (winner or runs[False].variant)
-        assert runs[True].evaluations <= runs[False].evaluations
-        assert runs[True].upper_bound >= naive_token_value(data, budget) - 1e-9
-        fewer += runs[True].evaluations < runs[False].evaluations
-    assert fewer >= 2
-
-
-def naive_token_value(data, budget) -> float:
-    """The better variant's value by naive greedy (the reference; never stops early)."""
-    return float(select(data, budget, lam=0.5, budget_unit="tokens", method="naive").objective[-1])
-
-
 def test_threads_argument_is_restored():
     before = torch.get_num_threads()
     select([np.eye(3)], 1, threads=2)

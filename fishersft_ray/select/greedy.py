@@ -12,9 +12,7 @@ as apricot separates its functions from its optimizers). What it provides:
   bounds are lowered without evaluations as the design grows (the log-det objective has
   one; V-optimal does not);
 * the token-budget knapsack: cost-benefit greedy (gain / cost) and unit-cost greedy
-  restricted to what fits, the better of the two is kept (Leskovec et al. 2007, "CELF").
-  A later variant stops as soon as it provably cannot beat an earlier one's value (see
-  ``_Run.cannot_reach``), which changes neither the answer nor the certificate's validity;
+  restricted to what fits, the better of the two is kept (Leskovec et al. 2007, "CELF");
 * the certificate, for submodular objectives only: for any step t and any feasible OPT,
   f(OPT) ≤ f(S_t) + Σ_{i∈OPT∖S_t} Δ(i|S_t) ≤ f(S_t) + (n largest stale bounds), or for a
   token budget B the fractional-knapsack value of the stale bounds under B. The smallest
@@ -58,12 +56,6 @@ BUDGET_UNITS = ("examples", "tokens")
 KNAPSACK_VARIANTS = ("cost_benefit", "unit_cost")
 MAX_LAZY_BATCH = 4096
 CERTIFICATE_CHECKPOINTS = 64
-# Relative margin by which a variant's value bound must fall below the best earlier
-# variant's value before it stops: far above the rounding of f(S) and of the gains.
-FLOOR_MARGIN = 1e-9
-# Stop a losing knapsack variant early (see _Run.cannot_reach); a switch only so
-# benchmarks/bench_refresh.py can measure what it saves.
-STOP_LOSING_VARIANT = True
 CHECKPOINT_FORMAT = "fishersft.select.checkpoint/1"
 # Elements of the (candidates × picks × d) product one guard check forms at a time.
 GUARD_CHUNK_ELEMENTS = 1 << 21
@@ -237,13 +229,12 @@ class _Run:
     last evaluated gain, the initial bound, or a tightened bound; for a submodular
     objective an upper bound on Δ(i|S)); picked, ineligible and guard-excluded entries hold
     0. ``evaluated_step[i]``: the step entry i was last evaluated at (−1: never).
-    ``on_pick(run)`` is called after each pick. ``floor``: the value of an earlier budget
-    variant this run must beat to matter (None: none).
+    ``on_pick(run)`` is called after each pick.
     """
 
     def __init__(self, objective, bounds: np.ndarray, costs: np.ndarray, budget: float,
                  max_picks: int, unit_cost: bool, tightener=None, evaluated_step=None,
-                 guard: NearDuplicateGuard | None = None, on_pick=None, floor: float | None = None):
+                 guard: NearDuplicateGuard | None = None, on_pick=None):
         self.objective = objective
         self.certified = bool(objective.submodular)
         self.bounds = bounds
@@ -263,7 +254,6 @@ class _Run:
         self.certify_every = 1 if len(bounds) * max_picks <= 20_000_000 \
             else max(1, max_picks // CERTIFICATE_CHECKPOINTS)
         self.next_full_tighten = 0
-        self.floor = floor
 
     @property
     def step(self) -> int:
@@ -300,20 +290,6 @@ class _Run:
             current = self.objective.value
             remaining_value = knapsack_bound(self.bounds, self.costs, self.budget, self.unit_cost)
             self.upper_bound = min(self.upper_bound, current + remaining_value)
-
-    def cannot_reach(self) -> bool:
-        """Whether this run's final value provably stays below ``floor`` (checked on the
-        certificate's schedule). Every later pick fits in the budget left and, by
-        submodularity, gains at most its current stale bound, so the final value is at most
-        f(S_t) + the fractional-knapsack value of the stale bounds under the budget left.
-        Once that is below the floor the run cannot be the one kept: stopping it leaves
-        the answer unchanged, and the upper bounds it has certified so far stay valid.
-        """
-        if self.floor is None or not self.certified or self.step % self.certify_every:
-            return False
-        reachable = self.objective.value + knapsack_bound(self.bounds, self.costs, self.remaining,
-                                                          self.unit_cost)
-        return reachable < self.floor - FLOOR_MARGIN * abs(self.floor)
 
     def excluded(self, ids):
         """Drop guard-blocked entries for good: their bound leaves the certificate."""
@@ -395,8 +371,6 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     while run.step < run.max_picks and heap:
         run.tighten()
         run.certify()
-        if run.cannot_reach():
-            break
         step = run.step
         batch_limit = batch_size or int(min(MAX_LAZY_BATCH, max(8, average_needed / 2)))
         stale_priorities = []
@@ -570,7 +544,7 @@ def run_greedy(objective, budget: float, *, budget_unit: str = "examples", metho
             progress(run.step, run.max_picks)
         save_state(running, run)
 
-    def run(variant: str, weights: np.ndarray, floor: float | None) -> Selection:
+    def run(variant: str, weights: np.ndarray) -> Selection:
         objective.reset()
         max_picks = int(budget) if budget_unit == "examples" else len(candidates)
         tightener = None if method == "naive" else objective.bound_tightener(initial)
@@ -578,8 +552,7 @@ def run_greedy(objective, budget: float, *, budget_unit: str = "examples", metho
                                                                       guard.threshold)
         state = _Run(objective, initial.values.copy(), costs, budget, max_picks,
                      budget_unit == "examples", tightener,
-                     np.full(n, 0 if initial.exact else -1, np.int64), variant_guard,
-                     floor=floor if method == "lazy" and STOP_LOSING_VARIANT else None)
+                     np.full(n, 0 if initial.exact else -1, np.int64), variant_guard)
         replay = records.get(variant, {"picks": [], "gains": []})
         for i, gain in zip(replay["picks"], replay["gains"]):
             state.take(int(i), float(gain))
@@ -594,13 +567,8 @@ def run_greedy(objective, budget: float, *, budget_unit: str = "examples", metho
         save_state(variant, state, finished=True)
         return result
 
-    def value(selection: Selection) -> float:
-        return float(selection.objective[-1]) if len(selection.objective) else 0.0
-
-    results = []
-    for name, weights in variants.items():
-        results.append(run(name, weights, max(map(value, results)) if results else None))
-    best = max(results, key=value)  # first maximum: a variant stopped early never wins
+    results = [run(name, weights) for name, weights in variants.items()]
+    best = max(results, key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
     upper_bound = min(r.upper_bound for r in results) if objective.submodular else None
     return replace(best, evaluations=sum(r.evaluations for r in results) + initial.evaluations,
                    upper_bound=upper_bound)

@@ -576,10 +576,8 @@ def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
     fits differs, and the cost-benefit/unit-cost winner can change).
 
     The token budget runs cost-benefit lazy greedy (gain / cost) and unit-cost lazy greedy
-    restricted to what fits, and keeps the better objective (Leskovec et al. 2007); the
-    unit-cost run stops as soon as its stale bounds prove it cannot beat the cost-benefit
-    value (same answer, fewer evaluations). ``upper_bound`` is the min over both runs of
-    the fractional-knapsack certificate.
+    restricted to what fits, and keeps the better objective (Leskovec et al. 2007); its
+    ``upper_bound`` is the min over both runs of the fractional-knapsack certificate.
     ``progress(step, total)`` is called after each pick.
 
     ``near_dup_cosine=T``: a candidate whose embedding (a FeatureSet's ``embeddings`` row,
