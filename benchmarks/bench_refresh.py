@@ -1,15 +1,21 @@
-"""What the adaptive tightening schedule saves (select/logdet.py ADAPTIVE_REFRESH), picks unchanged.
+"""What the lazy greedy's bound machinery saves at real widths, picks unchanged.
 
-Lazy TokenOD on stored feature shards (a `select`/`evaluate` cache; real model states), with
-tightening epochs on the plain geometric schedule vs only once ≥ d factor rows were added
-since the last snapshot. Runs alternate (--repeats each, best kept), one torch thread.
+Lazy TokenOD on stored feature shards (a `select`/`evaluate` cache; real model states) with
+the engine's switches in select/logdet.py, side by side in one run (--repeats each, best kept,
+one torch thread):
+
+* before: tightening epochs on the plain geometric schedule, no rank updates;
+* adaptive_refresh: epochs only once ≥ d factor rows were added since the last snapshot
+  (ADAPTIVE_REFRESH);
+* after: that, plus Woodbury rank updates of evaluated entries' Grams (RANK_UPDATES), the
+  default engine.
 
     PYTHONPATH=. python benchmarks/bench_refresh.py FEATURES [--budget 60] [--unit examples]
     # issue 14's token-mode figure: a 2,400-row GSM8K pool, the tokens of a uniform 250
     PYTHONPATH=. python benchmarks/bench_refresh.py POOL --unit tokens --uniform-budget 250 --limit 2400
 
-The last line: ``refresh adaptive_vs_plain=<speed-up> picks_equal=<bool> evaluations=<plain>,<adaptive>``,
-then with ``--unit tokens`` ``token_mode d=<d> before_s=<plain> after_s=<adaptive> picks_equal=<bool>``.
+The last line: ``refresh after_vs_before=<speed-up> picks_equal=<bool> evaluations=<before>,<after>``,
+then with ``--unit tokens`` ``token_mode d=<d> before_s=<before> after_s=<after> picks_equal=<bool>``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import torch
 
 from fishersft_ray.features import FeatureSet
 from fishersft_ray.select import logdet, select
+
+CONFIGS = {"before": (False, False), "adaptive_refresh": (True, False), "after": (True, True)}
 
 
 def main() -> None:
@@ -43,19 +51,21 @@ def main() -> None:
         args.budget = float(features.num_targets[sample].sum())
     best, runs = {}, {}
     for _ in range(args.repeats):
-        for adaptive in (False, True):
-            logdet.ADAPTIVE_REFRESH = adaptive
+        for name, (adaptive, updates) in CONFIGS.items():
+            logdet.ADAPTIVE_REFRESH, logdet.RANK_UPDATES = adaptive, updates
             started = time.perf_counter()
-            runs[adaptive] = select(features, args.budget, budget_unit=args.unit)
-            best[adaptive] = min(best.get(adaptive, np.inf), time.perf_counter() - started)
-    equal = np.array_equal(runs[False].indices, runs[True].indices)
-    print(f"{features.n} examples, d={features.dim}, budget {args.budget:g} {args.unit}: "
-          f"plain {best[False]:.2f} s ({runs[False].evaluations} evaluations), "
-          f"adaptive {best[True]:.2f} s ({runs[True].evaluations} evaluations)")
-    print(f"refresh adaptive_vs_plain={best[False] / best[True]:.2f} picks_equal={equal} "
-          f"evaluations={runs[False].evaluations},{runs[True].evaluations}")
+            runs[name] = select(features, args.budget, budget_unit=args.unit)
+            best[name] = min(best.get(name, np.inf), time.perf_counter() - started)
+    print(f"{features.n} examples, d={features.dim}, budget {args.budget:g} {args.unit}: " + ", ".join(
+        f"{name} {best[name]:.2f} s ({runs[name].evaluations} evaluations, {runs[name].bound_updates} "
+        f"bound updates)" for name in CONFIGS))
+    before, after = runs["before"], runs["after"]
+    equal = all(np.array_equal(before.indices, run.indices) for run in runs.values())
+    print(f"refresh after_vs_before={best['before'] / best['after']:.2f} picks_equal={equal} "
+          f"evaluations={before.evaluations},{after.evaluations}")
     if args.unit == "tokens":
-        print(f"token_mode d={features.dim} before_s={best[False]:.1f} after_s={best[True]:.1f} picks_equal={equal}")
+        print(f"token_mode d={features.dim} before_s={best['before']:.1f} after_s={best['after']:.1f} "
+              f"picks_equal={equal}")
 
 
 if __name__ == "__main__":

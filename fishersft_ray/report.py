@@ -102,7 +102,8 @@ def summary_table(manifest: dict) -> str:
         ("method", sel["method"]),
         ("objective", f"{sel['objective']:.4f}  (" + (f"≥ {sel['certificate_ratio']:.3f} of optimum, "
                       if sel["certificate_ratio"] is not None else "no certificate, ")
-                      + f"{sel['evaluations']} gain evaluations)"),
+                      + f"{sel['evaluations']} gain evaluations"
+                      + (f", {updates} bounds updated" if (updates := sel.get("bound_updates")) else "") + ")"),
         *([("length cap", f"{cap['rule']} = {cap['tokens']} target tokens: {cap['excluded_examples']} "
                           f"longer examples ({cap['excluded_target_tokens']} target tokens) not eligible")]
           if (cap := sel.get("length_cap")) else []),

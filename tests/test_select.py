@@ -247,6 +247,57 @@ def test_tightened_bounds_are_valid_and_beat_the_stale_gain(seed, d, as_feature_
     assert np.all(bounds[grown] < stale[grown])
 
 
+@pytest.mark.parametrize("seed,d", [(0, 8), (1, 16)])
+@pytest.mark.parametrize("as_feature_set", [False, True])
+def test_rank_updated_bounds_are_within_rounding_of_the_gain(seed, d, as_feature_set):
+    """Woodbury updates of cached Grams, chained pick after pick: never below the direct
+    gain, within 1e-8 of it, and applied exactly where a Gram and the picks' factors are kept."""
+    rng = np.random.default_rng(seed)
+    examples = [X[:d] for X in random_examples(rng, 40, d, 2 * d)]  # a Gram per batch: widths ≤ d
+    pool = _as_pool(FeatureSet.from_examples(examples) if as_feature_set else examples, "example")
+    evaluator = _GainEvaluator(pool, 0.5 * np.eye(d), "cpu")
+    evaluator.track_updates()
+    reference = _GainEvaluator(pool, 0.5 * np.eye(d), "cpu")
+    ids = np.arange(pool.n)
+    evaluator.gains(ids)
+    picked, updated = [], 0
+    for i in rng.choice(np.flatnonzero(pool.widths), size=10, replace=False).tolist():
+        evaluator.add(i)
+        reference.add(i)
+        picked.append(i)
+        bounds, traces, done = evaluator.updates.updated_gains(ids)
+        true, true_traces = reference.gains(ids)
+        expected = (pool.widths > 0) & ~np.isin(ids, picked)
+        if pool.widths[i] > evaluator.updates.max_rows:  # too many rows picked since the Grams
+            expected[:] = False
+        np.testing.assert_array_equal(done, expected)
+        assert np.all(bounds[done] >= true[done]) and np.all(traces[done] >= true_traces[done])
+        np.testing.assert_allclose(bounds[done], true[done], rtol=1e-8, atol=1e-10)
+        evaluator.gains(ids[~done & ~np.isin(ids, picked)])  # fresh Grams; the rest chain on
+        updated += int(done.sum())
+    assert updated > 0
+
+
+@pytest.mark.parametrize("budget_unit", ["examples", "tokens"])
+def test_rank_updates_and_a_tiny_gram_cache_leave_the_picks_unchanged(monkeypatch, budget_unit):
+    from fishersft_ray.select import logdet
+
+    rng = np.random.default_rng(5)
+    data = FeatureSet.from_examples(random_examples(rng, 150, 12, 30))
+    budget = 20 if budget_unit == "examples" else 300
+    naive = select(data, budget, lam=0.5, method="naive", budget_unit=budget_unit)
+    lazy = select(data, budget, lam=0.5, budget_unit=budget_unit)
+    assert lazy.bound_updates > 0 and naive.bound_updates == 0
+    monkeypatch.setattr(logdet, "GRAM_CACHE_BYTES", 3000)  # a few Grams at a time
+    small = select(data, budget, lam=0.5, budget_unit=budget_unit)
+    monkeypatch.setattr(logdet, "RANK_UPDATES", False)
+    plain = select(data, budget, lam=0.5, budget_unit=budget_unit)
+    assert plain.bound_updates == 0 and 0 < small.bound_updates < lazy.bound_updates
+    for run in (lazy, small, plain):
+        np.testing.assert_array_equal(run.indices, naive.indices)
+        np.testing.assert_array_equal(run.gains, naive.gains)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_each_snapshot_bound_dominates_the_shrunk_gain(seed):
     rng = np.random.default_rng(seed)

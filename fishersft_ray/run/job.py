@@ -328,6 +328,7 @@ def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSe
                                 "the whole corpus)" if guard is not None else "")) if certified else
                             f"none: {selection.method} is not a log-det greedy ({', '.join(sorted(CERTIFIED))} are)"),
             "evaluations": int(selection.evaluations),
+            "bound_updates": int(selection.bound_updates),
             "variant": selection.variant,
             "two_stage": two_stage_account,
             "near_duplicates": {

@@ -35,8 +35,9 @@ Objective protocol (duck-typed; ``logdet.LogDetObjective`` and ``vopt.VOptimalOb
     bound_tightener(initial) -> tightener | None
 
 A tightener offers ``due(step)``, ``advance(step)``, ``bounds(ids | None)``,
-``record(ids, gains, aux, step)``, ``is_tight(i)`` and ``mark_tightened(ids)``; see
-``logdet._BoundTightener``.
+``record(ids, gains, aux, step)``, ``is_tight(i)``, ``mark_tightened(ids)`` and
+``refine(ids, step) -> (bounds, done)`` (costlier bounds, within rounding of the gain, where
+``done``); see ``logdet._BoundTightener``.
 
 Pure math: numpy + stdlib (torch only through the objectives).
 """
@@ -75,7 +76,9 @@ class Selection:
     after each pick. ``upper_bound``: certified bound on f(OPT) under the same budget, or
     ``None`` when no certificate applies (objectives that are not submodular; samplers).
     With the near-duplicate guard on, OPT ranges over the examples the guard never excluded.
-    ``evaluations``: gain evaluations performed. ``cost``: examples or target tokens used.
+    ``evaluations``: gain evaluations performed. ``bound_updates``: bounds refined to within
+    rounding of the gain without an evaluation (lazy greedy with the log-det tightener).
+    ``cost``: examples or target tokens used.
     ``variant``: "examples", "cost_benefit" or "unit_cost" (token budget) for the greedy
     driver; the budget unit for samplers. ``method``: the registry name that produced it.
     ``excluded_near_duplicates``: candidates the near-duplicate guard dropped (0 when off).
@@ -93,6 +96,7 @@ class Selection:
     method: str = "tokenod"
     excluded_near_duplicates: int = 0
     logdet_value: float | None = None
+    bound_updates: int = 0
 
     @property
     def certificate_ratio(self) -> float | None:
@@ -250,6 +254,8 @@ class _Run:
         self.on_pick = on_pick
         self.picks, self.gains, self.values = [], [], []
         self.evaluations = 0
+        self.evaluated_alone = None  # (entry, step) of the last evaluation of a single entry
+        self.bound_updates = 0
         self.upper_bound = math.inf
         self.certify_every = 1 if len(bounds) * max_picks <= 20_000_000 \
             else max(1, max_picks // CERTIFICATE_CHECKPOINTS)
@@ -262,11 +268,19 @@ class _Run:
     def evaluate(self, ids) -> np.ndarray:
         gains, aux = self.objective.gains(ids)
         self.evaluations += len(ids)
+        self.evaluated_alone = (int(ids[0]), self.step) if len(ids) == 1 else None
         self.bounds[ids] = gains
         self.evaluated_step[ids] = self.step
         if self.tightener is not None:
             self.tightener.record(ids, gains, aux, self.step)
         return gains
+
+    def refine(self, ids: np.ndarray) -> np.ndarray:
+        """Lower bounds[ids] with the tightener's refined bounds; where that applied (bool)."""
+        refined, done = self.tightener.refine(ids, self.step)
+        self.bounds[ids[done]] = np.minimum(self.bounds[ids[done]], refined[done])
+        self.bound_updates += int(done.sum())
+        return done
 
     def tighten(self):
         """Start a tightening epoch when one is due; on the first one after each certificate
@@ -296,6 +310,17 @@ class _Run:
         self.bounds[ids] = 0.0
         self.guard.excluded += int(np.size(ids))
 
+    def take_best(self, i: int):
+        """Take the step's greedy pick with its gain evaluated on its own: a gain's last bits
+        depend on the batch it was computed in, and batches differ between naive, lazy and
+        resumed runs; this way all of them record the same gains."""
+        if self.evaluated_alone == (i, self.step):
+            self.take(i, float(self.bounds[i]))
+            return
+        gains, _ = self.objective.gains([i])
+        self.evaluations += 1
+        self.take(i, float(gains[0]))
+
     def take(self, i: int, gain: float):
         self.picks.append(i)
         self.gains.append(gain)
@@ -315,7 +340,8 @@ class _Run:
                          np.asarray(self.values, np.float64),
                          float(self.upper_bound) if self.certified else None,
                          self.evaluations, float(self.costs[picks].sum()), variant, method,
-                         self.guard.excluded if self.guard is not None else 0)
+                         self.guard.excluded if self.guard is not None else 0,
+                         bound_updates=self.bound_updates)
 
 
 def _naive_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray):
@@ -333,7 +359,7 @@ def _naive_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray):
         gains = run.evaluate(active)
         run.certify()
         best = int(np.argmax(gains * weights[active]))  # first maximum: lowest index wins ties
-        run.take(int(active[best]), float(gains[best]))
+        run.take_best(int(active[best]))
         active = np.delete(active, best)
 
 
@@ -345,10 +371,11 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     as in the naive argmax. Each round pops the top entries that are not fresh for this
     step (dropping those that no longer fit: the budget left only shrinks; and those the
     near-duplicate guard blocks: picks only grow); entries whose bound the current epoch can
-    still lower are tightened (O(rows) each, in one vectorised call), the others are
-    evaluated in one batched call; all go back with their new priority. A fresh entry on
-    top is the greedy pick (it was checked against the guard when it was evaluated, at this
-    step). Without a ``batch_size``, the evaluation batch B follows a running average of how
+    still lower are tightened (O(rows) each, in one vectorised call), the others are refined
+    (``tightener.refine``: a bound within rounding of the gain, cheaper than an evaluation)
+    once per step, and evaluated in one batched call when they surface again or cannot be
+    refined; all go back with their new priority. A fresh entry on top is the greedy pick
+    (it was checked against the guard when it was evaluated, at this step). Without a ``batch_size``, the evaluation batch B follows a running average of how
     many entries per step had a stale priority above the pick's (the evaluations a
     one-at-a-time lazy greedy needs): B starts at half that average and grows 1.5× per
     extra round within a step.
@@ -360,6 +387,7 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     tightener = run.tightener
     guard = run.guard
     evaluated_step = run.evaluated_step
+    refined_step = np.full(len(run.bounds), -1, np.int64)
     is_open = np.zeros(len(run.bounds), bool)
     is_open[eligible] = True
     is_open[run.picks] = False
@@ -375,8 +403,9 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
         batch_limit = batch_size or int(min(MAX_LAZY_BATCH, max(8, average_needed / 2)))
         stale_priorities = []
         while heap and evaluated_step[heap[0][1]] != step:
-            to_evaluate, to_lower = [], []
-            while heap and len(to_evaluate) < batch_limit and len(to_lower) < MAX_LAZY_BATCH:
+            to_evaluate, to_lower, to_refine = [], [], []
+            while (heap and len(to_evaluate) + len(to_refine) < batch_limit
+                   and len(to_lower) < MAX_LAZY_BATCH):
                 key, i = heap[0]
                 if evaluated_step[i] == step:
                     break
@@ -384,6 +413,12 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
                 if priority < -key:
                     heapq.heapreplace(heap, (-priority, i))
                     continue
+                if refined_step[i] == step:
+                    # Its bound is within rounding of its gain, so it is all but surely the
+                    # pick: it is evaluated on its own, once the entries above it are done.
+                    if not (to_evaluate or to_refine or to_lower):
+                        to_evaluate.append(heapq.heappop(heap)[1])
+                    break
                 heapq.heappop(heap)
                 if run.costs[i] > run.remaining:
                     continue
@@ -391,7 +426,7 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
                     run.excluded(i)
                     continue
                 if tightener is None or tightener.is_tight(i):
-                    to_evaluate.append(i)
+                    (to_evaluate if tightener is None else to_refine).append(i)
                     stale_priorities.append(priority)
                 else:
                     to_lower.append(i)
@@ -399,6 +434,13 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
                 run.lower(np.asarray(to_lower))
                 for i in to_lower:
                     heapq.heappush(heap, (-run.bounds[i] * weights[i], i))
+            if to_refine:
+                ids = np.asarray(to_refine)
+                refined_step[ids] = step
+                done = run.refine(ids)
+                for i in ids[done].tolist():
+                    heapq.heappush(heap, (-run.bounds[i] * weights[i], i))
+                to_evaluate += ids[~done].tolist()
             if to_evaluate:
                 gains = run.evaluate(to_evaluate)
                 for i, gain in zip(to_evaluate, gains):
@@ -410,7 +452,7 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
         key, i = heapq.heappop(heap)
         needed = sum(p >= -key for p in stale_priorities)
         average_needed = 0.8 * average_needed + 0.2 * needed
-        run.take(i, float(run.bounds[i]))
+        run.take_best(i)
 
 
 def check_budget_args(budget, method: str, budget_unit: str, batch_size, threads):
@@ -571,7 +613,7 @@ def run_greedy(objective, budget: float, *, budget_unit: str = "examples", metho
     best = max(results, key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
     upper_bound = min(r.upper_bound for r in results) if objective.submodular else None
     return replace(best, evaluations=sum(r.evaluations for r in results) + initial.evaluations,
-                   upper_bound=upper_bound)
+                   bound_updates=sum(r.bound_updates for r in results), upper_bound=upper_bound)
 
 
 def empty_selection(budget_unit: str, certified: bool, label: str) -> Selection:

@@ -43,9 +43,19 @@ CHUNK_ELEMENTS = 1 << 22
 # Tightened-bound refreshes happen at steps ≥ REFRESH_GROWTH × the previous one.
 REFRESH_GROWTH = 1.1
 # Skip tightening epochs while fewer than d rows were added since the last (see
-# _BoundTightener.due); a switch only so benchmarks/bench_select.py can measure what it saves.
+# _BoundTightener.due); a switch only so benchmarks/bench_refresh.py can measure what it saves.
 ADAPTIVE_REFRESH = True
 MAX_SNAPSHOTS = 4
+# Rank updates of evaluated entries' Grams (_RankUpdates); a switch so benchmarks/bench_refresh.py
+# can measure what they save. Picks are the same either way.
+RANK_UPDATES = True
+# An entry is updated only while fewer than this fraction of d factor rows were added since
+# its Gram was taken: an update costs ~r·d·R against a direct evaluation's ~r·d².
+UPDATE_MAX_ROWS = 0.5
+# Bytes of cached r × r Grams; the least recently refreshed are dropped past it.
+GRAM_CACHE_BYTES = 1 << 28
+# Rounding slack of an updated gain, in units of (d + r)·eps·r·(tr G + ‖P‖²_F) (see _RankUpdates).
+UPDATE_ROUNDING = 4.0
 # eigvalsh is backward stable: computed eigenvalues are within a small multiple of
 # d·eps·λ_max of the true ones; EIGEN_TOL·λ_max is a generous margin for d ≤ 10⁵.
 EIGEN_TOL = 1e-10
@@ -183,13 +193,21 @@ class _GainEvaluator:
         self.pool = pool
         self.device = torch.device(device)
         self.sigma0 = torch.as_tensor(sigma0, dtype=torch.float64, device=self.device)
+        self.updates: _RankUpdates | None = None  # set by track_updates()
         self.reset()
 
     def reset(self):
         self.sigma = self.sigma0.clone()
         self.rows_added = 0  # factor rows added to Σ since the reset
+        self.step = 0  # picks added since the reset
         self._refactor()
         self.logdet0 = self.logdet
+        if self.updates is not None:
+            self.updates = _RankUpdates(self)
+
+    def track_updates(self):
+        """Keep what ``updated_gains`` needs: each direct evaluation's Gram, each pick's factor."""
+        self.updates = _RankUpdates(self)
 
     def _refactor(self):
         chol, info = torch.linalg.cholesky_ex(self.sigma)
@@ -202,8 +220,11 @@ class _GainEvaluator:
     def add(self, i: int):
         """Σ_S ← Σ_S + A_i and refactor."""
         rows = torch.as_tensor(self.pool.rows(i), device=self.device)
+        if self.updates is not None:
+            self.updates.add_pick(i, rows)
         self.sigma += rows.T @ rows
         self.rows_added += len(rows)
+        self.step += 1
         self._refactor()
 
     @property
@@ -215,21 +236,8 @@ class _GainEvaluator:
         ids = np.asarray(ids, np.int64)
         out = np.zeros(len(ids))
         traces = np.zeros(len(ids))
-        widths = self.pool.widths[ids]
-        order = np.argsort(widths, kind="stable")
-        order = order[widths[order] > 0]  # empty examples: gain exactly 0
-        d = self.pool.dim
-        start = 0
-        while start < len(order):
-            sorted_widths = widths[order[start:]]
-            padded_sizes = np.arange(1, len(sorted_widths) + 1) * sorted_widths * d
-            by_size = int(np.searchsorted(padded_sizes, CHUNK_ELEMENTS, side="right"))
-            # Width groups: pad at most ~1/4 of the group's narrowest width (+ 4 rows).
-            by_width = int(np.searchsorted(sorted_widths, 1.25 * sorted_widths[0] + 4, side="right"))
-            stop = start + max(1, min(by_size, by_width))
-            chunk = order[start:stop]
+        for chunk in width_chunks(self.pool.widths[ids], self.pool.dim):
             out[chunk], traces[chunk] = self._chunk_gains(ids[chunk])
-            start = stop
         return out, traces
 
     def _chunk_gains(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,12 +249,154 @@ class _GainEvaluator:
         z_rows = rows @ self.chol_inverse_t  # row k of example b: (L⁻¹ f_bk)ᵀ
         gram = z_rows @ z_rows.transpose(1, 2) if width <= d else z_rows.transpose(1, 2) @ z_rows
         traces = gram.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy()
+        if self.updates is not None and width <= d:
+            self.updates.store(ids, gram)
         gram.diagonal(dim1=1, dim2=2).add_(1.0)
         factor, info = torch.linalg.cholesky_ex(gram)  # I + ZᵀZ ⪰ I: positive definite
         if bool((info != 0).any()):  # ... unless rounding has destroyed it
             raise _IllConditioned("the Cholesky factorisation of I + ZᵀZ failed")
         gains = 2.0 * torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(-1)
         return gains.cpu().numpy(), traces
+
+
+def width_chunks(widths: np.ndarray, d: int) -> list[np.ndarray]:
+    """Positions of the nonzero ``widths`` in batches for padded evaluation: sorted by width,
+    at most ``CHUNK_ELEMENTS`` padded elements each, padding at most ~1/4 of a batch's
+    narrowest width (+ 4 rows)."""
+    order = np.argsort(widths, kind="stable")
+    order = order[widths[order] > 0]  # empty examples: gain exactly 0
+    chunks, start = [], 0
+    while start < len(order):
+        sorted_widths = widths[order[start:]]
+        padded_sizes = np.arange(1, len(sorted_widths) + 1) * sorted_widths * d
+        by_size = int(np.searchsorted(padded_sizes, CHUNK_ELEMENTS, side="right"))
+        by_width = int(np.searchsorted(sorted_widths, 1.25 * sorted_widths[0] + 4, side="right"))
+        stop = start + max(1, min(by_size, by_width))
+        chunks.append(order[start:stop])
+        start = stop
+    return chunks
+
+
+class _RankUpdates:
+    """Gains after a few picks from each entry's Gram at its last evaluation (Woodbury).
+
+    The pick at step k adds F_k's rows to Σ. With C_k = I + F_k Σ_k⁻¹ F_kᵀ = L_C L_Cᵀ and
+    K_k = L_C⁻¹ F_k Σ_k⁻¹ (r_k × d), Woodbury's identity gives Σ_{k+1}⁻¹ = Σ_k⁻¹ − K_kᵀK_k, so
+    for an entry whose Gram G = F_i Σ_t⁻¹ F_iᵀ (r × r) was taken at step t,
+
+        F_i Σ_s⁻¹ F_iᵀ = G − P Pᵀ,   P = F_i [K_t; …; K_{s−1}]ᵀ   (r × R, R rows picked since t),
+
+    and Δ(i|Σ_s) = log det(I + G − PPᵀ) costs ~r·d·R + r²·R instead of a direct evaluation's
+    ~r·d² + r²·d: worth it while R < ``UPDATE_MAX_ROWS``·d. The updated Gram replaces the
+    cached one, so an entry that keeps surfacing stays cheap.
+
+    The result is exact up to rounding, not bit-equal to a direct evaluation, so it serves
+    only as an upper bound: the value plus a rounding slack, UPDATE_ROUNDING·(d + r)·eps·r·
+    (tr G + ‖P‖²_F) per update (summed along a chain of updates), which covers the worst-case
+    error of the products and of log det (|δ log det(I + G)| ≤ r‖δG‖₂ since I + G ⪰ I); plus
+    BOUND_SLACK relative. Lazy greedy still evaluates every entry it picks, so picks equal
+    naive greedy's.
+    """
+
+    def __init__(self, evaluator: "_GainEvaluator"):
+        self.evaluator = evaluator
+        d = evaluator.pool.dim
+        self.max_rows = int(UPDATE_MAX_ROWS * d)
+        self.pick_rows = torch.zeros((0, d), dtype=torch.float64, device=evaluator.device)  # K rows
+        self.first_row = {}  # step k -> row of pick_rows where K_k starts (kept steps only)
+        # entry -> (step its Gram is for, Gram (r × r) float64, accumulated slack)
+        self.grams: dict[int, tuple[int, np.ndarray, float]] = {}
+        self.bytes = 0
+
+    def add_pick(self, i: int, rows: torch.Tensor):
+        """Before Σ_k grows by example i's ``rows`` (F_k): append K_k, drop the K of steps too
+        far back and i's Gram (a pick is never evaluated again)."""
+        self._drop(i)
+        ev = self.evaluator
+        z = rows @ ev.chol_inverse_t  # F_k L⁻ᵀ
+        capacitance = z @ z.T
+        capacitance.diagonal().add_(1.0)
+        chol, info = torch.linalg.cholesky_ex(capacitance)
+        if int(info) != 0:
+            raise _IllConditioned("the Cholesky factorisation of I + F Σ⁻¹ Fᵀ failed")
+        k_rows = torch.linalg.solve_triangular(chol, z @ ev.chol_inverse_t.T, upper=False)
+        self.first_row[ev.step] = len(self.pick_rows)
+        self.pick_rows = torch.cat([self.pick_rows, k_rows])
+        # Keep the steps an update may start from: fewer than max_rows rows picked since.
+        total = len(self.pick_rows)
+        kept = {k: row for k, row in self.first_row.items() if total - row <= self.max_rows}
+        drop = min(kept.values()) if kept else total
+        self.pick_rows = self.pick_rows[drop:]
+        self.first_row = {k: row - drop for k, row in kept.items()}
+
+    def store(self, ids: np.ndarray, gram: torch.Tensor):
+        """Cache the Grams of a direct evaluation at the current step (padding cut off)."""
+        grams = gram.cpu().numpy()
+        widths = self.evaluator.pool.widths[ids]
+        for b, i in enumerate(ids.tolist()):
+            self._put(i, self.evaluator.step, grams[b, :widths[b], :widths[b]].copy(), 0.0)
+
+    def _put(self, i: int, step: int, gram: np.ndarray, slack: float):
+        self._drop(i)
+        self.grams[i] = (step, gram, slack)  # (re-)inserted: newest last
+        self.bytes += gram.nbytes
+        while self.bytes > GRAM_CACHE_BYTES:
+            self._drop(next(iter(self.grams)))
+
+    def updated_gains(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Upper bounds on Δ(i|Σ_now) and on ‖L⁻¹F_iᵀ‖²_F for ``ids``, and where they apply
+        (a cached Gram of a step whose picks' K are kept); elsewhere the bounds are inf."""
+        pool = self.evaluator.pool
+        bounds = np.full(len(ids), np.inf)
+        traces = np.full(len(ids), np.inf)
+        done = np.zeros(len(ids), bool)
+        steps = np.array([self.grams[i][0] if i in self.grams and (
+            self.grams[i][0] in self.first_row) else -1 for i in ids.tolist()], np.int64)
+        for step in np.unique(steps[steps >= 0]):
+            members = np.flatnonzero(steps == step)
+            k_rows = self.pick_rows[self.first_row[int(step)]:]
+            for chunk in width_chunks(pool.widths[ids[members]], pool.dim):
+                positions = members[chunk]
+                bounds[positions], traces[positions], done[positions] = self._chunk(
+                    ids[positions], k_rows)
+        return bounds, traces, done
+
+    def _chunk(self, ids: np.ndarray, k_rows: torch.Tensor):
+        ev, pool = self.evaluator, self.evaluator.pool
+        widths = pool.widths[ids]
+        batch, width, d = len(ids), int(widths.max()), pool.dim
+        padded = np.zeros((batch, width, d), pool.factors.dtype)
+        pool.fill(ids, padded)
+        p = torch.from_numpy(padded).to(ev.device, torch.float64) @ k_rows.T  # (B, w, R)
+        cached = np.zeros((batch, width, width))
+        slack = np.zeros(batch)
+        for b, i in enumerate(ids.tolist()):
+            _, gram, slack[b] = self.grams[i]
+            cached[b, :widths[b], :widths[b]] = gram
+        gram = torch.from_numpy(cached).to(ev.device)
+        cached_traces = gram.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy()
+        p_norms = (p * p).sum((1, 2)).cpu().numpy()
+        gram -= p @ p.transpose(1, 2)
+        traces = gram.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy()
+        host = gram.cpu().numpy()  # copied per entry before I is added (it may share memory)
+        updated = [host[b, :widths[b], :widths[b]].copy() for b in range(batch)]
+        gram.diagonal(dim1=1, dim2=2).add_(1.0)
+        factor, info = torch.linalg.cholesky_ex(gram)
+        ok = (info == 0).cpu().numpy()  # else rounding broke I + G − PPᵀ ⪰ I: evaluate directly
+        gains = 2.0 * torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(-1).cpu().numpy()
+        eps = np.finfo(np.float64).eps
+        slack += UPDATE_ROUNDING * (d + widths) * eps * widths * (cached_traces + p_norms)
+        for b in np.flatnonzero(ok):
+            self._put(int(ids[b]), ev.step, updated[b], float(slack[b]))
+        for b in np.flatnonzero(~ok):
+            self._drop(int(ids[b]))
+        bounds = np.where(ok, gains * (1.0 + BOUND_SLACK) + slack, np.inf)
+        return bounds, np.where(ok, traces + slack, np.inf), ok
+
+    def _drop(self, i: int):
+        old = self.grams.pop(i, None)
+        if old is not None:
+            self.bytes -= old[1].nbytes
 
 
 class _BoundTightener:
@@ -309,6 +459,16 @@ class _BoundTightener:
         self.evaluated_gain[ids] = gains
         self.trace[ids] = traces
         self.evaluated_step[ids] = step
+
+    def refine(self, ids: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds within rounding of Δ(i|Σ_now) for ``ids`` by rank updates of their cached
+        Grams (``_RankUpdates``; inf where none applies), and where they apply. Recorded like
+        evaluations, so this epoch's and later epochs' bounds build on them."""
+        if self.evaluator.updates is None:
+            return np.full(len(ids), np.inf), np.zeros(len(ids), bool)
+        bounds, traces, done = self.evaluator.updates.updated_gains(ids)
+        self.record(ids[done], bounds[done], traces[done], step)
+        return bounds, done
 
     def mark_tightened(self, ids):
         """The current epoch has lowered these entries' bounds."""
@@ -528,6 +688,8 @@ class LogDetObjective:
 
     def bound_tightener(self, initial: InitialBounds) -> _BoundTightener:
         traces = initial.aux if initial.aux is not None else np.zeros(self.n)
+        if RANK_UPDATES:  # only lazy greedy asks for a tightener, and only it refines
+            self.evaluator.track_updates()
         return _BoundTightener(self.pool, self.evaluator, self.lam, initial.values, traces,
                                initial.exact)
 

@@ -86,6 +86,7 @@ def combine(union, part_keys: Sequence[np.ndarray], part_selections: Sequence[Se
         part_values.append(float(part.objective[length - 1]) if length else 0.0)
     best = int(np.argmax(part_values)) if part_values else -1
     evaluations = stage2.evaluations + sum(p.evaluations for p in part_selections)
+    bound_updates = stage2.bound_updates + sum(p.bound_updates for p in part_selections)
     part_bounds = [p.upper_bound for p in part_selections]
     upper_bound = float(sum(part_bounds)) if part_bounds and None not in part_bounds else None
     if best >= 0 and part_values[best] > union_value:
@@ -97,7 +98,8 @@ def combine(union, part_keys: Sequence[np.ndarray], part_selections: Sequence[Se
         kept_from = f"part {best}"
     else:
         kept, kept_from = stage2, "union"
-    kept = dataclasses.replace(kept, evaluations=evaluations, upper_bound=upper_bound,
+    kept = dataclasses.replace(kept, evaluations=evaluations, bound_updates=bound_updates,
+                               upper_bound=upper_bound,
                                logdet_value=float(kept.objective[-1]) if len(kept.objective) else 0.0)
     account = {
         "parts": len(part_selections),
