@@ -375,10 +375,10 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     (``tightener.refine``: a bound within rounding of the gain, cheaper than an evaluation)
     once per step, and evaluated in one batched call when they surface again or cannot be
     refined; all go back with their new priority. A fresh entry on top is the greedy pick
-    (it was checked against the guard when it was evaluated, at this step). Without a ``batch_size``, the evaluation batch B follows a running average of how
-    many entries per step had a stale priority above the pick's (the evaluations a
-    one-at-a-time lazy greedy needs): B starts at half that average and grows 1.5× per
-    extra round within a step.
+    (it was checked against the guard when it was evaluated, at this step). Without a
+    ``batch_size``, the evaluation batch B follows a running average of how many entries per
+    step had a stale priority above the pick's (the evaluations a one-at-a-time lazy greedy
+    needs): B starts at half that average and grows 1.5× per extra round within a step.
 
     For a submodular objective the stale priorities are upper bounds and this is exactly
     naive greedy; otherwise it is a heuristic (an entry whose gain grew since it was last

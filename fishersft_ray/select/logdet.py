@@ -193,17 +193,15 @@ class _GainEvaluator:
         self.pool = pool
         self.device = torch.device(device)
         self.sigma0 = torch.as_tensor(sigma0, dtype=torch.float64, device=self.device)
-        self.updates: _RankUpdates | None = None  # set by track_updates()
         self.reset()
 
     def reset(self):
         self.sigma = self.sigma0.clone()
         self.rows_added = 0  # factor rows added to Σ since the reset
         self.step = 0  # picks added since the reset
+        self.updates: _RankUpdates | None = None  # set by track_updates()
         self._refactor()
         self.logdet0 = self.logdet
-        if self.updates is not None:
-            self.updates = _RankUpdates(self)
 
     def track_updates(self):
         """Keep what ``updated_gains`` needs: each direct evaluation's Gram, each pick's factor."""
