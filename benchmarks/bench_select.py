@@ -7,8 +7,9 @@
 
 --two-stage writes the instance as parquet feature shards; each measurement is a fresh driver
 process (its own peak RSS): one stage loads every shard and runs lazy TokenOD; two stages
-(run/two_stage.py, the job's code) run the parts in 2 worker processes that read the shards,
-and the driver holds only the candidates.
+(run/two_stage.py, the job's code) run on a local Ray with 2 CPUs, stage 1 both as the job
+runs it (each shard read once and split by part, the pieces moved by the object store) and
+as it ran before (each part task reads every shard); the driver holds only the candidates.
 
 The default run also times lazy greedy at SmolLM2's width (d=576, N=7000, n=500), where
 naive is timed on its first step only (every naive step evaluates all N − t candidates, so
@@ -208,18 +209,27 @@ def scale_run(n, d, budget, seed, instance_dir=None, workers=2):
 
 
 TWO_STAGE_DRIVER = """
-import concurrent.futures, json, resource, sys, time
+import json, sys, time
 import numpy as np
+from fishersft_ray.config import Resources
 from fishersft_ray.features import FeatureSet, FeatureSummary
 from fishersft_ray.io.storage import Location
 from fishersft_ray.run import two_stage
+from fishersft_ray.run.executors import RayExecutor
 from fishersft_ray.select import select
 
-shards, parts, budget, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+shards, parts, budget, workers, stage1 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 
 
-def call(function, item):
-    return function(**item)
+def reread_shuffle(split, split_items, outputs, reduce, reduce_items, sources):
+    # Stage 1 as it was before the shuffle: each part task reads every shard and keeps its rows.
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def part(source, item):
+        return reduce(pieces=[split(**each)[source] for each in split_items], **item)
+
+    return ray.get([part.remote(source, item) for source, item in zip(sources, reduce_items)])
 
 
 started = time.perf_counter()
@@ -227,18 +237,21 @@ if parts == 1:
     selection = select(FeatureSet.load(shards), budget, lam=1.0)
     kept = "one stage"
 else:
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        result = two_stage.run(Location.of(shards), FeatureSummary.of_shards(shards), None, parts, seed=0,
-                               oversample=1.0, budget=budget, budget_unit="examples", lam=1.0, prior=None,
-                               near_dup_cosine=None, threads=1,
-                               map_tasks=lambda f, items: list(pool.map(call, [f] * len(items), items)),
-                               run_union=lambda union: select(union, budget, lam=1.0))
+    import ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    started = time.perf_counter()  # after Ray's start, which both stage-1 variants share
+    executor = RayExecutor(Resources())
+    result = two_stage.run(Location.of(shards), FeatureSummary.of_shards(shards), None, parts, seed=0,
+                           oversample=1.0, budget=budget, budget_unit="examples", lam=1.0, prior=None,
+                           near_dup_cosine=None, threads=1,
+                           shuffle=executor.shuffle if stage1 == "shuffle" else reread_shuffle,
+                           run_union=lambda union: select(union, budget, lam=1.0))
     selection, kept = result.selection, result.account["kept"]
 print("RESULT", json.dumps({"seconds": time.perf_counter() - started, "value": float(selection.objective[-1]),
       "evaluations": int(selection.evaluations), "kept": kept,
       # VmHWM, not ru_maxrss: ru_maxrss survives execve, so it would start at the parent's size.
-      "driver_peak_rss_gb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2 ** 20,
-      "workers_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20}))
+      "driver_peak_rss_gb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2 ** 20}))
 """
 
 
@@ -256,28 +269,37 @@ def write_feature_shards(directory, n, d, chunk=20_000):
 
 
 def two_stage_run(n, d, budget, parts_list, workers=2):
-    """One stage vs two stages over the same shards, each in a fresh driver process."""
+    """One stage vs two stages over the same shards, each in a fresh driver process; two stages
+    with the job's stage 1 (each shard read once, pieces moved by Ray's object store) and with
+    the earlier one (each part reads every shard)."""
     directory = tempfile.mkdtemp(prefix="fsr-two-stage-")
     try:
         started = time.perf_counter()
         write_feature_shards(directory, n, d)
-        print(f"two_stage instance N={n} d={d}: shards written in {time.perf_counter() - started:.0f} s", flush=True)
+        store_gb = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) / 1e9
+        print(f"two_stage instance N={n} d={d}: {store_gb:.2f} GB of shards written in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
         results = {}
-        for parts in [1, *parts_list]:
+        for parts, stage1 in [(1, "-"), *((p, mode) for p in parts_list for mode in ("shuffle", "reread"))]:
             done = subprocess.run([sys.executable, "-c", TWO_STAGE_DRIVER, directory, str(parts), str(budget),
-                                   str(workers)], capture_output=True, text=True)
+                                   str(workers), stage1], capture_output=True, text=True)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
             if line is None:
                 raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
-            results[parts] = result = json.loads(line[len("RESULT"):])
-            print(f"two_stage N={n} d={d} n={budget} parts={parts}: {result['seconds']:.1f} s "
-                  f"value={result['value']:.4f} ratio={result['value'] / results[1]['value']:.5f} "
+            results[parts, stage1] = result = json.loads(line[len("RESULT"):])
+            shards_read = 1 if stage1 != "reread" else parts
+            print(f"two_stage N={n} d={d} n={budget} parts={parts} stage1={stage1}: {result['seconds']:.1f} s "
+                  f"value={result['value']:.4f} ratio={result['value'] / results[1, '-']['value']:.5f} "
                   f"kept={result['kept']} evaluations={result['evaluations']} "
-                  f"driver_peak_rss_gb={result['driver_peak_rss_gb']:.2f} "
-                  f"workers_peak_rss_gb={result['workers_peak_rss_gb']:.2f}", flush=True)
+                  f"shard_gb_read={shards_read * store_gb:.2f} "
+                  f"driver_peak_rss_gb={result['driver_peak_rss_gb']:.2f}", flush=True)
+        for parts in parts_list:
+            print(f"two_stage parts={parts} shuffle_vs_reread="
+                  f"{results[parts, 'reread']['seconds'] / results[parts, 'shuffle']['seconds']:.2f}")
         last = parts_list[-1]
-        print(f"two_stage N={n} parts={last} objective_ratio={results[last]['value'] / results[1]['value']:.4f} "
-              f"speedup={results[1]['seconds'] / results[last]['seconds']:.2f}")
+        print(f"two_stage N={n} parts={last} objective_ratio="
+              f"{results[last, 'shuffle']['value'] / results[1, '-']['value']:.4f} "
+              f"speedup={results[1, '-']['seconds'] / results[last, 'shuffle']['seconds']:.2f}")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

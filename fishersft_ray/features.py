@@ -523,20 +523,22 @@ def _shard_files(path: str, storage_options: Mapping | None):
     return fs, files
 
 
+def shard_urls(path: str, storage_options: Mapping | None = None) -> list[str]:
+    """The URLs of the ``*.parquet`` shards under ``path``, in sorted order (each readable
+    alone with ``read_shards``)."""
+    fs, files = _shard_files(path, storage_options)
+    return [fs.unstrip_protocol(file) for file in files]
+
+
 def _missing_columns_error(file: str, missing: list[str]) -> ValueError:
     return ValueError(f"feature shard {file} has no column(s) {missing}"
                       + (" (written without --keep-states)" if "states" in missing else ""))
 
 
-def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | None = None,
-                rows: np.ndarray | None = None) -> pa.Table:
-    """The given columns of every ``*.parquet`` shard under ``path``, concatenated in sorted
-    file order, with the first file's metadata (shards must agree on ``dim``).
-
-    ``rows``: keep only the rows whose ``row_index`` is in it (one file in memory at a time).
-    """
+def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | None = None) -> pa.Table:
+    """The given columns of every ``*.parquet`` shard under ``path`` (or of the one shard file
+    ``path``), concatenated in sorted file order (``concat_shards``)."""
     fs, files = _shard_files(path, storage_options)
-    wanted = None if rows is None else pa.array(np.asarray(rows, np.int64))
     tables = []
     for file in files:
         with fs.open(file, "rb") as handle:
@@ -545,15 +547,17 @@ def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | No
             if missing:
                 raise _missing_columns_error(file, missing)
             handle.seek(0)
-            table = pq.read_table(handle, columns=list(columns) + (["row_index"] if wanted is not None
-                                                                    and "row_index" not in columns else []))
-            if wanted is not None:
-                table = table.filter(pc.is_in(table.column("row_index"), value_set=wanted)).select(list(columns))
-            tables.append(table)
+            tables.append(pq.read_table(handle, columns=list(columns)))
+    return concat_shards(tables, path)
+
+
+def concat_shards(tables: Sequence[pa.Table], path: str) -> pa.Table:
+    """Tables read from the shards under ``path`` as one, with the first's metadata; an error
+    naming the problem if they disagree on ``dim`` or on the factor dtype."""
     dims = {json.loads((t.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("dim") for t in tables}
     if len(dims) != 1:
-        raise ValueError(f"feature shards disagree on dim: {sorted(map(str, dims))}")
-    if "factor" in columns and len({str(t.schema.field("factor").type) for t in tables}) != 1:
+        raise ValueError(f"feature shards under {path} disagree on dim: {sorted(map(str, dims))}")
+    if "factor" in tables[0].column_names and len({str(t.schema.field("factor").type) for t in tables}) != 1:
         raise ValueError(f"feature shards under {path} mix factor dtypes: write them again with one "
                          f"--factor-dtype")
     meta = tables[0].schema.metadata

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -189,7 +190,8 @@ def test_float16_factor_storage_halves_the_factors_and_selects_on_what_it_stored
     two = run_select(SelectSettings.build(output=str(tmp_path / "two"), factor_dtype="float16", partitions=2,
                                           part_oversample=2, seed=1, **common))
     engine, _ = select_two_stage(stored, 10, parts=2, oversample=2, seed=1, lam=half.manifest["selection"]["lam"])
-    np.testing.assert_array_equal(two.selection.indices, engine.indices)
+    ranking = pq.read_table(tmp_path / "two" / "ranking.parquet")
+    assert ranking.column("row_index").to_pylist() == stored.row_index[engine.indices].tolist()
 
 
 def test_features_past_the_memory_budget_are_memory_mapped_with_the_same_picks(ray_local, tiny_llama_dir,
@@ -386,6 +388,40 @@ def test_two_stage_job_picks_what_the_engine_picks_and_says_what_it_certifies(ra
     assert two.manifest["selection"]["upper_bound"] >= one.manifest["selection"]["objective"]
     assert two.manifest["selection"]["objective"] <= one.manifest["selection"]["upper_bound"] + 1e-9
     assert "two-stage" in two.manifest["selection"]["certificate"]
+    # In one process (local executor, pieces spilled to Arrow files) the same two stages give the same bytes.
+    spill = tmp_path / "spill"
+    local = run_select(SelectSettings.build(output=str(tmp_path / "local"), partitions=3, part_oversample=2,
+                                            executor="local", spill_dir=str(spill), **common))
+    assert local.manifest["features"]["reused"] is True
+    for name in ("subset.parquet", "ranking.parquet"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert not list(spill.iterdir())  # the spilled pieces are gone with the job
+
+
+def test_shuffle_hands_each_reduce_its_output_of_every_split_on_ray_and_locally(ray_local, tmp_path):
+    from fishersft_ray.config import Resources
+    from fishersft_ray.run.executors import LocalExecutor, RayExecutor
+
+    calls = []
+
+    def split(shard: int, outputs: int) -> list[pa.Table]:
+        calls.append(shard)
+        return [pa.table({"value": [100 * shard + output] * (output + 1)}) for output in range(outputs)]
+
+    def reduce(pieces: list[pa.Table], label: str) -> tuple[str, list[int]]:
+        return label, pa.concat_tables(pieces).column("value").to_pylist()
+
+    items = [{"shard": shard, "outputs": 3} for shard in range(4)]
+    wanted = [("a", [2, 2, 2, 102, 102, 102, 202, 202, 202, 302, 302, 302]), ("b", [0, 100, 200, 300])]
+    local = LocalExecutor(Resources()).shuffle(split, items, 3, reduce, [{"label": "a"}, {"label": "b"}], [2, 0],
+                                               spill_dir=tmp_path / "spill")
+    assert local == wanted and calls == [0, 1, 2, 3]  # each split ran once
+    assert not list((tmp_path / "spill").iterdir())
+    assert RayExecutor(Resources()).shuffle(split, items, 3, reduce, [{"label": "a"}, {"label": "b"}],
+                                            [2, 0]) == wanted
+    one = RayExecutor(Resources()).shuffle(lambda shard, outputs: [pa.table({"value": [shard]})], items, 1,
+                                           reduce, [{"label": "c"}], [0])
+    assert one == [("c", [0, 1, 2, 3])]
 
 
 def test_partitions_auto_splits_only_when_the_features_fit_neither_memory_nor_spill_disk(tmp_path):

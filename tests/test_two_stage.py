@@ -5,7 +5,7 @@ import pytest
 
 from fishersft_ray.features import FeatureSet, FeatureSummary
 from fishersft_ray.select import select
-from fishersft_ray.select.two_stage import partition, select_two_stage
+from fishersft_ray.select.two_stage import part_of, partition, select_two_stage
 
 
 def _pool(n=600, d=12, seed=0):
@@ -14,17 +14,24 @@ def _pool(n=600, d=12, seed=0):
                                      for _ in range(n)])
 
 
-def test_partition_is_seeded_disjoint_and_balanced():
-    positions = np.arange(10, 111)
-    parts = partition(positions, 4, seed=7)
-    assert sorted(np.concatenate(parts).tolist()) == positions.tolist()
-    assert {len(p) for p in parts} <= {25, 26}
+def test_partition_is_seeded_disjoint_near_balanced_and_a_function_of_each_key():
+    keys = np.arange(10, 111)
+    parts = partition(keys, 4, seed=7)
+    assert sorted(np.concatenate(parts).tolist()) == keys.tolist()
     assert all(np.all(np.diff(p) > 0) for p in parts)
-    again = partition(positions, 4, seed=7)
+    again = partition(keys, 4, seed=7)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, partition(positions, 4, seed=8)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, partition(keys, 4, seed=8)))
+    # A key's part does not depend on the other keys: a shard can be split where it is stored.
+    whole = part_of(keys, 4, seed=7)
+    np.testing.assert_array_equal(part_of(keys[::3], 4, seed=7), whole[::3])
+    for p, members in enumerate(parts):
+        assert np.all(whole[np.searchsorted(keys, members)] == p)
+    # Each key lands in a uniformly random part: 100K keys in 16 parts are within 3% of N/16.
+    sizes = np.bincount(part_of(np.arange(100_000), 16, seed=0), minlength=16)
+    assert np.all(np.abs(sizes - 6250) < 0.03 * 6250)
     with pytest.raises(ValueError, match="partitions"):
-        partition(positions, 0, seed=0)
+        partition(keys, 0, seed=0)
 
 
 @pytest.mark.parametrize("unit, budget", [("examples", 25), ("tokens", 120)])

@@ -14,6 +14,10 @@ featurizer (featurize/featurizer.py) over a plan of forward units (run/feature_c
 * ``LocalExecutor``: the same functions in this process, file by file, block by block
   (evaluate's default, tests, a laptop without Ray).
 
+``shuffle`` moves tables from split tasks to reduce tasks (two-stage selection's parts)
+without passing them through the driver: Ray's object store (which spills to disk by
+itself), or Arrow files in a spill directory in one process.
+
 Both cut the same blocks of whole units, so the shards hold the same numbers whichever ran.
 """
 
@@ -23,12 +27,15 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from fishersft_ray.config import FeaturizeConfig, Resources
@@ -64,6 +71,22 @@ class LocalExecutor:
 
     def map_files(self, function, items: list[dict]) -> list:
         return [function(**item) for item in items]
+
+    def shuffle(self, split, split_items: list[dict], outputs: int, reduce, reduce_items: list[dict],
+                sources: list[int], spill_dir=None) -> list:
+        """``reduce(pieces=[output sources[k] of split(**item) for each split item], **reduce_items[k])``
+        for every k, results in order; ``split`` returns a list of ``outputs`` tables. The
+        outputs wait in uncompressed Arrow files under ``spill_dir`` (memory-mapped back), so
+        one reduce's pieces are in memory at a time."""
+        if spill_dir is not None:
+            os.makedirs(spill_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="shuffle-", dir=spill_dir) as spill:
+            for s, item in enumerate(split_items):
+                for k, table in enumerate(split(**item)):
+                    feather.write_feather(table, f"{spill}/{k}-{s}.arrow", compression="uncompressed")
+            return [reduce(pieces=[feather.read_table(f"{spill}/{source}-{s}.arrow", memory_map=True)
+                                   for s in range(len(split_items))], **item)
+                    for source, item in zip(sources, reduce_items)]
 
     def featurizer_config(self, config: FeaturizeConfig) -> FeaturizeConfig:
         """The config with this process's device and its forward-unit size."""
@@ -106,6 +129,22 @@ class RayExecutor:
         ray = self._ray()
         remote = ray.remote(num_cpus=1, max_retries=3)(_call)
         return ray.get([remote.remote(function, item) for item in items])
+
+    def shuffle(self, split, split_items: list[dict], outputs: int, reduce, reduce_items: list[dict],
+                sources: list[int], spill_dir=None) -> list:
+        """``LocalExecutor.shuffle`` as Ray tasks (one CPU each): each split task returns its
+        outputs as separate objects, and reduce task k receives output ``sources[k]`` of every
+        split task as arguments, so Ray moves each piece from its producer's node to its
+        consumer's and the driver only holds references (``spill_dir`` is unused: the object
+        store spills by itself)."""
+        ray = self._ray()
+        splitter = ray.remote(num_cpus=1, max_retries=3, num_returns=outputs)(_call_split)
+        pieces = [splitter.remote(split, item) for item in split_items]
+        if outputs == 1:  # Ray returns the one object's reference itself
+            pieces = [[ref] for ref in pieces]
+        reducer = ray.remote(num_cpus=1, max_retries=3)(_call_with_pieces)
+        return ray.get([reducer.remote(reduce, item, *(refs[source] for refs in pieces))
+                        for source, item in zip(sources, reduce_items)])
 
     def featurizer_config(self, config: FeaturizeConfig) -> FeaturizeConfig:
         """The config with the ACTORS' device (from the resources they ask for and the nodes,
@@ -168,6 +207,15 @@ class RayExecutor:
 
 def _call(function, item: dict):
     return function(**item)
+
+
+def _call_split(function, item: dict):
+    outputs = function(**item)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _call_with_pieces(function, item: dict, *pieces):
+    return function(pieces=list(pieces), **item)
 
 
 _PARSED: dict = {}  # per worker process: the last file's examples, for its next blocks

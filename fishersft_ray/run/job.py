@@ -10,6 +10,7 @@ Selection) and gets plain values or its own settings group, never the command's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -153,7 +154,8 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
                                    oversample=settings.part_oversample, budget=settings.budget,
                                    budget_unit=settings.budget_unit, lam=lam, prior=prior,
                                    near_dup_cosine=settings.rules.near_dup_cosine, threads=settings.select_threads,
-                                   map_tasks=executor.map_files, run_union=lambda union: run(union, None))
+                                   shuffle=functools.partial(executor.shuffle, spill_dir=spill),
+                                   run_union=lambda union: run(union, None))
             features, selection, two_stage_account = result.union, result.selection, result.account
             report_pool = {"pool_lengths": pool.num_targets, "pool_information": result.information}
 

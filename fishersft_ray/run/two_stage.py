@@ -1,13 +1,16 @@
 """Two-stage selection in the job (select/two_stage.py has the math and the guarantee).
 
-    shards ─ small columns ─→ driver: λ, length cap, seeded random partition of the rows
-    shards ─ part p's rows ─→ executor task p: lazy TokenOD for κ·budget → candidates + factors
+    shards ─ small columns ─→ driver: λ, length cap, the parts' sizes (``part_of``)
+    shard s ─→ split task s: its rows cut by part (each shard file read once)
+    part p's pieces of every shard ─→ part task p: lazy TokenOD for κ·budget → candidates + factors
     candidates (m·κ·budget examples) ─→ driver: lazy TokenOD over their union, keep the better
 
-The driver never holds more than the candidates' factors; each part's task reads every shard
-but keeps only its own rows (one shard file in memory at a time), so stage 1 reads the
-feature store m times over, in parallel. Stage 1 is recomputed when a job is re-run (it is
-deterministic for a fixed seed); stage 2 checkpoints and resumes like a one-stage run.
+The partition is a function of each row's key and the seed, so a split task needs nothing
+but its shard; the executor's ``shuffle`` moves the pieces from the split tasks to the part
+tasks (Ray's object store on a cluster, local spill files in one process). The feature store
+is read once, and no process holds more than one part's features — the driver not even
+that, only the candidates. Stage 1 is recomputed when a job is re-run (it is deterministic
+for a fixed seed); stage 2 checkpoints and resumes like a one-stage run.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from fishersft_ray.features import SHARD_SCHEMA, FeatureSet, FeatureSummary, read_shards
+from fishersft_ray.features import SHARD_SCHEMA, FeatureSet, FeatureSummary, concat_shards, read_shards, shard_urls
 from fishersft_ray.io.storage import Location
 from fishersft_ray.select import Selection
 from fishersft_ray.select.logdet import select
-from fishersft_ray.select.two_stage import combine, part_budget, partition
+from fishersft_ray.select.two_stage import combine, part_budget, part_of, partition
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,26 @@ class TwoStageResult:
     account: dict                # the manifest's selection.two_stage
 
 
-def select_part(shards: str, storage_options: dict, rows: np.ndarray, budget: float, budget_unit: str,
+def split_shard(url: str, storage_options: dict, parts: int, seed: int) -> list[pa.Table]:
+    """One shard file's rows cut by ``part_of`` (a split task): the table of each part, rows
+    in file order."""
+    table = read_shards(url, SHARD_SCHEMA.names, storage_options)
+    part = part_of(table.column("row_index").to_numpy(), parts, seed)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    grouped = table.take(order)
+    return [grouped.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def select_part(pieces: list[pa.Table], shards: str, rows: np.ndarray, budget: float, budget_unit: str,
                 lam: float, prior, near_dup_cosine, threads) -> dict:
-    """Stage 1 for one part (an executor task): its rows' features, lazy TokenOD, and the
-    picks with their factors."""
+    """Stage 1 for one part (a part task): its pieces of every shard (in shard order), the
+    eligible ``rows`` among them, lazy TokenOD, and the picks with their factors."""
     from fishersft_ray.report import information_matrix
 
-    features = FeatureSet.from_table(read_shards(shards, SHARD_SCHEMA.names, storage_options, rows=rows))
+    table = concat_shards(pieces, shards)
+    table = table.filter(pc.is_in(table.column("row_index"), value_set=pa.array(rows)))
+    features = FeatureSet.from_table(table)
     picked = select(features, budget, lam=lam, budget_unit=budget_unit, prior=prior,
                     near_dup_cosine=near_dup_cosine, threads=threads)
     return {"candidates": features.subset(picked.indices).to_table(), "keys": features.row_index[picked.indices],
@@ -51,18 +68,25 @@ def select_part(shards: str, storage_options: dict, rows: np.ndarray, budget: fl
 
 def run(shards: Location, summary: FeatureSummary, eligible: np.ndarray | None, parts: int, *, seed: int,
         oversample: float, budget: float, budget_unit: str, lam: float, prior, near_dup_cosine, threads,
-        map_tasks, run_union) -> TwoStageResult:
-    """Both stages: ``map_tasks(function, items)`` runs stage 1 (the executor's map);
-    ``run_union(union)`` runs stage 2 on the driver (with the job's progress and checkpoints)."""
+        shuffle, run_union) -> TwoStageResult:
+    """Both stages: ``shuffle(split, split_items, outputs, reduce, reduce_items, sources)`` runs
+    stage 1 (the executor's); ``run_union(union)`` runs stage 2 on the driver (with the job's
+    progress and checkpoints)."""
     rows = summary.row_index if eligible is None else summary.row_index[eligible]
     groups = partition(rows, parts, seed)
+    nonempty = [p for p, group in enumerate(groups) if len(group)]
+    if len(nonempty) < parts:
+        log.warning("two-stage selection: %d of %d parts drew no example", parts - len(nonempty), parts)
+    groups = [groups[p] for p in nonempty]
     stage1_budget = part_budget(budget, budget_unit, oversample)
     log.info("two-stage selection: %d parts of about %d examples, %g candidates each", parts,
              len(rows) // max(parts, 1), stage1_budget)
-    results = map_tasks(select_part, [
-        dict(shards=shards.url, storage_options=shards.storage_options, rows=group, budget=stage1_budget,
-             budget_unit=budget_unit, lam=lam, prior=prior, near_dup_cosine=near_dup_cosine, threads=threads)
-        for group in groups])
+    results = shuffle(
+        split_shard, [dict(url=url, storage_options=shards.storage_options, parts=parts, seed=seed)
+                      for url in shard_urls(shards.url, shards.storage_options)], parts,
+        select_part, [dict(shards=shards.url, rows=group, budget=stage1_budget, budget_unit=budget_unit, lam=lam,
+                           prior=prior, near_dup_cosine=near_dup_cosine, threads=threads) for group in groups],
+        nonempty)
     missing = [p for p, (group, result) in enumerate(zip(groups, results)) if result["rows"] != len(group)]
     if missing:
         raise RuntimeError(f"feature shards at {shards.url} lack rows of parts {missing}; delete that "
@@ -71,6 +95,6 @@ def run(shards: Location, summary: FeatureSummary, eligible: np.ndarray | None, 
     selection, account = combine(union, [result["keys"] for result in results],
                                  [result["selection"] for result in results], budget, budget_unit, run_union)
     account = {**account, "seed": seed, "oversample": oversample, "part_budget": stage1_budget,
-               "part_sizes": [len(group) for group in groups]}
+               "part_sizes": [len(group) for group in groups], "empty_parts": parts - len(groups)}
     information = sum((result["information"] for result in results), np.zeros((summary.dim, summary.dim)))
     return TwoStageResult(union, selection, summary, information, account)

@@ -2,12 +2,13 @@
 (Mirzasoleiman et al. 2013).
 
 When every candidate's factors cannot reach one process, the examples are split by a seeded
-random partition into m parts; lazy TokenOD runs on each part alone (stage 1, where the
-part's shards are) and returns its first κ·budget picks; lazy TokenOD then runs over the
-union of those candidates (stage 2, on the driver, which only ever holds m·κ·budget
-examples). The answer is the better of stage 2 and the best part's own answer for the
-budget (RandGreeDi keeps the better of the two; that is what its guarantee needs:
-E[f] ≥ (1 − 1/e)/2 · f(OPT) under an example budget with a random partition).
+random partition into m parts (``part_of``: each example to a uniformly random part,
+independently); lazy TokenOD runs on each part alone (stage 1, on the cluster) and returns
+its first κ·budget picks; lazy TokenOD then runs over the union of those candidates (stage 2,
+on the driver, which only ever holds m·κ·budget examples). The answer is the better of
+stage 2 and the best part's own answer for the budget (RandGreeDi keeps the better of the
+two; that is what its guarantee needs: E[f] ≥ (1 − 1/e)/2 · f(OPT) under an example budget
+with a random partition).
 
 Certificates. Stage 2's certificate only bounds OPT over the union of the candidates, not the
 corpus. A bound over the whole pool does hold: f is normalised, monotone and submodular,
@@ -35,13 +36,37 @@ from .greedy import Selection
 from .logdet import select
 
 
-def partition(positions: np.ndarray, parts: int, seed: int) -> list[np.ndarray]:
-    """A seeded random partition of ``positions`` into ``parts`` parts of near-equal size,
-    each sorted (so a part's order, and so its ties, do not depend on the permutation)."""
+# SplitMix64's constants (Steele, Lea & Flood 2014): a bijective mix of 64-bit keys whose
+# outputs pass BigCrush as a sequence, so key -> part looks uniform and independent.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def part_of(keys: np.ndarray, parts: int, seed: int) -> np.ndarray:
+    """Each example's part, 0 ≤ part < ``parts``, from its key (``row_index``) and the seed alone.
+
+    Every example goes to a uniformly random part independently of the others (RandGreeDi's
+    model of the partition), and any process can compute the part of the rows it holds
+    without being sent the partition: a feature shard is split where it is stored.
+    """
     if not (isinstance(parts, (int, np.integer)) and parts >= 1):
         raise ValueError(f"partitions must be an integer >= 1, got {parts!r}")
-    shuffled = np.random.default_rng(seed).permutation(np.asarray(positions, np.int64))
-    return [np.sort(part) for part in np.array_split(shuffled, parts)]
+    offset = np.uint64((seed + 1) * int(_GOLDEN) % 2**64)  # the seed picks where SplitMix64's walk starts
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the mix intends
+        x = np.asarray(keys, np.int64).astype(np.uint64) + offset
+        x = (x ^ (x >> np.uint64(30))) * _MIX1
+        x = (x ^ (x >> np.uint64(27))) * _MIX2
+    x ^= x >> np.uint64(31)
+    return (x % np.uint64(parts)).astype(np.int64)
+
+
+def partition(keys: np.ndarray, parts: int, seed: int) -> list[np.ndarray]:
+    """``keys`` split by ``part_of``: one sorted array per part (sizes near ``len/parts``,
+    binomially spread; a part may be empty when there are few keys)."""
+    keys = np.asarray(keys, np.int64)
+    part = part_of(keys, parts, seed)
+    return [np.sort(keys[part == p]) for p in range(parts)]
 
 
 def part_budget(budget: float, budget_unit: str, oversample: float) -> float:
@@ -123,7 +148,8 @@ def select_two_stage(features, budget: float, *, parts: int, oversample: float =
     keyword arguments pass through to every run). ``map_parts(function, parts)`` runs stage 1 (default: in turn).
     Returns the Selection (indices into ``features``) and the account of ``combine``."""
     positions = np.arange(features.n) if eligible is None else np.asarray(eligible, np.int64)
-    groups = partition(positions, parts, seed)
+    part = part_of(features.row_index[positions], parts, seed)  # as the job splits its shards
+    groups = [group for group in (positions[part == p] for p in range(parts)) if len(group)]
     stage1_budget = part_budget(budget, budget_unit, oversample)
 
     def run_part(group: np.ndarray) -> tuple[np.ndarray, Selection]:
