@@ -86,14 +86,17 @@ def select_job(cluster: LocalRayCluster, corpus: pathlib.Path, output: pathlib.P
     return {"wall_s": time.perf_counter() - started, **manifest["timings_s"]}
 
 
-def tiny_model(root: pathlib.Path) -> str:
-    from conftest import build_tokenizer, save_tiny_model  # the tests' wheel-free tiny model
+def tiny_model(root: pathlib.Path, attention_heads: int = 4) -> str:
+    """The tests' wheel-free tiny Llama (d = 32, 2 layers); ``attention_heads=1`` makes its head
+    dimension 32 instead of 8, at which CPU attention costs half as much per row."""
+    from conftest import build_tokenizer, save_tiny_model
     from transformers import LlamaConfig
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return save_tiny_model(root / "tiny-llama", config, tokenizer)
+                         num_attention_heads=attention_heads, num_key_value_heads=min(2, attention_heads),
+                         max_position_embeddings=512)
+    return save_tiny_model(root / f"tiny-llama-{attention_heads}h", config, tokenizer)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ Imports numpy and pyarrow only (fsspec lazily, for ``load``/``save``): no torch,
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -496,20 +497,20 @@ class FeatureSet:
         (only the ``SHARD_SCHEMA`` columns: stored token states stay on disk).
 
         Files are read in sorted path order; a row_index held by several files (a retried
-        write) is kept once, see ``from_table``.
+        write) is kept once, with the arrays, order and validations of ``from_table``. Two
+        passes: the small columns of every shard, then the factors and embeddings one shard
+        batch (about ``LOAD_BATCH_BYTES``) at a time, each written at its final place, so
+        the peak is the result plus the small columns, never a second copy of the factors.
 
-        ``memmap_dir`` (a local directory): stream the shards into two new files there
-        (factors in their stored dtype, embeddings float32) instead of RAM: ``factors`` (R, d) and ``embeddings`` (N, d) become read-only
-        ``np.memmap``s of those files (the selection reads them with positioned reads).
-        The same arrays, order, duplicate rule and validations as without it; peak memory
-        is the small columns (about 30 bytes per example + 4 per factor row) plus one
-        shard batch of about ``MEMMAP_BATCH_BYTES``. The files stay until the caller
-        removes ``memmap_dir``; their space is reserved up front (an error when the disk
-        is too small, before anything is written).
+        ``memmap_dir`` (a local directory): the factors (in their stored dtype) and the
+        embeddings (float32) go into two new files there instead of RAM and become
+        read-only ``np.memmap``s (the selection reads them with positioned reads); peak
+        memory is then the small columns (about 30 bytes per example + 4 per factor row)
+        plus one batch. The files stay until the caller removes ``memmap_dir``; their space
+        is reserved up front (an error when the disk is too small, before anything is
+        written).
         """
-        if memmap_dir is not None:
-            return _load_into_memmap(cls, path, storage_options, memmap_dir)
-        return cls.from_table(read_shards(path, SHARD_SCHEMA.names, storage_options))
+        return _load_streaming(cls, path, storage_options, memmap_dir)
 
 
 def _shard_files(path: str, storage_options: Mapping | None):
@@ -614,11 +615,11 @@ class FeatureSummary:
 
 # ---------------------------------------------------------------- selection from disk
 
-# Factor bytes decoded at once while filling a memory-mapped store. pyarrow's list reader
-# peaks at several times the batch it decodes (levels, builders): loading 390 MB of factors
-# from 16 shards raised the peak RSS by 38 MB with 1 MB batches, 56 MB with 4 MB, 117 MB
-# with 16 MB (and by 1,782 MB without ``memmap_dir``).
-MEMMAP_BATCH_BYTES = 1 << 20
+# Factor bytes decoded at once while loading shards. pyarrow's list reader peaks at several
+# times the batch it decodes (levels, builders): loading 390 MB of factors from 16 shards into
+# memory-mapped files raised the peak RSS by 38 MB with 1 MB batches, 56 MB with 4 MB, 117 MB
+# with 16 MB (and by 1,782 MB when the whole tables were read and then copied).
+LOAD_BATCH_BYTES = 1 << 20
 _SMALL_COLUMNS = ("row_index", "id", "num_tokens", "num_targets", "truncated", "spectrum")
 
 
@@ -629,6 +630,11 @@ def _pwrite_all(fd: int, values: np.ndarray, offset: int) -> None:
         if written <= 0:
             raise OSError(f"short write to a memory-mapped feature file at byte {offset}")
         view, offset = view[written:], offset + written
+
+
+def _copy_into(buffer: np.ndarray, values: np.ndarray, offset: int) -> None:
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    buffer[offset:offset + len(raw)] = raw
 
 
 def _reserve(directory: str, prefix: str, nbytes: int) -> tuple[str, int]:
@@ -662,8 +668,8 @@ def _runs(kept_local: np.ndarray, destination: np.ndarray):
     return zip(starts.tolist(), stops.tolist())
 
 
-def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_dir: str) -> FeatureSet:
-    """``FeatureSet.load(..., memmap_dir=...)``: two passes over the shards, see there."""
+def _load_streaming(cls, path: str, storage_options: Mapping | None, memmap_dir: str | None) -> FeatureSet:
+    """``FeatureSet.load``: two passes over the shards, see there."""
     fs, files = _shard_files(path, storage_options)
     # Pass 1: the small columns of every file (schema, metadata and spectrum checks).
     parts, dims, factor_dtypes, meta = [], set(), set(), None
@@ -742,35 +748,40 @@ def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_di
     del parts, all_ids
 
     # Pass 2: factors and embeddings, one shard batch at a time, written in place.
+    factor_bytes, embedding_bytes = int(offsets[-1]) * d * np.dtype(factor_dtype).itemsize, n * d * FLOAT_BYTES
+    if memmap_dir is None:
+        factor_buffer, embedding_buffer = np.empty(factor_bytes, np.uint8), np.empty(embedding_bytes, np.uint8)
+        _fill_from_shards(fs, files, file_start, file_rows, ranks_all, destination, row_index, offsets, d,
+                          factor_dtype, functools.partial(_copy_into, factor_buffer),
+                          functools.partial(_copy_into, embedding_buffer))
+        factors = factor_buffer.view(factor_dtype).reshape(-1, d)
+        embeddings = embedding_buffer.view(np.float32).reshape(-1, d)
+    else:
+        factors, embeddings = _fill_memmaps(memmap_dir, factor_bytes, embedding_bytes, lambda factor_write,
+                                            embedding_write: _fill_from_shards(
+            fs, files, file_start, file_rows, ranks_all, destination, row_index, offsets, d, factor_dtype,
+            factor_write, embedding_write))
+        factors = (np.memmap(factors, factor_dtype, mode="r", shape=(int(offsets[-1]), d))
+                   if offsets[-1] and d else np.zeros((int(offsets[-1]), d), factor_dtype))
+        embeddings = np.memmap(embeddings, np.float32, mode="r", shape=(n, d)) if d \
+            else np.zeros((n, d), np.float32)
+    return cls(factors, spectrum, offsets, num_targets, row_index, ids, meta, num_tokens, truncated,
+               embeddings)
+
+
+def _fill_memmaps(memmap_dir: str, factor_bytes: int, embedding_bytes: int, fill) -> tuple[str, str]:
+    """Two new files of these sizes under ``memmap_dir``, filled by ``fill(factor_write,
+    embedding_write)`` (each ``write(values, byte_offset)``); their paths. Removed on error."""
     os.makedirs(memmap_dir, exist_ok=True)
-    factor_row_bytes, row_bytes = d * np.dtype(factor_dtype).itemsize, d * FLOAT_BYTES
-    factor_path, factor_fd = _reserve(memmap_dir, "factors-", int(offsets[-1]) * factor_row_bytes)
+    factor_path, factor_fd = _reserve(memmap_dir, "factors-", factor_bytes)
     try:
-        embedding_path, embedding_fd = _reserve(memmap_dir, "embeddings-", n * row_bytes)
+        embedding_path, embedding_fd = _reserve(memmap_dir, "embeddings-", embedding_bytes)
     except BaseException:
         os.close(factor_fd)
         os.unlink(factor_path)
         raise
     try:
-        for number, file in enumerate(files):
-            first, count = int(file_start[number]), int(file_rows[number])
-            if count == 0:
-                continue
-            file_ranks = ranks_all[first:first + count]
-            per_row = max(1.0, float(file_ranks.mean()) * factor_row_bytes + row_bytes)
-            batch_rows = max(1, int(MEMMAP_BATCH_BYTES // per_row))
-            done = 0
-            with fs.open(file, "rb") as handle:
-                reader = pq.ParquetFile(handle, pre_buffer=False)
-                for batch in reader.iter_batches(batch_size=batch_rows, columns=["factor", "embedding"],
-                                                 use_threads=False):
-                    rows = slice(first + done, first + done + batch.num_rows)
-                    _fill_batch(batch, d, ranks_all[rows], destination[rows], row_index_of=row_index,
-                                offsets=offsets, factor_fd=factor_fd, embedding_fd=embedding_fd)
-                    done += batch.num_rows
-            if done != count:
-                raise ValueError(f"feature shard {file} changed while it was read ({done} rows, "
-                                 f"expected {count})")
+        fill(functools.partial(_pwrite_all, factor_fd), functools.partial(_pwrite_all, embedding_fd))
     except BaseException:
         for fd, name in ((factor_fd, factor_path), (embedding_fd, embedding_path)):
             os.close(fd)
@@ -778,16 +789,37 @@ def _load_into_memmap(cls, path: str, storage_options: Mapping | None, memmap_di
         raise
     os.close(factor_fd)
     os.close(embedding_fd)
-    factors = (np.memmap(factor_path, factor_dtype, mode="r", shape=(int(offsets[-1]), d))
-               if offsets[-1] and d else np.zeros((int(offsets[-1]), d), factor_dtype))
-    embeddings = np.memmap(embedding_path, np.float32, mode="r", shape=(n, d)) if d \
-        else np.zeros((n, d), np.float32)
-    return cls(factors, spectrum, offsets, num_targets, row_index, ids, meta, num_tokens, truncated,
-               embeddings)
+    return factor_path, embedding_path
+
+
+def _fill_from_shards(fs, files, file_start, file_rows, ranks_all, destination, row_index, offsets, d: int,
+                      factor_dtype, factor_write, embedding_write) -> None:
+    """Pass 2 of ``_load_streaming``: each file's factors and embeddings in batches of about
+    ``LOAD_BATCH_BYTES``, validated and written at their final places."""
+    factor_row_bytes, row_bytes = d * np.dtype(factor_dtype).itemsize, d * FLOAT_BYTES
+    for number, file in enumerate(files):
+        first, count = int(file_start[number]), int(file_rows[number])
+        if count == 0:
+            continue
+        file_ranks = ranks_all[first:first + count]
+        per_row = max(1.0, float(file_ranks.mean()) * factor_row_bytes + row_bytes)
+        batch_rows = max(1, int(LOAD_BATCH_BYTES // per_row))
+        done = 0
+        with fs.open(file, "rb") as handle:
+            reader = pq.ParquetFile(handle, pre_buffer=False)
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=["factor", "embedding"],
+                                             use_threads=False):
+                rows = slice(first + done, first + done + batch.num_rows)
+                _fill_batch(batch, d, ranks_all[rows], destination[rows], row_index_of=row_index,
+                            offsets=offsets, factor_write=factor_write, embedding_write=embedding_write)
+                done += batch.num_rows
+        if done != count:
+            raise ValueError(f"feature shard {file} changed while it was read ({done} rows, "
+                             f"expected {count})")
 
 
 def _fill_batch(batch: pa.RecordBatch, d: int, ranks: np.ndarray, destination: np.ndarray, *,
-                row_index_of: np.ndarray, offsets: np.ndarray, factor_fd: int, embedding_fd: int) -> None:
+                row_index_of: np.ndarray, offsets: np.ndarray, factor_write, embedding_write) -> None:
     """Validate the kept rows of one shard batch (as ``from_table`` does) and write their
     factors and embeddings at their final places."""
     kept = np.flatnonzero(destination >= 0)
@@ -823,10 +855,9 @@ def _fill_batch(batch: pa.RecordBatch, d: int, ranks: np.ndarray, destination: n
     targets = destination[kept]
     for start, stop in _runs(kept, targets):
         a, b = kept[start], kept[stop - 1] + 1
-        _pwrite_all(factor_fd, flat[factor_offsets[a]:factor_offsets[b]],
-                    int(offsets[targets[start]]) * d * flat.itemsize)
-        _pwrite_all(embedding_fd, embedding_flat[embedding_offsets[a]:embedding_offsets[b]],
-                    int(targets[start]) * d * FLOAT_BYTES)
+        factor_write(flat[factor_offsets[a]:factor_offsets[b]], int(offsets[targets[start]]) * d * flat.itemsize)
+        embedding_write(embedding_flat[embedding_offsets[a]:embedding_offsets[b]],
+                        int(targets[start]) * d * FLOAT_BYTES)
 
 
 def with_token_states(table: pa.Table, states: Sequence[np.ndarray], target_ids: Sequence[np.ndarray]) -> pa.Table:

@@ -430,7 +430,7 @@ def test_partitions_auto_splits_only_when_the_features_fit_neither_memory_nor_sp
     spill = tmp_path / "spill"
     assert driver_store.partitions_for("auto", None, 10**9, spill) == 1
     assert driver_store.partitions_for("auto", {"bytes": 5 * 10**9}, 10**9, spill) == 1  # fits the spill disk
-    assert driver_store.partitions_for("auto", {"bytes": 10**18}, 10**12, spill) == 4 * 10**6
+    assert driver_store.partitions_for("auto", {"bytes": 10**18}, 10**12, spill) == 10**6 * driver_store.RAM_LOAD_PEAK
     assert driver_store.partitions_for(4, {"bytes": 1}, 10**9, spill) == 4
 
 
