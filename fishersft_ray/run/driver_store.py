@@ -38,11 +38,11 @@ CHARS_PER_TOKEN = 2.5
 
 
 # Peak memory of loading shards into RAM (FeatureSet.load streams them into the final arrays,
-# one shard batch at a time), as a multiple of the shard bytes: measured 1.18× (465 MB of
-# SmolLM2 factors in 40 shards raised the peak RSS by 551 MB; reading whole tables and then
-# copying them, as before, peaked at 4.8×, 2,247 MB) and 2.2× when the same factors are one
-# file of one row group (pyarrow decodes a row group's column whole). The memory-mapped load
-# peaks at about 40 MB whatever the size.
+# one shard batch at a time), as a multiple of the shard bytes (benchmarks/bench_load.py):
+# 1.08× on 466 MB of SmolLM2 factors in 40 shards and 1.10× on 16 synthetic shards (reading
+# whole tables and copying them, as before, took 4.9× and 4.6×); 2.2× when the factors are
+# one file of one row group (pyarrow decodes a row group's column whole). The memory-mapped
+# load peaks at about 40 MB whatever the size.
 RAM_LOAD_PEAK = 1.5
 
 
