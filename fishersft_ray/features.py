@@ -748,22 +748,20 @@ def _load_streaming(cls, path: str, storage_options: Mapping | None, memmap_dir:
     del parts, all_ids
 
     # Pass 2: factors and embeddings, one shard batch at a time, written in place.
-    factor_bytes, embedding_bytes = int(offsets[-1]) * d * np.dtype(factor_dtype).itemsize, n * d * FLOAT_BYTES
+    rows = int(offsets[-1])
+    factor_bytes, embedding_bytes = rows * d * np.dtype(factor_dtype).itemsize, n * d * FLOAT_BYTES
+    fill = functools.partial(_fill_from_shards, fs, files, file_start, file_rows, ranks_all, destination,
+                             row_index, offsets, d, factor_dtype)
     if memmap_dir is None:
         factor_buffer, embedding_buffer = np.empty(factor_bytes, np.uint8), np.empty(embedding_bytes, np.uint8)
-        _fill_from_shards(fs, files, file_start, file_rows, ranks_all, destination, row_index, offsets, d,
-                          factor_dtype, functools.partial(_copy_into, factor_buffer),
-                          functools.partial(_copy_into, embedding_buffer))
-        factors = factor_buffer.view(factor_dtype).reshape(-1, d)
-        embeddings = embedding_buffer.view(np.float32).reshape(-1, d)
+        fill(functools.partial(_copy_into, factor_buffer), functools.partial(_copy_into, embedding_buffer))
+        factors = factor_buffer.view(factor_dtype).reshape(rows, d)
+        embeddings = embedding_buffer.view(np.float32).reshape(n, d)
     else:
-        factors, embeddings = _fill_memmaps(memmap_dir, factor_bytes, embedding_bytes, lambda factor_write,
-                                            embedding_write: _fill_from_shards(
-            fs, files, file_start, file_rows, ranks_all, destination, row_index, offsets, d, factor_dtype,
-            factor_write, embedding_write))
-        factors = (np.memmap(factors, factor_dtype, mode="r", shape=(int(offsets[-1]), d))
-                   if offsets[-1] and d else np.zeros((int(offsets[-1]), d), factor_dtype))
-        embeddings = np.memmap(embeddings, np.float32, mode="r", shape=(n, d)) if d \
+        factor_path, embedding_path = _fill_memmaps(memmap_dir, factor_bytes, embedding_bytes, fill)
+        factors = (np.memmap(factor_path, factor_dtype, mode="r", shape=(rows, d))
+                   if rows and d else np.zeros((rows, d), factor_dtype))
+        embeddings = np.memmap(embedding_path, np.float32, mode="r", shape=(n, d)) if d \
             else np.zeros((n, d), np.float32)
     return cls(factors, spectrum, offsets, num_targets, row_index, ids, meta, num_tokens, truncated,
                embeddings)
