@@ -204,7 +204,8 @@ class FeaturizeConfig:
 
     model: Any = option(None, help="Hugging Face id, local directory or .gguf file "
                                    "(default: the offline SmolLM2-135M-Instruct when installed)")
-    device: str = option("auto", choices=DEVICES, help="featurizer (and selection) device")
+    device: str = option("auto", choices=DEVICES, help="featurizer device (auto: GPU actors where the cluster has GPUs); the "
+                                                        "selection runs on the driver's GPU too unless cpu or it has none")
     max_length: int | None = option(None, help="truncate examples to this many tokens "
                                                "(default: the model's maximum)")
     micro_batch_tokens: int = option(8192, help="padded tokens per forward pass on the featurizer")

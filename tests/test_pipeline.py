@@ -9,7 +9,7 @@ import pytest
 
 from fishersft_ray.cli import main
 from fishersft_ray.config import SelectSettings
-from fishersft_ray.run.job import run_select
+from fishersft_ray.run.job import run_select, selection_device
 from fishersft_ray.io.storage import StorageError
 
 WORDS = ("love war king crown night sword heart blood honour grace fortune sorrow "
@@ -440,3 +440,20 @@ def test_cli_rejects_bad_partitions_in_one_line(tmp_path, capsys):
     assert exited.value.code == 2 and "--partitions: expected auto or an integer >= 1" in capsys.readouterr().err
     assert _select_one_line_corpus(tmp_path, "--partitions", "2", "--method", "uniform") == 2
     assert "runs TokenOD only" in capsys.readouterr().err
+
+
+def test_selection_runs_on_the_driver_cpu_when_gpu_actors_featurize_for_a_cpu_head(monkeypatch, caplog):
+    """--device cuda sends the featurizer to GPU actors; a driver without a GPU (a CPU head)
+    must still select, on its CPU, instead of failing after the featurize stage."""
+    import logging
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="fishersft_ray"):
+        assert selection_device("cuda") == "cpu"
+    assert "no GPU" in caplog.text
+    assert selection_device("auto") == "cpu" and selection_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert selection_device("cuda") == "cuda" and selection_device("auto") == "cuda"
+    assert selection_device("cpu") == "cpu"

@@ -26,7 +26,7 @@ from fishersft_ray.io.corpus import CorpusIndex, file_examples, index_corpus
 from fishersft_ray.io.storage import Location, fingerprint
 from fishersft_ray.run.executors import executor_for
 from fishersft_ray.run.feature_cache import FeatureCache, cache_key
-from fishersft_ray.run.job import torch_device
+from fishersft_ray.run.job import selection_device
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
                                {"pool": pool, "validation": parts["validation"], "test": parts["test"]},
                                batch_tokens=settings.protocol.batch_tokens)
     protocol = dataclasses.replace(with_recipe_defaults(settings.protocol, settings.mode),
-                                   device=torch_device(settings.featurize.device))
+                                   device=selection_device(settings.featurize.device))
     facts = {"input": settings.input, "format": corpus.format, "corpus_stats": corpus.stats,
              "model": model.name, "model_source": model.source, "model_fingerprint": model.fingerprint,
              "split_seed": settings.split.split_seed,

@@ -59,12 +59,18 @@ class StageTimer:
             self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def torch_device(device: str) -> str:
-    if device != "auto":
-        return device
+def selection_device(device: str) -> str:
+    """Where this process runs the selection for ``--device``: on its GPU unless the device is
+    cpu or it has none. ``--device cuda`` on a CPU head (the featurizer actors on GPU nodes)
+    thus selects on the head's CPU instead of failing after featurizing: picks are the same on
+    either (compared on an H100, RESULTS.md)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or not torch.cuda.is_available():
+        if device == "cuda":
+            log.info("--device cuda: this driver has no GPU, so the selection runs on its CPU")
+        return "cpu"
+    return "cuda"
 
 
 def run_select(settings: SelectSettings) -> JobResult:
@@ -138,11 +144,12 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
                                     settings.method, settings.seed, settings.rules.near_dup_cosine,
                                     *((parts, settings.part_oversample) if parts > 1 else ()))
         checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
+        device = selection_device(settings.featurize.device)
 
         def run(pool: FeatureSet, eligible: np.ndarray | None) -> Selection:
             return run_method(settings.method, pool, settings.budget, budget_unit=settings.budget_unit,
                               lam=lam, prior=prior, eligible=eligible, seed=settings.seed,
-                              device=torch_device(settings.featurize.device), progress=_progress_bar(),
+                              device=device, progress=_progress_bar(),
                               checkpoint=checkpoints.save, resume=checkpoints.load(),
                               threads=settings.select_threads, near_dup_cosine=settings.rules.near_dup_cosine)
 
