@@ -457,3 +457,17 @@ def test_selection_runs_on_the_driver_cpu_when_gpu_actors_featurize_for_a_cpu_he
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert selection_device("cuda") == "cuda" and selection_device("auto") == "cuda"
     assert selection_device("cpu") == "cpu"
+
+
+def test_cli_rejects_device_cuda_without_a_gpu_on_the_local_executor(tiny_llama_dir, alpaca_corpus, tmp_path,
+                                                                     capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path, _ = alpaca_corpus
+    code = main(["select", "--input", str(path), "--output", str(tmp_path / "o"), "--budget", "3",
+                 "--model", str(tiny_llama_dir), "--executor", "local", "--device", "cuda"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "rror" in line]
+    assert code == 2 and len(errors) == 1  # one line, no traceback
+    assert "--device cuda" in errors[0] and "no CUDA GPU" in errors[0]
+    assert not (tmp_path / "o" / "features").exists()  # before any featurizing

@@ -89,9 +89,14 @@ class LocalExecutor:
                     for source, item in zip(sources, reduce_items)]
 
     def featurizer_config(self, config: FeaturizeConfig) -> FeaturizeConfig:
-        """The config with this process's device and its forward-unit size."""
+        """The config with this process's device and its forward-unit size; --device cuda
+        without a GPU here is an error now, before any work."""
         import torch
 
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: this process has no CUDA GPU, and the local executor "
+                             "featurizes here; use --device auto or cpu, or run on a Ray cluster "
+                             "whose GPU nodes host the featurizer actors")
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         return dataclasses.replace(config, device=device, rows_per_unit=_rows_per_unit(device))
 
