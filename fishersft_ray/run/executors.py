@@ -93,11 +93,12 @@ class LocalExecutor:
         without a GPU here is an error now, before any work."""
         import torch
 
-        if config.device == "cuda" and not torch.cuda.is_available():
+        has_gpu = torch.cuda.is_available()
+        if config.device == "cuda" and not has_gpu:
             raise ValueError("--device cuda: this process has no CUDA GPU, and the local executor "
                              "featurizes here; use --device auto or cpu, or run on a Ray cluster "
                              "whose GPU nodes host the featurizer actors")
-        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = config.device if config.device != "auto" else ("cuda" if has_gpu else "cpu")
         return dataclasses.replace(config, device=device, rows_per_unit=_rows_per_unit(device))
 
     def featurize(self, items: list[dict], config: FeaturizeConfig, shards: Location) -> None:
