@@ -1,6 +1,7 @@
 """Portable model references: a model directory on object storage (moto's S3 server),
 fetched once per node; bad references fail in one line on the driver."""
 
+import json
 import multiprocessing
 import os
 import pickle
@@ -203,7 +204,7 @@ def test_gguf_missing_on_this_node(tmp_path, cache):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF not really a model")
     ref = resolve_model(str(gguf))
-    assert (ref.kind, ref.name) == ("gguf", "model") and not cache.exists()  # converted lazily, per node
+    assert (ref.kind, ref.name) == ("gguf", "model") and not (cache / "models").exists()  # converted lazily, per node
     gguf.unlink()
     with pytest.raises(ModelUnavailable, match="not on this node.*every node sees that path"):
         ref.local_path()
@@ -212,3 +213,122 @@ def test_gguf_missing_on_this_node(tmp_path, cache):
 def test_model_ref_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         ModelRef("x", "ftp", "0", "x")
+
+
+# ---------------------------------------------------------------- local weights: fingerprint and checks
+
+PAD_MIB = (40, 30)  # padding tensors around the real weights: a file past 64 MiB whose real
+# weights sit away from its start, middle and end (where the old fingerprint sampled 4 MiB each)
+
+
+@pytest.fixture()
+def big_llama_dir(tiny_llama_dir, tmp_path) -> Path:
+    """The tiny Llama with a ~70 MiB model.safetensors: its tensors sort by name between
+    `a_padding` and `z_padding`, so lm_head.weight starts 40 MiB in."""
+    from safetensors.numpy import load_file, save_file
+
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "big-llama"))
+    tensors = load_file(model / "model.safetensors")
+    tensors["a_padding"] = np.zeros(PAD_MIB[0] << 18, np.float32)
+    tensors["z_padding"] = np.zeros(PAD_MIB[1] << 18, np.float32)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def tensor_offset(path: Path, name: str) -> int:
+    """Where tensor ``name``'s bytes start in a safetensors file."""
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_length])
+    return 8 + header_length + header[name]["data_offsets"][0]
+
+
+def overwrite_keeping_size_and_mtime(path: Path, offset: int, data: bytes) -> None:
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_fingerprint_covers_every_byte_and_reads_an_unchanged_file_once(big_llama_dir, cache, monkeypatch):
+    from fishersft_ray.featurize import model_ref
+
+    reads = []
+    hash_file = model_ref._sha256_of
+    monkeypatch.setattr(model_ref, "_sha256_of", lambda path: reads.append(path.name) or hash_file(path))
+    monkeypatch.setattr(model_ref, "RACY_WINDOW_NS", 0)  # trust digests of files written just now
+    weights = big_llama_dir / "model.safetensors"
+    first = resolve_model(str(big_llama_dir))
+    assert weights.name in reads and weights.stat().st_size > 64 << 20
+    reads.clear()
+    assert resolve_model(str(big_llama_dir)) == first and reads == []  # from the digest cache
+    cached = json.loads((cache / "file_digests.json").read_text())
+    assert cached[str(weights)]["stat"][0] == weights.stat().st_size
+    # Real weights 40 MiB into a 70 MiB file, rewritten in place with the mtime restored.
+    overwrite_keeping_size_and_mtime(weights, tensor_offset(weights, "lm_head.weight"),
+                                     np.full(16, 0.5, np.float32).tobytes())
+    changed = resolve_model(str(big_llama_dir))
+    assert changed.fingerprint != first.fingerprint and reads == [weights.name]
+    # A corrupt digest cache is ignored (the files are read again) and replaced.
+    (cache / "file_digests.json").write_text('{"truncated')
+    reads.clear()
+    assert resolve_model(str(big_llama_dir)) == changed and weights.name in reads
+    assert str(weights) in json.loads((cache / "file_digests.json").read_text())
+
+
+def test_rerun_after_a_weights_change_featurizes_again(big_llama_dir, cache, tmp_path):
+    from fishersft_ray.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"instruction": f"Question {i}: say {word}.", "input": "",
+                                          "output": f"{word} " * (i + 2)}) + "\n"
+                              for i, word in enumerate("love war king crown night sword".split())))
+
+    def select(output: str) -> dict:
+        assert main(["select", "--input", str(corpus), "--output", str(tmp_path / output), "--budget", "3",
+                     "--executor", "local", "--model", str(big_llama_dir),
+                     "--features", str(tmp_path / "features")]) == 0
+        return json.loads((tmp_path / output / "manifest.json").read_text())
+
+    first = select("a")
+    weights = big_llama_dir / "model.safetensors"
+    lm_head = np.random.default_rng(0).normal(0, 0.5, 16 * 32).astype(np.float32)
+    overwrite_keeping_size_and_mtime(weights, tensor_offset(weights, "lm_head.weight"), lm_head.tobytes())
+    second = select("b")
+    assert second["model"]["fingerprint"] != first["model"]["fingerprint"]
+    assert second["features"]["reused"] is False
+
+
+def test_model_directory_without_weights_fails_on_the_driver(tiny_llama_dir, tmp_path):
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "no-weights"))
+    (model / "model.safetensors").unlink()
+    with pytest.raises(ModelUnavailable) as error:
+        resolve_model(str(model))
+    assert_one_line(str(error.value), str(model), "no weights (*.safetensors or *.bin)", "copy the weights")
+
+
+def test_truncated_safetensors_fails_on_the_driver_naming_both_sizes(tiny_llama_dir, tmp_path):
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "truncated"))
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size - 1000)
+    with pytest.raises(ModelUnavailable) as error:
+        resolve_model(str(model))
+    assert_one_line(str(error.value), str(model), "model.safetensors is truncated",
+                    f"{size - 1000:,} bytes, header declares {size:,}", "download the model again")
+    os.truncate(weights, 5)  # not even the header's length
+    with pytest.raises(ModelUnavailable, match="model.safetensors is truncated: 5 bytes"):
+        resolve_model(str(model))
+
+
+def test_shard_index_naming_a_missing_shard_fails_on_the_driver(tiny_llama_dir, tmp_path):
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "sharded"))
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "lm_head.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelUnavailable) as error:
+        resolve_model(str(model))
+    assert_one_line(str(error.value), str(model), "model.safetensors.index.json names 1 missing shard(s): "
+                    "model-00002-of-00002.safetensors", "download the model again")

@@ -37,6 +37,7 @@ import posixpath
 import shutil
 import socket
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,8 +58,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # templates, weights; not READMEs, images or an `original/` subfolder of other formats.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
 FETCH_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".jinja", ".model", ".tiktoken")
-FULL_HASH_LIMIT = 64 << 20   # bytes; larger files are fingerprinted by size + three samples
-SAMPLE_BYTES = 4 << 20
+HASH_CHUNK_BYTES = 4 << 20
+DIGEST_CACHE = "file_digests.json"  # under cache_root(): {absolute path: {"stat", "hashed_at_ns", "sha256"}}
+# A cached digest is trusted only for a file last changed well before it was hashed: a rewrite
+# within the same file-system timestamp tick would leave size, mtime and ctime as they were
+# (git's "racily clean" entries). 2 s covers the coarsest common granularity (FAT).
+RACY_WINDOW_NS = 2_000_000_000
 RESOLVE_TIMEOUT_S = 30.0     # the driver's listing of a model URL or hub look-up, at most
 KINDS = ("hub", "url", "local", "gguf")
 NOT_EVERYWHERE = ("a local model directory only works when every node sees that path; put the "
@@ -130,20 +135,72 @@ def cache_root() -> Path:
 
 
 def fingerprint_files(paths: list[Path], root: Path | None = None) -> str:
-    """Hash of names (relative to root), sizes and contents; huge files by size + 3 samples."""
-    digest = hashlib.sha256()
+    """Hash of the files' names (relative to root) and every byte of their contents. Each
+    file's digest is cached in ``cache_root()/file_digests.json`` by its absolute path, size,
+    mtime, ctime and inode, so an unchanged file is read once, not once per run."""
+    store = cache_root() / DIGEST_CACHE
+    cached = _load_digests(store)
+    digests = dict(cached)
+    fingerprint = hashlib.sha256(b"content\0")
     for path in sorted(paths):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(root) if root else path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size <= FULL_HASH_LIMIT:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            else:
-                for offset in (0, size // 2, size - SAMPLE_BYTES):
-                    f.seek(offset)
-                    digest.update(f.read(SAMPLE_BYTES))
-    return digest.hexdigest()[:24]
+        name = path.relative_to(root) if root else path.name
+        fingerprint.update(f"{name}\0{_file_digest(path, digests)}\0".encode())
+    if digests != cached:
+        _save_digests(store, digests)
+    return fingerprint.hexdigest()[:24]
+
+
+def _file_digest(path: Path, digests: dict) -> str:
+    """The sha256 of ``path``'s bytes: from ``digests`` while its stat matches, else read (and
+    recorded in ``digests``)."""
+    key = os.path.abspath(path)
+    stat = path.stat()
+    # ctime is in the key because no one can set it: a rewrite that restores mtime moves it.
+    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    try:
+        entry = digests[key]
+        if entry["stat"] == signature and entry["hashed_at_ns"] - stat.st_ctime_ns > RACY_WINDOW_NS:
+            return str(entry["sha256"])
+    except (KeyError, TypeError):  # not cached, or a malformed entry
+        pass
+    hashed_at_ns = time.time_ns()
+    digest = _sha256_of(path)
+    digests[key] = {"stat": signature, "hashed_at_ns": hashed_at_ns, "sha256": digest}
+    return digest
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
+def _load_digests(store: Path) -> dict:
+    """The digest cache; a missing, unreadable or corrupt file is an empty one."""
+    try:
+        digests = json.loads(store.read_text())
+    except (OSError, ValueError):
+        return {}
+    return digests if isinstance(digests, dict) else {}
+
+
+def _save_digests(store: Path, digests: dict) -> None:
+    """Replace the digest cache atomically, dropping files that no longer exist; a cache that
+    cannot be written only costs a re-read next time."""
+    temporary = store.with_name(f".{store.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps({key: entry for key, entry in digests.items() if os.path.exists(key)}))
+        os.replace(temporary, store)
+    except OSError as exc:
+        log.warning("cannot write the model digest cache %s (%s): unchanged weights will be read again",
+                    store, _one_line(exc))
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def resolve_model(model: str | None = None, storage_options: dict | None = None) -> ModelRef:
@@ -171,15 +228,68 @@ def resolve_model(model: str | None = None, storage_options: dict | None = None)
 
 # ---------------------------------------------------------------- local directory and GGUF
 
-def _weight_and_config_files(path: Path) -> list[Path]:
-    return [p for p in path.iterdir() if p.is_file() and
-            (p.name in FINGERPRINT_FILES or p.name.endswith(WEIGHT_SUFFIXES))]
+def _model_files(path: Path) -> list[Path]:
+    """What loading the directory may read (the files a node fetches from a model URL)."""
+    return [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+            and p.name.endswith(FETCH_SUFFIXES)]
 
 
 def _resolve_directory(path: Path, name: str) -> ModelRef:
+    _check_model_directory(path)
+    return ModelRef(str(path), "local", fingerprint_files(_model_files(path), path), name)
+
+
+def _check_model_directory(path: Path) -> None:
+    """Raise ModelUnavailable, naming the file and what to do, when ``path`` cannot load: no
+    config.json, no weights, a shard its index names is missing, or a safetensors file whose
+    size is not what its header declares (reads the headers only)."""
+    def unavailable(problem: str, remedy: str = "copy or download the model again (an interrupted "
+                                                 "transfer or save leaves files like this)"):
+        return ModelUnavailable(f"model directory {path}: {problem}; {remedy}")
+
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-    return ModelRef(str(path), "local", fingerprint_files(_weight_and_config_files(path), path), name)
+        raise unavailable("no config.json, so not a Hugging Face model directory",
+                          "pass the directory save_pretrained wrote")
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not weights:
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        raise unavailable("no weights (*.safetensors or *.bin)",
+                          f"pass the GGUF file itself (--model {path / ggufs[0]})" if ggufs else
+                          "copy the weights into it (save_pretrained writes model.safetensors)")
+    for index in sorted(path.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise unavailable(f"{index.name} is not a readable shard index ({_one_line(exc)})") from exc
+        missing = sorted(shard for shard in shards if not (path / shard).is_file())
+        if missing:
+            raise unavailable(f"{index.name} names {len(missing)} missing shard(s): {', '.join(missing)}")
+    for weight in weights:
+        problem = _safetensors_problem(weight) if weight.suffix == ".safetensors" else None
+        if problem:
+            raise unavailable(f"{weight.name} is {problem}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, or None: 8 bytes of header length N
+    (little-endian), N bytes of JSON whose tensors' ``data_offsets`` end where the file does."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        if 8 + header_length > size:
+            return f"truncated: {size:,} bytes, too short for the {header_length:,}-byte header it declares"
+        try:
+            header = json.loads(f.read(header_length))
+            data_end = max((int(tensor["data_offsets"][1]) for name, tensor in header.items()
+                            if name != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "not a safetensors file: its header is not JSON with the tensors' data_offsets"
+    declared = 8 + header_length + data_end
+    if size < declared:
+        return f"truncated: {size:,} bytes, header declares {declared:,}"
+    if size > declared:
+        return f"the wrong size: {size:,} bytes, header declares {declared:,}"
+    return None
 
 
 def _resolve_gguf(gguf: Path) -> ModelRef:
