@@ -89,7 +89,6 @@ def test_parquet_with_id_field_and_custom_text_field(tmp_path):
 def test_directory_and_glob_read_files_sorted(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"text": "third"}])
     write_jsonl(tmp_path / "a.jsonl", [{"text": "first"}, {"text": "second"}])
-    (tmp_path / "notes.md").write_text("ignored")
     by_dir = read_corpus(str(tmp_path))
     by_glob = read_corpus(str(tmp_path / "*.jsonl"))
     for corpus in (by_dir, by_glob):

@@ -18,11 +18,15 @@ pyarrow + fsspec only (no torch, no Ray). See docs/CONTRACTS.md "io/corpus.py �
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import lzma
+import posixpath
 import re
 import unicodedata
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,8 +36,10 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.utils import compressions
 
 from fishersft_ray.config import CorpusOptions
+from fishersft_ray.io.storage import file_identity, is_glob
 
 SUFFIX_KIND = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                ".txt": "txt"}
@@ -43,8 +49,12 @@ ID = "id"
 MESSAGES = "messages"
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("train", pa.bool_())]))
 DOCUMENT_ROLE = "document"  # a one-message example of this role is plain text (featurize/masks.py)
-TXT_SEPARATOR = rb"\n[ \t]*\n"  # txt corpora: examples are separated by blank lines
-_GLOB_CHARS = re.compile(r"[*?\[]")
+# txt corpora: examples are separated by blank lines (LF or CRLF line ends; a text keeps its own)
+TXT_SEPARATOR = rb"\r?\n[ \t]*\r?\n"
+UTF8_BOM = b"\xef\xbb\xbf"  # dropped from the start of a json/jsonl/txt file
+# Compression suffixes fsspec decodes here (gz, bz2, xz, lzma; zst with `zstandard` installed), by
+# codec. Not zip: an archive may hold several files.
+COMPRESSIONS = {suffix: codec for suffix, codec in compressions.items() if codec != "zip"}
 
 
 @dataclass
@@ -76,7 +86,9 @@ class CorpusIndex:
     file's first row (row_index is a row's position in the corpus as read, before any skip:
     the stable key), plus the total; ``row_index``/``length``: the kept rows (ascending) and
     their text length in characters (over all messages); ``digests``: per file, a hash of
-    its valid rows' normalised content (the feature cache key's corpus part).
+    its valid rows' normalised content (the feature cache key's corpus part); ``identities``:
+    per file, its ``file_identity`` when the scan began (size, mtime or ETag...), which the
+    reads after the scan check so that a file rewritten meanwhile stops the run.
     """
 
     files: list[str]
@@ -86,6 +98,7 @@ class CorpusIndex:
     row_index: np.ndarray
     length: np.ndarray
     digests: list[str]
+    identities: list[dict]
     options: CorpusOptions
     storage_options: dict
 
@@ -129,14 +142,16 @@ class CorpusIndex:
 
     def work(self, planned: pa.Table) -> list[dict]:
         """One item per file for the per-file functions (``file_examples``, ``file_rows``):
-        which file, and its planned rows with their plan columns, in plan order."""
+        which file (and its identity at scan time), and its planned rows with their plan
+        columns, in plan order."""
         files = planned.column("file").to_numpy()
         items = []
         for file in np.unique(files):
             mine = pa.array(np.flatnonzero(files == file))
             items.append({"url": self.files[file], "offset": int(self.offsets[file]),
                           "plan": planned.take(mine).drop_columns(["file"]), "options": self.options,
-                          "corpus_format": self.format, "storage_options": self.storage_options})
+                          "corpus_format": self.format, "storage_options": self.storage_options,
+                          "identity": self.identities[file]})
         return items
 
 
@@ -164,13 +179,13 @@ def index_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_optio
     """Scan every file of the corpus (``map_files(scan_file, items)`` runs the scans: in this
     process by default, on Ray workers from run/executors.py) and build the driver's index:
     drop exact duplicates (the first copy in row_index order is kept) and rows whose id repeats,
-    count every skip by reason."""
+    count every skip by reason. A corpus left with no usable row is an error giving the counts."""
     if spec.format not in ("auto", *FORMATS):
         raise ValueError(f"unknown format {spec.format!r}; expected auto, {', '.join(FORMATS)}")
     if spec.on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', not {spec.on_bad_row!r}")
     fs, paths = list_corpus_files(path, storage_options)
-    corpus_format = spec.format if spec.format != "auto" else detect_format(sniff_fields(fs, paths[0]), spec)
+    corpus_format = spec.format if spec.format != "auto" else _sniffed_format(fs, paths, spec)
     urls = [fs.unstrip_protocol(p) for p in paths]
     items = [{"url": url, "options": spec, "corpus_format": corpus_format, "storage_options": storage_options or {}}
              for url in urls]
@@ -197,13 +212,29 @@ def index_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_optio
     skipped["duplicate"] += int(np.count_nonzero(keep & ~unique))
     stats = {"rows_read": int(counts.sum()), "kept": int(unique.sum()), "skipped": dict(skipped)}
     assert stats["rows_read"] == stats["kept"] + sum(skipped.values()), stats
+    if not stats["kept"]:
+        reasons = {reason: n for reason, n in skipped.items() if n}
+        raise ValueError(f"0 usable rows in {path}: {stats['rows_read']} read"
+                         + (f", skipped {reasons}" if reasons else "")
+                         + "; nothing to select: check --input, --format and the field options")
     return CorpusIndex(files=urls, offsets=offsets, format=corpus_format, stats=stats, row_index=row_index[unique],
-                       length=length[unique], digests=[scan["digest"] for scan in scans], options=spec,
+                       length=length[unique], digests=[scan["digest"] for scan in scans],
+                       identities=[scan["identity"] for scan in scans], options=spec,
                        storage_options=dict(storage_options or {}))
 
 
 def _map_here(function: Callable, items: list[dict]) -> list:
     return [function(**item) for item in items]
+
+
+def _sniffed_format(fs, paths: list[str], spec: CorpusOptions) -> str:
+    """``detect_format`` on the first file whose first rows show a field. Files that show none
+    (empty ones) are scanned as text, which counts their rows or names their bad lines."""
+    for path in paths:
+        fields = sniff_fields(fs, path)
+        if fields:
+            return detect_format(fields, spec)
+    return "text"
 
 
 def _first_ids(ids: np.ndarray, row_index: np.ndarray, spec: CorpusOptions) -> np.ndarray:
@@ -220,18 +251,40 @@ def _first_ids(ids: np.ndarray, row_index: np.ndarray, spec: CorpusOptions) -> n
 
 
 def list_corpus_files(path: str, storage_options: dict | None = None) -> tuple[Any, list[str]]:
-    """The fsspec filesystem and the sorted corpus files named by a file, directory or glob."""
+    """The fsspec filesystem and the sorted corpus files named by a file, a directory (every
+    file below it) or a glob. Below a directory, or the fixed part of a glob, names starting
+    with '.' or '_' are ignored, as Spark and Hadoop mark their side files (_SUCCESS, .crc,
+    _checkpoint/); any other file that no reader takes is an error naming it, never skipped."""
     fs, root = url_to_fs(path, **(storage_options or {}))
-    if _GLOB_CHARS.search(root):
-        candidates = fs.glob(root)
+    if is_glob(root):
+        parts = root.split("/")
+        base = "/".join(parts[:next(k for k, part in enumerate(parts) if is_glob(part))])
+        candidates = [p for p, info in fs.glob(root, detail=True).items() if info["type"] != "directory"]
     elif fs.isdir(root):
-        candidates = fs.find(root)
+        base, candidates = root, fs.find(root)
     else:
-        candidates = [root]
-    paths = sorted(p for p in candidates if _file_kind(p) is not None and not fs.isdir(p))
-    if not paths:
-        raise FileNotFoundError(f"no corpus files ({', '.join(SUFFIX_KIND)}) found at {path!r}")
-    return fs, paths
+        base, candidates = None, [root]
+    if base is not None:
+        candidates = [p for p in candidates
+                      if not any(part.startswith((".", "_")) for part in posixpath.relpath(p, base).split("/"))]
+    unreadable = [p for p in candidates if _file_kind(p) is None]
+    if unreadable and base is None:
+        raise ValueError(f"{path}: no reader takes this file; corpus files are {_readable_kinds()}")
+    if unreadable:
+        shown = ", ".join(posixpath.relpath(p, base) for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+        narrower = "narrow the pattern" if is_glob(root) else f"point --input at a glob such as '{path.rstrip('/')}/*.jsonl'"
+        raise ValueError(f"{path}: no reader takes {len(unreadable)} file(s): {shown}; corpus files are "
+                         f"{_readable_kinds()}; move the others out or {narrower} (names starting with "
+                         "'.' or '_' are ignored)")
+    if not candidates:
+        raise FileNotFoundError(f"no corpus files ({_readable_kinds()}) found at {path!r}")
+    return fs, sorted(candidates)
+
+
+def _readable_kinds() -> str:
+    compressed = ", ".join(f".{suffix}" for suffix in sorted(COMPRESSIONS))
+    return (f"{', '.join(SUFFIX_KIND)}, json/jsonl/txt also compressed as {compressed}"
+            + (" (.zst needs the zstandard package)" if "zst" not in COMPRESSIONS else ""))
 
 
 def detect_format(fields: list[str], spec: CorpusOptions) -> str:
@@ -251,20 +304,42 @@ def normalise_for_hash(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
-def _file_kind(path: str) -> str | None:
-    lower = path.lower()
-    return next((kind for suffix, kind in SUFFIX_KIND.items() if lower.endswith(suffix)), None)
+def _file_kind(path: str) -> tuple[str, str | None] | None:
+    """(kind, compression codec or None) of a corpus file by its name: the kind is the suffix
+    left once a compression suffix of ``COMPRESSIONS`` is stripped (part.jsonl.gz: jsonl,
+    gzip); None when no reader takes the file. Parquet compresses inside: never on top."""
+    stem, _, last = path.lower().rpartition(".")
+    compression = COMPRESSIONS.get(last)
+    name = stem if compression else path.lower()
+    kind = next((kind for suffix, kind in SUFFIX_KIND.items() if name.endswith(suffix)), None)
+    if kind is None or (kind == "parquet" and compression):
+        return None
+    return kind, compression
+
+
+@contextlib.contextmanager
+def _open(fs, path: str):
+    """A corpus file opened for reading, decompressed as its name says; data its codec cannot
+    decompress (a truncated or mislabelled file) is an error naming the file."""
+    compression = _file_kind(path)[1]
+    with fs.open(path, "rb", compression=compression) as handle:
+        try:
+            yield handle
+        except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:
+            if compression is None or isinstance(err, (FileNotFoundError, PermissionError)):
+                raise
+            raise ValueError(f"{path}: cannot decompress it as {compression} ({type(err).__name__}: {err}); "
+                             "replace it with a complete file or rename it to what it holds") from None
 
 
 def _read_file(fs, path: str, spec: CorpusOptions, corpus_format: str) -> tuple[pa.Table, list[int], int, Counter]:
     """One file → (table, each table row's position in the file, rows read, skips while parsing)."""
-    kind = _file_kind(path)
-    if kind == "parquet":
-        with fs.open(path, "rb") as f:
+    kind, _ = _file_kind(path)
+    with _open(fs, path) as f:
+        if kind == "parquet":
             table = pq.read_table(f)
-        return table, list(range(table.num_rows)), table.num_rows, Counter()
-    with fs.open(path, "rb") as f:
-        data = f.read()
+            return table, list(range(table.num_rows)), table.num_rows, Counter()
+        data = f.read().removeprefix(UTF8_BOM)
     if kind == "txt":
         raw_blocks = re.split(TXT_SEPARATOR, data.strip()) if data.strip() else []
         blocks, positions, skips = [], [], Counter()
@@ -336,11 +411,30 @@ def _table_from_records(path, records, n_rows, skips, spec, corpus_format):
             skips[bad.reason] += 1
             continue
         kept.append((position, record))
-    try:
-        table = pa.Table.from_pylist([record for _, record in kept])
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ValueError(f"{path}: a column mixes value types: {err}") from None
+    required, optional = FORMATS[corpus_format].fields(spec)
+    table = _records_table(path, [record for _, record in kept], {*required, *optional, spec.id_field})
     return table, [position for position, _ in kept], n_rows, skips
+
+
+def _records_table(path: str, records: list[dict], used: set) -> pa.Table:
+    """Records → table with a column for every key of any record (in order of first appearance;
+    a record without it holds null there). An extra column whose values mix types (1 in one row,
+    "x" in another) is kept as strings: a string as it is, any other value as its JSON text, so
+    the subset writes it back as strings. A column in ``used`` (read by the format) must have
+    one type: mixing there is an error naming it."""
+    names = list(dict.fromkeys(key for record in records for key in record))
+    columns = {}
+    for name in names:
+        values = [record.get(name) for record in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            if name in used:
+                raise ValueError(f"{path}: column {name!r} mixes value types across rows ({err}); "
+                                 "give it one type in every row") from None
+            columns[name] = pa.array([value if value is None or isinstance(value, str)
+                                      else json.dumps(value, ensure_ascii=False) for value in values], pa.string())
+    return pa.table(columns)
 
 
 def _string(row: dict, name: str, *, optional: bool = False) -> str:
@@ -419,6 +513,8 @@ def _valid_rows(url: str, spec: CorpusOptions, storage_options: dict, corpus_for
     positions in the file, their messages, their raw ids or None, rows read, skips)."""
     fs, path = url_to_fs(url, **(storage_options or {}))
     table, positions, rows_read, skips = _read_file(fs, path, spec, corpus_format)
+    if not table.num_rows and not table.num_columns:  # an empty file, or one whose every line was skipped
+        return table, np.zeros(0, np.int64), [], [] if spec.id_field else None, rows_read, skips
     if ROW_INDEX in table.column_names:
         raise ValueError(f"{url}: a column is named {ROW_INDEX!r}, which the job adds to every row; rename it")
     required, optional = FORMATS[corpus_format].fields(spec)
@@ -463,8 +559,10 @@ def _reported(function: Callable) -> Callable:
 @_reported
 def scan_file(url: str, options: CorpusOptions, corpus_format: str, storage_options: dict) -> dict:
     """One file's keys for the driver's index: valid rows' positions, content hashes (16 bytes),
-    text lengths and ids (with --id-field), rows read, skips by reason, and a digest of the
-    normalised content. Runs where the executor puts it."""
+    text lengths and ids (with --id-field), rows read, skips by reason, a digest of the
+    normalised content, and the file's identity taken before reading it (a change while it is
+    read shows in the later reads' check). Runs where the executor puts it."""
+    identity = file_identity(*url_to_fs(url, **(storage_options or {})))
     _, positions, conversations, ids, rows_read, skips = _valid_rows(url, options, storage_options, corpus_format)
     digest = hashlib.blake2b(digest_size=16)
     hashes = np.zeros((len(conversations), 16), np.uint8)
@@ -475,22 +573,35 @@ def scan_file(url: str, options: CorpusOptions, corpus_format: str, storage_opti
                                  ensure_ascii=False).encode("utf-8"))
     return {"positions": positions, "hashes": hashes, "ids": ids,
             "lengths": np.array([sum(len(m["content"]) for m in c) for c in conversations], np.int64),
-            "rows_read": rows_read, "skipped": dict(skips), "digest": digest.hexdigest()}
+            "rows_read": rows_read, "skipped": dict(skips), "digest": digest.hexdigest(), "identity": identity}
+
+
+def _check_unchanged(url: str, storage_options: dict, scanned: dict) -> None:
+    """Stop when a file is no longer the version its scan saw. Called after reading it, so a
+    change before or during the read shows."""
+    now = file_identity(*url_to_fs(url, **(storage_options or {})))
+    if now != scanned:
+        changes = ", ".join(f"{key} was {scanned.get(key)}, now {now.get(key)}"
+                            for key in sorted(scanned.keys() | now.keys()) if scanned.get(key) != now.get(key))
+        raise ValueError(f"{url} changed since it was scanned ({changes}); the features no longer match it: "
+                         "rerun the job")
 
 
 def _wanted(positions: np.ndarray, offset: int, row_index: np.ndarray, url: str) -> np.ndarray:
     """Where each wanted row_index sits among a file's valid rows."""
     where = np.searchsorted(positions, np.asarray(row_index) - offset)
     if np.any(where >= len(positions)) or np.any(positions[np.minimum(where, len(positions) - 1)] != row_index - offset):
-        raise ValueError(f"{url} changed since it was indexed: rows are missing; rerun the job")
+        raise ValueError(f"{url} changed since it was scanned: rows are missing; rerun the job")
     return where
 
 
 def file_examples(url: str, options: CorpusOptions, corpus_format: str, storage_options: dict, offset: int,
-                  plan: pa.Table) -> pa.Table:
+                  plan: pa.Table, identity: dict) -> pa.Table:
     """The featurizer's input for the planned rows of one file, in plan order: row_index, id,
-    messages, and the plan's columns (unit, block, position)."""
+    messages, and the plan's columns (unit, block, position). ``identity``: the file's at scan
+    time; a file changed since is an error."""
     _, positions, conversations, ids, _, _ = _valid_rows(url, options, storage_options, corpus_format)
+    _check_unchanged(url, storage_options, identity)
     row_index = plan.column(ROW_INDEX).to_numpy()
     where = _wanted(positions, offset, row_index, url)
     examples = pa.table({ID: pa.array([ids[k] for k in where] if ids else [str(r) for r in row_index], pa.string()),
@@ -503,10 +614,12 @@ def file_examples(url: str, options: CorpusOptions, corpus_format: str, storage_
 
 
 def file_rows(url: str, options: CorpusOptions, corpus_format: str, storage_options: dict, offset: int,
-              plan: pa.Table) -> pa.Table:
+              plan: pa.Table, identity: dict) -> pa.Table:
     """The planned rows of one file with all their original columns, then row_index and id (an
-    original `id` column that the ids replace is kept as `original_id`), in plan order."""
+    original `id` column that the ids replace is kept as `original_id`), in plan order; like
+    ``file_examples``, an error if the file changed since its scan."""
     table, positions, _, ids, _, _ = _valid_rows(url, options, storage_options, corpus_format)
+    _check_unchanged(url, storage_options, identity)
     row_index = plan.column(ROW_INDEX).to_numpy()
     where = _wanted(positions, offset, row_index, url)
     rows = table.take(pa.array(where, pa.int64())).append_column(ROW_INDEX, pa.array(row_index, pa.int64()))
@@ -521,13 +634,13 @@ def file_rows(url: str, options: CorpusOptions, corpus_format: str, storage_opti
 
 def sniff_fields(fs, path: str, rows: int = 1000) -> list[str]:
     """The fields of a file's first rows, to detect the format without reading it all."""
-    kind = _file_kind(path)
+    kind, _ = _file_kind(path)
     if kind == "txt":
         return [TXT_COLUMN]
-    with fs.open(path, "rb") as handle:
+    with _open(fs, path) as handle:
         if kind == "parquet":
             return pq.read_schema(handle).names
-        head = handle.read(1 << 20)
+        head = handle.read(1 << 20).removeprefix(UTF8_BOM)
         if head.lstrip()[:1] == b"[":  # a JSON array is read whole anyway
             records = json.loads(head + handle.read())
             return sorted({key for record in records[:rows] if isinstance(record, dict) for key in record})

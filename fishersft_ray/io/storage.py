@@ -7,18 +7,29 @@ and storage options are handled in one place.
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import hashlib
 import json
+import os
 import posixpath
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".fishersft-lock"  # held (flock) by the run writing a local output directory
+TEMP_MARK = ".tmp-"  # a local file being written: <name>.tmp-<writer pid>-<time_ns>
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# fs.info keys that change when a file is rewritten: local files, S3, GCS, Azure.
+_IDENTITY_KEYS = ("size", "mtime", "ETag", "VersionId", "LastModified", "generation", "etag", "version_id",
+                  "last_modified", "updated")
 
 T = TypeVar("T")
 
@@ -84,15 +95,21 @@ class Location:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write one file whole: a temporary name then a rename locally (object stores
-        publish a PUT atomically), so a reader never sees half a file."""
+        publish a PUT atomically), so a reader never sees half a file. A failed local write
+        (a full disk) removes its temporary file."""
         target = posixpath.join(self.path, name)
 
         def write() -> None:
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
             if self.is_local:
-                tmp = f"{target}.tmp-{time.time_ns()}"
-                self.fs.pipe_file(tmp, data)
-                self.fs.mv(tmp, target)
+                tmp = f"{target}{TEMP_MARK}{os.getpid()}-{time.time_ns()}"
+                try:
+                    self.fs.pipe_file(tmp, data)
+                    os.replace(tmp, target)
+                except BaseException:
+                    if os.path.lexists(tmp):
+                        os.remove(tmp)
+                    raise
             else:
                 self.fs.pipe_file(target, data)
 
@@ -108,27 +125,125 @@ class Location:
             retrying(lambda: self.fs.rm(target, recursive=True), f"remove {self._url(name)}")
 
     def check_readable(self) -> None:
-        """Fail fast, before any model is loaded, when the input cannot be reached."""
+        """Fail fast, before any model is loaded, when the input cannot be reached: a path
+        must exist, a glob pattern (``*``, ``?``, ``[``) must match at least one file."""
+        pattern = is_glob(self.path)
         try:
-            found = self.fs.exists(self.path)
+            found = bool(self.fs.glob(self.path)) if pattern else self.fs.exists(self.path)
         except Exception as exc:  # noqa: BLE001 - every backend raises its own types
             raise StorageError(f"cannot reach input {self.url}: {_describe(exc)}") from exc
+        if not found and pattern:
+            raise StorageError(f"input pattern {self.url} matches no file; check the pattern (quoted, so "
+                               "the shell leaves it alone) and for s3:// the bucket, endpoint and credentials")
         if not found:
             raise StorageError(f"input {self.url} does not exist; check the path (and for s3:// "
                                "the bucket, endpoint and credentials)")
 
-    def check_writable(self) -> None:
-        """Write and delete a probe object so bad credentials fail before the expensive part."""
+    def check_writable(self, what: str = "output") -> None:
+        """Write and delete a probe object so bad credentials or an unwritable directory fail
+        before the expensive part; ``what`` names the location in the error (e.g. --features)."""
         probe = f".fishersft-write-probe-{time.time_ns()}"
         try:
             self.fs.makedirs(self.path, exist_ok=True)
             self.fs.pipe_file(posixpath.join(self.path, probe), b"ok")
             self.fs.rm(posixpath.join(self.path, probe))
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot write to output {self.url}: {_describe(exc)}") from exc
+            raise StorageError(f"cannot write to {what} {self.url}: {_describe(exc)}") from exc
+
+    def overlaps(self, other: "Location") -> bool:
+        """Whether the two are the same place or one lies inside the other (a glob pattern
+        counts as the directory it starts from; local paths resolved, object URLs normalised)."""
+        if set(_protocols(self.fs)) != set(_protocols(other.fs)):
+            return False
+        mine, theirs = self._comparable_path(), other._comparable_path()
+        return mine == theirs or mine.startswith(theirs + "/") or theirs.startswith(mine + "/")
+
+    def _comparable_path(self) -> str:
+        path = posixpath.dirname(_GLOB_CHARS.split(self.path)[0]) if is_glob(self.path) else self.path
+        return os.path.realpath(path) if self.is_local else posixpath.normpath(path)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this local directory for one run (a non-blocking ``flock`` on its lock file,
+        released when the process ends, however it ends): a second run fails at once naming
+        the holder. Object stores have no lock: this does nothing there."""
+        if not self.is_local:
+            yield
+            return
+        os.makedirs(self.path, exist_ok=True)
+        lock_path = os.path.join(self.path, LOCK_NAME)
+        while True:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "pid unknown"
+                os.close(descriptor)
+                raise StorageError(f"another fishersft-ray run holds {self.url} ({holder}); wait for it "
+                                   "or choose another --output") from None
+            # The holder we waited on may have removed the file meanwhile: lock the file on disk.
+            if os.path.exists(lock_path) and os.stat(lock_path).st_ino == os.fstat(descriptor).st_ino:
+                break
+            os.close(descriptor)
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()}, started {started}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.remove(lock_path)
+            os.close(descriptor)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of local writes whose writer process is gone (a run
+        killed mid-write, or one that hit a full disk), anywhere under this directory."""
+        if not self.is_local or not os.path.isdir(self.path):
+            return
+        for directory, _, names in os.walk(self.path):
+            for name in names:
+                if TEMP_MARK in name and not _writer_alive(name.rsplit(TEMP_MARK, 1)[1]):
+                    os.remove(os.path.join(directory, name))
+
+    def remove_if_empty(self, name: str) -> None:
+        """Delete the directory ``name`` if nothing is left in it (local; object stores have
+        no empty directories)."""
+        if self.is_local:
+            try:
+                os.rmdir(os.path.join(self.path, name))
+            except OSError:  # not empty, or already gone
+                pass
 
     def _url(self, name: str | None) -> str:
         return self.url if name is None else f"{self.url}/{name}"
+
+
+def is_glob(path: str) -> bool:
+    """Whether ``path`` is a glob pattern (holds ``*``, ``?`` or ``[``)."""
+    return bool(_GLOB_CHARS.search(path))
+
+
+def file_identity(fs: fsspec.AbstractFileSystem, path: str) -> dict:
+    """What tells a file's version apart without reading it, fresh from the store (no cached
+    listing): its size plus the mtime (local), ETag, version id or last-modified time that
+    ``fs.info`` reports. Two equal identities mean the file was not rewritten in between."""
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    return {key: info[key] if isinstance(info[key], (int, float)) else str(info[key])
+            for key in _IDENTITY_KEYS if info.get(key) is not None}
+
+
+def _writer_alive(suffix: str) -> bool:
+    """Whether the process named by a temporary file's ``<pid>-<time_ns>`` suffix still runs."""
+    pid, _, _ = suffix.partition("-")
+    if not pid.isdigit() or int(pid) >= 1 << 22:  # an older name (<time_ns> only); Linux pids are < 2**22
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
