@@ -116,7 +116,8 @@ def test_a_file_changed_after_the_scan_stops_the_second_pass(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_bytes(jsonl_bytes(text_rows(0, 6)))
     index = index_corpus(str(path))
-    items = index.work(pa.table({"row_index": pa.array(index.row_index), "file": pa.array(index.file_of(index.row_index))}))
+    plan = pa.table({"row_index": pa.array(index.row_index), "file": pa.array(index.file_of(index.row_index))})
+    items = index.work(plan)
     assert file_rows(**items[0]).num_rows == 6  # unchanged: reads back
     path.write_bytes(jsonl_bytes([{"text": f"other text {k}"} for k in range(6)]))  # same rows, new text
     scanned = index.identities[0]["mtime"]

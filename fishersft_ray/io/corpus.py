@@ -272,7 +272,8 @@ def list_corpus_files(path: str, storage_options: dict | None = None) -> tuple[A
         raise ValueError(f"{path}: no reader takes this file; corpus files are {_readable_kinds()}")
     if unreadable:
         shown = ", ".join(posixpath.relpath(p, base) for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
-        narrower = "narrow the pattern" if is_glob(root) else f"point --input at a glob such as '{path.rstrip('/')}/*.jsonl'"
+        narrower = ("narrow the pattern" if is_glob(root)
+                    else f"point --input at a glob such as '{path.rstrip('/')}/*.jsonl'")
         raise ValueError(f"{path}: no reader takes {len(unreadable)} file(s): {shown}; corpus files are "
                          f"{_readable_kinds()}; move the others out or {narrower} (names starting with "
                          "'.' or '_' are ignored)")
