@@ -64,6 +64,20 @@ def names(text: str) -> list[str]:
     return [value.strip() for value in text.split(",") if value.strip()]
 
 
+def shares(text: str) -> dict:
+    """Parser of ``--pool-shares g1=0.9,g2=0.1`` → {"g1": 0.9, "g2": 0.1}."""
+    values = {}
+    for item in names(text):
+        group, _, share = item.rpartition("=")
+        try:
+            values[group.strip()] = float(share)
+        except ValueError:
+            group = ""
+        if not group.strip():
+            raise argparse.ArgumentTypeError(f"expected GROUP=SHARE pairs, e.g. web=0.9,code=0.1, got {item!r}")
+    return values
+
+
 def storage_options(text: str) -> dict:
     """The ``--storage-options`` JSON object (fsspec/s3fs keyword arguments)."""
     try:
@@ -338,6 +352,29 @@ class Rules:
             length_cap_tokens(self.length_cap, np.ones(1))  # the syntax, before any featurizing
 
 
+@dataclass(frozen=True)
+class GroupOptions:
+    """Where each row's group (its source in a mixture) comes from (io/groups.py). Groups are
+    reported (select's manifest, evaluate's per-group scores) and read by the label-aware
+    methods (balanced) only: the other selection methods never see them."""
+
+    group_field: str | None = option(None, help="corpus column holding each row's group (its source in a "
+                                                "mixture): select reports each group's share of the picks, "
+                                                "evaluate scores each group")
+    group_by_file: bool = option(False, help="each input file is a group, named by its file name (several "
+                                             "input files without a group column)")
+
+    def __post_init__(self):
+        if self.group_field is not None and not self.group_field.strip():
+            raise ValueError("--group-field must name a column, got an empty name")
+        if self.group_field is not None and self.group_by_file:
+            raise ValueError("--group-field and --group-by-file both say where groups come from: pass one")
+
+    @property
+    def given(self) -> bool:
+        return self.group_field is not None or self.group_by_file
+
+
 # ---------------------------------------------------------------- the commands
 
 
@@ -350,7 +387,8 @@ class SelectSettings:
     budget: int = option(help="examples (or target tokens) to select")
     budget_unit: str = option("examples", choices=BUDGET_UNITS, help="what --budget counts")
     method: str = option("tokenod", help="selection method: tokenod (the default), or a baseline for an A/B "
-                                         "run (vopt, sentence_od, uniform, longest_first, density)")
+                                         "run (vopt, sentence_od, uniform, longest_first, density; balanced "
+                                         "needs --group-field or --group-by-file)")
     seed: int = option(0, help="seed of the random methods (uniform, density)")
     prior: str | None = option(None, help="corpus already trained on: its information conditions the "
                                           "selection (log-det methods)")
@@ -378,6 +416,7 @@ class SelectSettings:
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
     resources: Resources = field(default_factory=Resources)
     rules: Rules = field(default_factory=Rules)
+    groups: GroupOptions = field(default_factory=GroupOptions)
 
     def __post_init__(self):
         from fishersft_ray.select.methods import METHODS
@@ -386,6 +425,9 @@ class SelectSettings:
             raise ValueError(f"--budget must be an integer ≥ 0, got {self.budget!r}")
         _check_choice(self.budget_unit, BUDGET_UNITS, "--budget-unit")
         _check_choice(self.method, METHODS, "--method")
+        if self.method == "balanced" and not self.groups.given:
+            raise ValueError("--method balanced samples equal target tokens per group: pass --group-field NAME "
+                             "or --group-by-file")
         _check_choice(self.output_format, ("parquet", "jsonl"), "--output-format")
         if not (self.partitions == "auto" or (isinstance(self.partitions, (int, np.integer))
                                                 and self.partitions >= 1)):
@@ -458,12 +500,25 @@ class SplitOptions:
     near_copy_noise: float = option(0.0, help="> 0: copies become near-copies (relative Gaussian noise on "
                                               "their states; whole-model modes still train on the source "
                                               "rows' text)")
+    test_per_group: int | None = option(None, help="with groups: test rows drawn from each group (instead of "
+                                                   "--test-fraction)")
+    validation_per_group: int | None = option(None, help="with groups: validation rows drawn from each group "
+                                                         "(instead of --validation-size)")
+    pool_shares: dict | None = option(None, parse=shares, metavar="GROUP=SHARE,...",
+                                      help="with groups: subsample the pool to these shares of its rows (the "
+                                           "largest pool with them; a group not named gets none), e.g. "
+                                           "web=0.9,code=0.05,math=0.05 (default: the corpus's proportions)")
 
     def __post_init__(self):
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.redundant_share < 1:
             raise ValueError(f"--redundant-share must be in [0, 1), got {self.redundant_share}")
+        _check_positive(self.test_per_group, "--test-per-group")
+        _check_positive(self.validation_per_group, "--validation-per-group")
+        for group, share in (self.pool_shares or {}).items():
+            if not 0 <= share <= 1:
+                raise ValueError(f"--pool-shares: the share of {group!r} must be in [0, 1], got {share}")
 
 
 @dataclass(frozen=True)
@@ -488,6 +543,7 @@ class EvaluateSettings:
     rules: EvaluateRules = field(default_factory=EvaluateRules)
     protocol: Protocol = field(default_factory=Protocol)
     split: SplitOptions = field(default_factory=SplitOptions)
+    groups: GroupOptions = field(default_factory=GroupOptions)
 
     # The head is fine-tuned on the model's own states: evaluate stores them, unprojected and
     # unweighted (its loss-weighted methods weight them at selection time).
@@ -502,5 +558,26 @@ class EvaluateSettings:
                              "the method tokenod_loss)")
         if not self.featurize.keep_states:
             object.__setattr__(self, "featurize", dataclasses.replace(self.featurize, keep_states=True))
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """The per-group split and methods need groups; groups need the per-group split."""
+        from fishersft_ray.evaluate.methods import check_methods
+
+        check_methods(self.protocol.methods or [], grouped=self.groups.given)
+        split = self.split
+        per_group = {"--test-per-group": split.test_per_group, "--validation-per-group": split.validation_per_group}
+        if self.groups.given:
+            missing = [f"{flag} K" for flag, value in per_group.items() if value is None]
+            if missing:
+                raise ValueError(f"with groups, test and validation rows are drawn per group: pass {' and '.join(missing)}")
+            if split.max_test is not None:
+                raise ValueError("--max-test does not apply with groups: --test-per-group sets the test set")
+            if split.redundant_share > 0:
+                raise ValueError("--redundant-share does not combine with groups: drop one of them")
+            return
+        needing = [flag for flag, value in (*per_group.items(), ("--pool-shares", split.pool_shares)) if value is not None]
+        if needing:
+            raise ValueError(f"{', '.join(needing)} need groups: pass --group-field NAME or --group-by-file")
 
     build = classmethod(build)

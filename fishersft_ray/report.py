@@ -27,9 +27,12 @@ def information_matrix(features: FeatureSet, positions: np.ndarray | None = None
 
 
 def render_report(features: FeatureSet, selection: Selection, *, lam: float,
-                  pool_lengths: np.ndarray | None = None, pool_information: np.ndarray | None = None) -> bytes:
+                  pool_lengths: np.ndarray | None = None, pool_information: np.ndarray | None = None,
+                  groups: dict | None = None) -> bytes:
     """A 2×2 PNG: objective and marginal gain per step; target lengths, selected vs corpus;
-    eigen-spectrum of Σ_S against a same-size uniform subset's expected Σ.
+    eigen-spectrum of Σ_S against a same-size uniform subset's expected Σ. With ``groups``
+    (io/groups.group_account) a third row: each group's share of the examples and of the
+    target tokens, picks vs corpus.
 
     ``features`` holds the picks (``selection.indices`` point into it); the corpus side
     comes from it too unless ``pool_lengths`` (every example's target tokens) and
@@ -41,7 +44,7 @@ def render_report(features: FeatureSet, selection: Selection, *, lam: float,
 
     picked = selection.indices
     steps = np.arange(1, len(picked) + 1)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, axes = plt.subplots(2 + (groups is not None), 2, figsize=(12, 8.5 + 4.25 * (groups is not None)))
 
     ax = axes[0, 0]
     ax.plot(steps, selection.objective, color="tab:blue")
@@ -79,6 +82,18 @@ def render_report(features: FeatureSet, selection: Selection, *, lam: float,
     ax.set_title("spectrum of the design matrix")
     ax.legend()
 
+    if groups is not None:
+        names = list(groups["per_group"])
+        where = np.arange(len(names))
+        for ax, unit in zip(axes[2], ("example", "token")):
+            for offset, (side, label) in zip((-0.2, 0.2), (("corpus", "corpus"), ("picked", "selected"))):
+                ax.bar(where + offset, [groups["per_group"][name][f"{side}_{unit}_share"] for name in names],
+                       width=0.4, label=label)
+            ax.set_xticks(where, names, rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(f"share of {unit}s" if unit == "example" else "share of target tokens")
+            ax.set_title(f"groups ({groups['source']}): share of {unit}s, selected vs corpus")
+            ax.legend()
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -110,6 +125,10 @@ def summary_table(manifest: dict) -> str:
         ("near-duplicates", f"{sel['near_duplicates']['picks_with_twin']} picks have a twin at cosine ≥ "
                             f"{sel['near_duplicates']['cosine_threshold']} (exact duplicates were "
                             f"dropped before selection: {corpus['skipped'].get('duplicate', 0)})"),
+        *[(f"group {name}", f"selected {g['picked_examples']} examples ({g['picked_example_share']:.1%}), "
+                            f"{g['picked_tokens']} target tokens ({g['picked_token_share']:.1%}); corpus "
+                            f"{g['corpus_example_share']:.1%} of examples, {g['corpus_token_share']:.1%} of tokens")
+          for name, g in (sel["groups"]["per_group"] if sel.get("groups") else {}).items()],
         ("time", "  ".join(f"{k}={v:.1f}s" for k, v in manifest["timings_s"].items())),
     ]
     width = max(len(name) for name, _ in rows)

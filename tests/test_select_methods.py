@@ -102,7 +102,7 @@ def test_v_optimal_runs_through_the_driver_naive_lazy_and_registry_agree():
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert METHODS == ("tokenod", "vopt", "sentence_od", "uniform", "longest_first", "density")
+    assert METHODS == ("tokenod", "vopt", "sentence_od", "uniform", "longest_first", "density", "balanced")
     assert CERTIFIED == {"tokenod", "sentence_od"}
     with pytest.raises(ValueError, match="unknown selection method 'best'.*tokenod.*density"):
         run_method("best", feature_pool(), 3)
@@ -116,7 +116,7 @@ def test_every_method_respects_budgets_and_eligibility(name):
     for budget_unit, budget in (("examples", 12), ("tokens", 150)):
         for allowed in (None, eligible):
             picked = run_method(name, features, budget, budget_unit=budget_unit, eligible=allowed,
-                                seed=3)
+                                seed=3, groups=np.arange(features.n) % 3)
             indices = picked.indices
             assert picked.method == name and picked.variant in (budget_unit, "cost_benefit",
                                                                 "unit_cost", "examples")
@@ -220,7 +220,7 @@ def test_guard_keeps_twins_out_of_every_method(name):
     unit = features.embeddings / np.maximum(norms, 1e-30)  # rows of zeros (no targets) stay zero
     for budget_unit, budget in (("examples", 30), ("tokens", 400)):
         picked = run_method(name, features, budget, budget_unit=budget_unit, near_dup_cosine=0.99,
-                            seed=1)
+                            seed=1, groups=np.arange(features.n) % 3)
         cosine = unit[picked.indices] @ unit[picked.indices].T
         np.fill_diagonal(cosine, -1)
         assert cosine.max() < 0.99
@@ -258,3 +258,52 @@ def test_sampler_guard_skips_twins_while_walking_the_order():
     np.testing.assert_array_equal(guarded, expected)
     np.testing.assert_array_equal(
         selection.uniform_random(features, 25, seed=1, near_dup_cosine=0.99), expected)
+
+
+# --- the label-aware baseline ---------------------------------------------------------------
+
+
+def group_tokens(picks, costs, groups):
+    return np.bincount(groups[picks], costs[picks], minlength=groups.max() + 1)
+
+
+def test_balanced_spends_equal_tokens_per_group_up_to_one_example():
+    rng = np.random.default_rng(0)
+    costs = rng.integers(1, 40, size=600)
+    groups = np.repeat([0, 1, 2, 3], [450, 50, 50, 50])  # one majority, three minorities
+    pool = SimpleNamespace(n=600, num_targets=costs)
+    for budget_unit, budget in (("examples", 60), ("tokens", 1500)):
+        picks = run_method("balanced", pool, budget, budget_unit=budget_unit, groups=groups, seed=4,
+                           report_logdet=False).indices
+        spent = group_tokens(picks, costs, groups)
+        slack = costs.max() * (1 if budget_unit == "examples" else 2)  # tokens: the fill past the order's prefix
+        assert spent.max() - spent.min() <= slack, spent
+        used = len(picks) if budget_unit == "examples" else costs[picks].sum()
+        assert used <= budget and (budget_unit == "tokens" or used == budget)
+        again = run_method("balanced", pool, budget, budget_unit=budget_unit, groups=groups, seed=4,
+                           report_logdet=False).indices
+        other = run_method("balanced", pool, budget, budget_unit=budget_unit, groups=groups, seed=5,
+                           report_logdet=False).indices
+        np.testing.assert_array_equal(picks, again)
+        assert set(picks.tolist()) != set(other.tolist())
+
+
+def test_balanced_fills_the_budget_when_a_group_runs_out():
+    costs = np.full(100, 10)
+    groups = np.repeat([0, 1, 2], [80, 15, 5])
+    pool = SimpleNamespace(n=100, num_targets=costs)
+    picks = run_method("balanced", pool, 60, groups=groups, report_logdet=False).indices
+    counts = np.bincount(groups[picks], minlength=3)
+    # group 2 gives all it has, group 1 too; their unused share goes to group 0
+    assert len(picks) == 60 and counts.tolist() == [40, 15, 5]
+    by_tokens = run_method("balanced", pool, 300, budget_unit="tokens", groups=groups, report_logdet=False)
+    assert np.bincount(groups[by_tokens.indices], minlength=3).tolist() == [13, 12, 5]  # 300 tokens = 30 picks
+
+
+def test_balanced_needs_groups_and_other_methods_never_read_them():
+    features = feature_pool(4, n=40)
+    with pytest.raises(ValueError, match="balanced needs each example's group.*--group-field"):
+        run_method("balanced", features, 5)
+    for name in ("tokenod", "uniform", "density"):
+        with_labels = run_method(name, features, 8, groups=np.arange(40) % 2, seed=1).indices
+        np.testing.assert_array_equal(with_labels, run_method(name, features, 8, seed=1).indices)

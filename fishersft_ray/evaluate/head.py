@@ -64,6 +64,20 @@ def head_nll(head: Head, states: np.ndarray, targets: np.ndarray, chunk_tokens: 
     return total / len(targets)
 
 
+def head_example_losses(head: Head, part: TokenStates, chunk_tokens: int = 4096) -> np.ndarray:
+    """Each example's summed NLL over its target tokens (float64); ``part.targets`` index the
+    head's (restricted) vocabulary."""
+    token_losses = np.empty(len(part.targets))
+    with torch.no_grad():
+        for start in range(0, len(part.targets), chunk_tokens):
+            x = torch.from_numpy(part.states[start:start + chunk_tokens])
+            y = torch.from_numpy(part.targets[start:start + chunk_tokens])
+            token_losses[start:start + len(y)] = torch.nn.functional.cross_entropy(
+                head.logits(x), y, reduction="none").numpy()
+    owner = np.repeat(np.arange(part.num_examples), part.num_targets)
+    return np.bincount(owner, token_losses, part.num_examples)
+
+
 def finetune_head(head: Head, states: np.ndarray, targets: np.ndarray, recipe: HeadRecipe,
                   seed: int = 0) -> Head:
     """Fine-tune a copy of `head` on (state, target) pairs with the recipe; same seed for
@@ -98,6 +112,9 @@ class HeadScorer:
 
     def nll(self, part: str) -> float:
         return head_nll(self.head, self.parts[part].states, self.parts[part].targets)
+
+    def example_losses(self, part: str) -> tuple[np.ndarray, np.ndarray]:
+        return head_example_losses(self.head, self.parts[part]), self.parts[part].num_targets
 
 
 class HeadTrainer:

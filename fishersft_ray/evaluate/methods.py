@@ -4,7 +4,8 @@ Every entry is a selection method of `select/` (the same code `select --method` 
 budget rule: n examples, the target tokens a uniform subset of n examples spent (equal
 compute), or the tokens TokenOD@n spent (the length-matched control); optionally on
 loss-weighted features or only among examples under the length cap. Random methods are
-picked once per seed.
+picked once per seed. Label-aware methods (``balanced_tokens``) read the pool's groups and
+run only when the corpus has groups (``--group-field``/``--group-by-file``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class EvalMethod:
     loss_weighted: bool = False  # on features weighted by ‖p − e_y‖² (featurize.loss_weights)
     capped: bool = False         # only among examples under the length cap
     guarded: bool = False        # with the near-duplicate guard at rules.near_dup_cosine
+    labelled: bool = False       # reads the pool's groups (needs them)
 
 
 EVAL_METHODS = {
@@ -58,6 +60,8 @@ EVAL_METHODS = {
                                         "uniform_tokens", seeded=True, capped=True),
     "longest_first": EvalMethod("longest first (n examples)", "longest_first"),
     "density": EvalMethod("density sampling (n examples)", "density", seeded=True),
+    "balanced_tokens": EvalMethod("label-aware balanced (tokens of uniform@n)", "balanced", "uniform_tokens",
+                                  seeded=True, labelled=True),
     "sentence_od": EvalMethod("sentence-level OD (n examples)", "sentence_od"),
 }
 METHODS = tuple(EVAL_METHODS)
@@ -72,22 +76,32 @@ class Pick:
     positions: np.ndarray
 
 
-def check_methods(names: Sequence[str]) -> None:
+def check_methods(names: Sequence[str], *, grouped: bool = False) -> None:
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    labelled = [name for name in names if EVAL_METHODS[name].labelled]
+    if labelled and not grouped:
+        raise ValueError(f"--methods {','.join(labelled)} need groups: pass --group-field NAME or --group-by-file")
+
+
+def default_methods(grouped: bool) -> list[str]:
+    """Every method this run can compare: the label-aware ones only when there are groups."""
+    return [name for name in METHODS if grouped or not EVAL_METHODS[name].labelled]
 
 
 def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[int], names: Sequence[str],
-                 *, rules: Rules, device: str = "cpu", weighted: FeatureSet | None = None) -> list[Pick]:
+                 *, rules: Rules, device: str = "cpu", weighted: FeatureSet | None = None,
+                 groups: np.ndarray | None = None) -> list[Pick]:
     """Every method's subset at every budget (random methods once per seed), as positions
     into ``features`` (the pool). ``weighted``: the pool's loss-weighted features, needed by
     the loss-weighted methods. λ is ``rules.lam``, or ``rules.lam_relative`` × the mean ‖x‖²
     per token of the (weighted) pool as `select` resolves it; sentence-level OD works on one
     mean row per example and keeps ``rules.lam``. The ``*_guard`` methods skip a candidate at
     cosine ≥ ``rules.near_dup_cosine`` with an earlier pick (select's ``--near-dup-cosine``).
+    ``groups``: each pool example's group code, read by the label-aware methods only.
     """
-    check_methods(names)
+    check_methods(names, grouped=groups is not None)
     if weighted is None and any(EVAL_METHODS[name].loss_weighted for name in names):
         raise ValueError("loss-weighted methods need the pool's loss-weighted features")
     costs = features.num_targets
@@ -102,7 +116,7 @@ def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[i
         selection = run_method(spec.method, pool, budget, budget_unit=budget_unit, lam=lam,
                                eligible=capped if spec.capped else None, seed=seed or 0, device=device,
                                near_dup_cosine=rules.near_dup_cosine if spec.guarded else None,
-                               report_logdet=False)
+                               report_logdet=False, groups=groups)
         if selection.evaluations:
             log.info("%s %s budget %g: %d picks, %d evaluations, %.0f s", spec.method, budget_unit, budget,
                      len(selection.indices), selection.evaluations, time.time() - started)

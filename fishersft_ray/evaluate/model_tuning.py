@@ -227,6 +227,23 @@ class ModelTuner:
             total += float(self._loss(collate([encoded[i] for i in micro], self.device), 1))
         return total / total_targets
 
+    @torch.no_grad()
+    def example_losses(self, encoded: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Each example's summed NLL over its target tokens under the current model (float64)."""
+        lengths = np.array([len(ids) for ids, _ in encoded])
+        self.model.eval()
+        losses = np.zeros(len(encoded))
+        for micro in micro_batches(list(range(len(encoded))), lengths, self.micro_batch_tokens):
+            batch = collate([encoded[i] for i in micro], self.device)
+            labels = batch.pop("labels")
+            with self._autocast():
+                logits = self.model(**batch, use_cache=False).logits
+            # position t predicts token t + 1 (the labels are not shifted, see `tokenise`)
+            token_losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+            losses[micro] = token_losses.sum(dim=1).double().cpu().numpy()
+        return losses
+
 
 class ModelScorer:
     """Scores the tuner's model as it was when this scorer was made; refuses once it has
@@ -236,9 +253,16 @@ class ModelScorer:
         self.trainer, self.generation = trainer, trainer.generation
 
     def nll(self, part: str) -> float:
+        return self._current().tuner.nll(self.trainer.encoded[part])
+
+    def example_losses(self, part: str) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self._current().encoded[part]
+        return self.trainer.tuner.example_losses(encoded), num_targets(encoded)
+
+    def _current(self) -> "ModelTrainer":
         if self.trainer.generation != self.generation:
             raise RuntimeError("stale scorer: the model has been fine-tuned again since")
-        return self.trainer.tuner.nll(self.trainer.encoded[part])
+        return self.trainer
 
 
 class ModelTrainer:

@@ -17,12 +17,16 @@ Protocol (one command, seeded, identical for every method):
      key and tokenised with the featurizer's target masks. The softmax is the model's full
      vocabulary, so these NLLs are not on head mode's scale. Real sizes want a GPU
      (`--train-device cuda`).
-   Score: held-out NLL per target token on the test set.
+   Score: held-out NLL per target token on the test set. With groups (`--group-field`,
+   `--group-by-file`), test and validation hold the same number of rows from every group, and
+   each run is also scored per group (`nll_<group>`), by the groups' mean (`nll_macro`) and
+   their worst (`nll_worst`), all from one scoring pass (`part_scores`).
 4. The recipe (head: Adam; full/lora: AdamW, weight decay 0, grad clipping 1; both with
    linear decay of lr to 0 over epochs × subset tokens / batch tokens steps) is a rule chosen
    once, by the same protocol in every mode: each (lr, epochs) candidate fine-tunes uniform
    random subsets of the pool at the smallest and largest budget and is scored on the
-   validation split; the best mean validation NLL wins and is then used for every method,
+   validation split; the best mean validation NLL (with groups: validation macro NLL) wins
+   and is then used for every method,
    with the same training seed, so only the data differs. The test set is never used.
 5. A run is void when the uniform baseline at the largest budget does not beat the
    pretrained head/model on the test set: no method comparison means anything then.
@@ -43,8 +47,9 @@ import torch
 
 from fishersft_ray.config import Protocol, Rules
 from fishersft_ray.features import FeatureSet, TokenStates, count_near_twins
+from fishersft_ray.evaluate.data import GroupCodes
 from fishersft_ray.evaluate.head import HeadTrainer
-from fishersft_ray.evaluate.methods import METHODS, check_methods, pick_subsets
+from fishersft_ray.evaluate.methods import METHODS, check_methods, default_methods, pick_subsets
 from fishersft_ray.io.storage import Location
 from fishersft_ray.select.samplers import uniform_random
 
@@ -68,6 +73,23 @@ class Scorer(Interface):
     def nll(self, part: str) -> float:
         """Mean NLL per target token on "validation" or "test"."""
 
+    def example_losses(self, part: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per example of the part: (its summed NLL over its target tokens, its target tokens)."""
+
+
+def part_scores(scorer: Scorer, part: str, group_codes: GroupCodes | None = None) -> dict[str, float]:
+    """{"nll": mean NLL per target token of the part}; with groups also "nll_<group>" (the
+    group's mean NLL per target token), "nll_macro" (the mean of those) and "nll_worst" (their
+    max), all from one pass over the part's examples."""
+    if group_codes is None:
+        return {"nll": scorer.nll(part)}
+    losses, tokens = scorer.example_losses(part)
+    codes, count = group_codes.of(part), len(group_codes.names)
+    per_group = np.bincount(codes, losses, count) / np.bincount(codes, tokens, count)
+    return {"nll": float(losses.sum() / tokens.sum()), "nll_macro": float(per_group.mean()),
+            "nll_worst": float(per_group.max()),
+            **{f"nll_{name}": float(value) for name, value in zip(group_codes.names, per_group)}}
+
 
 class Trainer(Interface):
     """One fine-tuning mode, as the protocol sees it: `info` (facts for settings.json:
@@ -84,20 +106,26 @@ class Trainer(Interface):
     def fit(self, positions: np.ndarray, recipe) -> Scorer: ...
 
 
-def choose_recipe(pool: TokenStates, trainer: Trainer, protocol: Protocol) -> tuple[object, list[dict]]:
+def choose_recipe(pool: TokenStates, trainer: Trainer, protocol: Protocol,
+                  group_codes: GroupCodes | None = None) -> tuple[object, list[dict]]:
     """Pick the recipe once: uniform subsets of the pool at the smallest and largest budget,
-    scored by mean validation NLL. Never uses the test set; never looks at any method."""
+    scored by mean validation NLL (with groups: mean validation macro NLL). Never uses the
+    test set; never looks at any method."""
     subsets = [uniform_random(pool, n, seed=protocol.train_seed)
                for n in sorted({min(protocol.budgets), max(protocol.budgets)})]
+    rule = "validation_nll" if group_codes is None else "validation_nll_macro"
     scores = []
     for lr in protocol.recipe_lrs:
         for epochs in protocol.recipe_epochs:
             recipe = trainer.recipe(lr, epochs)
-            nlls = [trainer.fit(positions, recipe).nll("validation") for positions in subsets]
-            scores.append({"lr": lr, "epochs": epochs, "validation_nll": float(np.mean(nlls)),
-                           "per_budget": nlls})
-            log.info("recipe lr=%g epochs=%g: validation NLL %.4f", lr, epochs, np.mean(nlls))
-    best = min(scores, key=lambda row: row["validation_nll"])
+            scored = [part_scores(trainer.fit(positions, recipe), "validation", group_codes) for positions in subsets]
+            nlls = [entry["nll"] for entry in scored]
+            scores.append({"lr": lr, "epochs": epochs, "validation_nll": float(np.mean(nlls)), "per_budget": nlls})
+            if group_codes is not None:
+                macro = [entry["nll_macro"] for entry in scored]
+                scores[-1] |= {"validation_nll_macro": float(np.mean(macro)), "per_budget_macro": macro}
+            log.info("recipe lr=%g epochs=%g: %s %.4f", lr, epochs, rule, scores[-1][rule])
+    best = min(scores, key=lambda row: row[rule])
     return trainer.recipe(best["lr"], best["epochs"]), scores
 
 
@@ -157,17 +185,22 @@ def redundancy_counts(positions: np.ndarray, groups: np.ndarray, embeddings: np.
 def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, weight: np.ndarray,
                  bias: np.ndarray | None, protocol: Protocol, rules: Rules, *,
                  features: FeatureSet | None = None, groups: np.ndarray | None = None,
-                 trainer: Trainer | None = None, checkpoint: ProtocolCheckpoint | None = None) -> dict:
+                 trainer: Trainer | None = None, checkpoint: ProtocolCheckpoint | None = None,
+                 group_codes: GroupCodes | None = None) -> dict:
     """Everything after featurization: recipe, picks, fine-tuning, scores.
 
     ``features``: the pool under the storage rule (the stored shards; default: built from
     the pool's states). ``trainer`` is the fine-tuning mode (default: `HeadTrainer` on these
     parts); ``weight``/``bias`` (the pretrained LM head) also give the loss-weighted methods
-    their token weights. Returns {"rows": per-run dicts, "summary": per (method, budget)
-    dicts, "info": settings and protocol facts (the trainer's, pretrained NLL, recipe, void)}.
+    their token weights. ``groups``: the pool's exact-copy groups (the redundant scenario);
+    ``group_codes``: the parts' groups (a mixture's sources), for the per-group scores, the
+    recipe rule on validation macro NLL and the label-aware methods. Returns {"rows": per-run
+    dicts, "summary": per (method, budget) dicts, "info": settings and protocol facts (the
+    trainer's, pretrained NLL, recipe, void)}.
     """
-    methods = list(protocol.methods or METHODS)
-    check_methods(methods)
+    grouped = group_codes is not None
+    methods = list(protocol.methods or default_methods(grouped))
+    check_methods(methods, grouped=grouped)
     if not (protocol.recipe_lrs and protocol.recipe_epochs):
         raise ValueError("the protocol needs recipe candidates (see with_recipe_defaults)")
     for name, part in (("pool", pool), ("validation", validation), ("test", test)):
@@ -183,32 +216,35 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     started = time.time()
     saved = checkpoint.state if checkpoint is not None else {"recipe": None, "pretrained": None, "runs": {}}
     if saved["recipe"] is None:
-        recipe, recipe_scores = choose_recipe(pool, trainer, protocol)
+        recipe, recipe_scores = choose_recipe(pool, trainer, protocol, group_codes)
         saved = {**saved, "recipe": {"lr": recipe.lr, "epochs": recipe.epochs, "scores": recipe_scores}}
         if checkpoint is not None:
             checkpoint.save(recipe=saved["recipe"])
     recipe = trainer.recipe(saved["recipe"]["lr"], saved["recipe"]["epochs"])
     if saved["pretrained"] is None:
         pretrained = trainer.pretrained()
-        saved = {**saved, "pretrained": [pretrained.nll("validation"), pretrained.nll("test")]}
+        saved = {**saved, "pretrained": {part: part_scores(pretrained, part, group_codes)
+                                         for part in ("validation", "test")}}
         if checkpoint is not None:
             checkpoint.save(pretrained=saved["pretrained"])
-    pretrained_validation, pretrained_test = saved["pretrained"]
+    pretrained_validation, pretrained_test = (saved["pretrained"][part]["nll"] for part in ("validation", "test"))
     log.info("recipe %s (pretrained validation NLL %.4f)", recipe, pretrained_validation)
 
     picks = pick_subsets(features, protocol.budgets, list(range(protocol.seeds)), methods, rules=rules,
-                         device=protocol.device, weighted=weighted)
+                         device=protocol.device, weighted=weighted, groups=None if group_codes is None else group_codes.pool)
     rows = []
     for pick in picks:
         run_key = ProtocolCheckpoint.run_key(pick.method, pick.budget, pick.seed)
         if run_key not in saved["runs"]:
-            saved["runs"][run_key] = trainer.fit(pick.positions, recipe).nll("test")
+            saved["runs"][run_key] = part_scores(trainer.fit(pick.positions, recipe), "test", group_codes)
             if checkpoint is not None:
                 checkpoint.save(runs=saved["runs"])
         exact_copies, near_twins = redundancy_counts(pick.positions, groups, features.embeddings)
+        scores = dict(saved["runs"][run_key])
         rows.append({"method": pick.method, "budget": pick.budget, "seed": pick.seed,
                      "examples": len(pick.positions), "tokens": int(pool.num_targets[pick.positions].sum()),
-                     "test_nll": saved["runs"][run_key], "exact_copies": exact_copies, "near_twins": near_twins})
+                     "test_nll": scores.pop("nll"), "exact_copies": exact_copies, "near_twins": near_twins}
+                    | scores | group_picks(pick.positions, group_codes))
         log.info("%s n=%d seed=%s: %d examples, %d tokens, test NLL %.4f", pick.method, pick.budget,
                  pick.seed, rows[-1]["examples"], rows[-1]["tokens"], rows[-1]["test_nll"])
     summary = summarise(rows)
@@ -226,18 +262,31 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
         "pretrained_test_nll": pretrained_test, "void": void,
         "exact_copy_rows_in_pool": int(pool.num_examples - len(np.unique(groups))),
         "protocol_seconds": round(time.time() - started, 1)}
+    if grouped:
+        info |= {"recipe_rule": "validation macro NLL",
+                 "pretrained_test_groups": {k: v for k, v in saved["pretrained"]["test"].items() if k != "nll"}}
     return {"rows": rows, "summary": summary, "info": info}
 
 
+def group_picks(positions: np.ndarray, group_codes: GroupCodes | None) -> dict[str, int]:
+    """{"picks_<group>": picked examples of the group} (nothing without groups)."""
+    if group_codes is None:
+        return {}
+    counts = np.bincount(group_codes.pool[positions], minlength=len(group_codes.names))
+    return {f"picks_{name}": int(count) for name, count in zip(group_codes.names, counts)}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and sample std (ddof=1; 0 for one run) per (method, budget), in METHODS order."""
+    """Mean and sample std (ddof=1; 0 for one run) per (method, budget), in METHODS order, of
+    every score and count, the per-group ones (nll_*, picks_*) included."""
     keys = sorted({(r["method"], r["budget"]) for r in rows},
                   key=lambda key: (METHODS.index(key[0]), key[1]))
     summary = []
     for method, budget in keys:
         runs = [r for r in rows if r["method"] == method and r["budget"] == budget]
         entry = {"method": method, "budget": budget, "runs": len(runs)}
-        for column in ("test_nll", "tokens", "examples", "exact_copies", "near_twins"):
+        per_group = [column for column in runs[0] if column.startswith(("nll_", "picks_"))]
+        for column in ("test_nll", "tokens", "examples", "exact_copies", "near_twins", *per_group):
             values = np.array([r[column] for r in runs], dtype=np.float64)
             entry[f"{column}_mean"] = float(values.mean())
             entry[f"{column}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0

@@ -1,6 +1,9 @@
 """The `evaluate` command: the same stages as `select` (storage, corpus reader, model
 reference, feature cache and executor, selection methods), then the protocol.
 
+With groups (``--group-field``/``--group-by-file``, io/groups.py) the split draws test and
+validation rows per group and every run is scored per group too (evaluate/protocol.py).
+
 Features come from the one feature cache: when a complete cache of the WHOLE corpus exists
 under the same key (e.g. `select --keep-states --features PATH` on the same corpus, model
 and settings), evaluate reads it and embeds nothing; otherwise it featurizes the rows its
@@ -17,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 
 from fishersft_ray.config import EvaluateSettings, flat_dict
-from fishersft_ray.evaluate.data import make_redundant, split_examples
+from fishersft_ray.evaluate.data import GroupCodes, make_redundant, pool_share_vector, split_by_group, split_examples
 from fishersft_ray.evaluate.model_tuning import MODEL_MODES, ModelTrainer, ModelTuner, require_peft, resolve_train_device
 from fishersft_ray.evaluate.outputs import markdown_table, write_outputs
 from fishersft_ray.evaluate.protocol import ProtocolCheckpoint, run_protocol, with_recipe_defaults
 from fishersft_ray.features import FeatureSet, TokenStates
 from fishersft_ray.io.corpus import CorpusIndex, file_examples, index_corpus
+from fishersft_ray.io.groups import corpus_groups
 from fishersft_ray.io.storage import Location, fingerprint
 from fishersft_ray.run.executors import executor_for
 from fishersft_ray.run.feature_cache import FeatureCache, cache_key
@@ -47,9 +51,16 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
 
     executor = executor_for(settings.resources)
     corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
-    split = split_examples(corpus.num_rows, test_fraction=settings.split.test_fraction,
-                           validation_size=settings.split.validation_size, seed=settings.split.split_seed,
-                           max_pool=settings.split.max_pool, max_test=settings.split.max_test)
+    groups = corpus_groups(corpus, settings.groups, executor.map_files)
+    if groups is None:
+        split = split_examples(corpus.num_rows, test_fraction=settings.split.test_fraction,
+                               validation_size=settings.split.validation_size, seed=settings.split.split_seed,
+                               max_pool=settings.split.max_pool, max_test=settings.split.max_test)
+    else:
+        split = split_by_group(groups.codes, groups.names, test_per_group=settings.split.test_per_group,
+                               validation_per_group=settings.split.validation_per_group,
+                               seed=settings.split.split_seed, max_pool=settings.split.max_pool,
+                               pool_shares=pool_share_vector(groups, settings.split.pool_shares))
     model = resolve_model(settings.featurize.model, options)
     config = executor.featurizer_config(dataclasses.replace(settings.featurize, model=model))
     cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options), executor)
@@ -68,9 +79,11 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
     parts = {name: _with_targets(TokenStates.load(shards.url, corpus.row_index[positions], options))
              for name, positions in (("pool", split.pool), ("validation", split.validation),
                                      ("test", split.test))}
-    pool, groups, features = parts["pool"], None, None
+    group_codes = None if groups is None else GroupCodes(
+        groups.names, *(groups.codes_of(parts[name].row_index) for name in ("pool", "validation", "test")))
+    pool, copy_groups, features = parts["pool"], None, None
     if settings.split.redundant_share > 0:
-        pool, groups = make_redundant(pool, share=settings.split.redundant_share,
+        pool, copy_groups = make_redundant(pool, share=settings.split.redundant_share,
                                       num_sources=settings.split.redundant_sources,
                                       near_copy_noise=settings.split.near_copy_noise, seed=settings.split.split_seed)
     else:  # the stored factors of the pool's rows, as select would read them
@@ -91,6 +104,11 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
              "split_seed": settings.split.split_seed,
              "split_sizes": {k: int(len(v)) for k, v in dataclasses.asdict(split).items()},
              "features": features_info, "mode": settings.mode}
+    if groups is not None:
+        part_sizes = {part: groups.sizes(group_codes.of(part)) for part in ("pool", "validation", "test")}
+        facts["groups"] = {"source": groups.source, "names": groups.mapping(), "pool_shares": settings.split.pool_shares,
+                           "sizes": {name: {"corpus": rows} | {part: sizes[name] for part, sizes in part_sizes.items()}
+                                     for name, rows in groups.sizes(groups.codes).items()}}
     if settings.split.redundant_share > 0:
         facts["redundant"] = {"share": settings.split.redundant_share, "sources": settings.split.redundant_sources,
                               "near_copy_noise": settings.split.near_copy_noise}
@@ -99,7 +117,8 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
         protocol.recipe_lrs, protocol.recipe_epochs, model.fingerprint, features_info["key"],
         pool.row_index.tolist(), list(pool.states.shape)))
     result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, protocol, settings.rules,
-                          features=features, groups=groups, trainer=trainer, checkpoint=checkpoint)
+                          features=features, groups=copy_groups, trainer=trainer, checkpoint=checkpoint,
+                          group_codes=group_codes)
     result["info"] = facts | {"command_settings": flat_dict(settings)} | result["info"]
     files = write_outputs(result, output, settings.title or posixpath.basename(settings.input.rstrip("/")))
     checkpoint.clear()

@@ -27,6 +27,7 @@ from fishersft_ray.config import SelectSettings, flat_dict
 from fishersft_ray.faults import maybe_crash
 from fishersft_ray.features import NEAR_TWIN_COSINE, FeatureSet, FeatureSummary, count_near_twins
 from fishersft_ray.io.corpus import CorpusIndex, file_rows, index_corpus
+from fishersft_ray.io.groups import corpus_groups, group_account
 from fishersft_ray.io.storage import MANIFEST_NAME, Location, fingerprint
 from fishersft_ray.run import driver_store, two_stage
 from fishersft_ray.run.executors import executor_for, ray_version
@@ -96,6 +97,7 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
         corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
         prior_corpus = (index_corpus(settings.prior, settings.corpus, options, executor.map_files)
                         if settings.prior else None)
+        groups = corpus_groups(corpus, settings.groups, executor.map_files)  # reported; read by --method balanced only
     log.info("corpus: %s rows read, %s kept (%s), format %s", corpus.stats["rows_read"],
              corpus.stats["kept"], corpus.stats["skipped"], corpus.format)
 
@@ -151,7 +153,8 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
                               lam=lam, prior=prior, eligible=eligible, seed=settings.seed,
                               device=device, progress=_progress_bar(),
                               checkpoint=checkpoints.save, resume=checkpoints.load(),
-                              threads=settings.select_threads, near_dup_cosine=settings.rules.near_dup_cosine)
+                              threads=settings.select_threads, near_dup_cosine=settings.rules.near_dup_cosine,
+                              groups=None if groups is None else groups.codes_of(pool.row_index))
 
         two_stage_account, report_pool = None, {}
         if parts == 1:
@@ -168,8 +171,10 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
 
     with timer.stage("write_outputs"):
         picked = picked_rows(corpus, features.row_index[selection.indices], executor)
+        group_shares = None if groups is None else group_account(groups, pool, features.row_index[selection.indices])
         manifest = _write_outputs(output, settings, corpus, picked, features, pool, selection, model,
-                                  features_info, timer, lam, length_cap, two_stage_account, report_pool)
+                                  features_info, timer, lam, length_cap, two_stage_account, report_pool,
+                                  group_shares)
     checkpoints.clear()
     return JobResult(output=settings.output, manifest=manifest, selection=selection)
 
@@ -281,24 +286,26 @@ def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> st
 
 def _write_outputs(output: Location, settings: SelectSettings, corpus: CorpusIndex, picked: pa.Table,
                    features: FeatureSet, pool, selection: Selection, model, features_info: dict, timer: StageTimer,
-                   lam: float, length_cap: dict | None, two_stage_account: dict | None, report_pool: dict) -> dict:
+                   lam: float, length_cap: dict | None, two_stage_account: dict | None, report_pool: dict,
+                   group_shares: dict | None) -> dict:
     """``features``: holds the picks (the whole pool, or a two-stage run's candidates);
     ``pool``: every example's small columns (``features`` itself in a one-stage run)."""
     from fishersft_ray.report import render_report
 
     subset_file = _write_table(output, "subset", _selected_rows(picked, selection), settings.output_format)
     ranking_file = _write_table(output, "ranking", _ranking(features, selection), "parquet")
-    output.write_bytes("report.png", render_report(features, selection, lam=lam, **report_pool))
+    output.write_bytes("report.png", render_report(features, selection, lam=lam, groups=group_shares,
+                                                   **report_pool))
     manifest = _manifest(settings, corpus, features, pool, selection, model, features_info, timer,
                          files=[subset_file, ranking_file, "report.png"], lam=lam,
-                         length_cap=length_cap, two_stage_account=two_stage_account)
+                         length_cap=length_cap, two_stage_account=two_stage_account, group_shares=group_shares)
     output.write_json(MANIFEST_NAME, manifest)  # last: its presence means the output is complete
     return manifest
 
 
 def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSet, pool, selection: Selection,
               model, features_info: dict, timer: StageTimer, files: list[str], lam: float,
-              length_cap: dict | None, two_stage_account: dict | None) -> dict:
+              length_cap: dict | None, two_stage_account: dict | None, group_shares: dict | None = None) -> dict:
     import torch
     import transformers
 
@@ -340,6 +347,7 @@ def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSe
             "bound_updates": int(selection.bound_updates),
             "variant": selection.variant,
             "two_stage": two_stage_account,
+            "groups": group_shares,  # io/groups.group_account: each group's share of the corpus and of the picks
             "near_duplicates": {
                 "picks_with_twin": count_near_twins(features.embeddings[selection.indices]),
                 "cosine_threshold": NEAR_TWIN_COSINE,

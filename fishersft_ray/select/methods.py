@@ -8,11 +8,15 @@ Two kinds of method:
   row, costing the example's ``num_targets``). Their ``Selection.gains``/``objective`` are
   in their own objective's units;
 * samplers (samplers.py): ``uniform`` (seeded permutation), ``longest_first``, ``density``
-  (seeded inverse-density sampling). They walk an order; their ``Selection.gains`` and
+  (seeded inverse-density sampling), ``balanced`` (seeded random, equal target tokens per
+  group: the label-aware baseline). They walk an order; their ``Selection.gains`` and
   ``objective`` are the TokenOD log-det values of their picks in pick order
   (``logdet_gains`` with the same λ and prior), ``upper_bound`` is None, ``evaluations``
   counts the log-det evaluations of that report. Samplers are quick and deterministic, so
   they ignore ``progress``, ``checkpoint``, ``resume`` and ``batch_size``.
+
+``groups`` (one group code per example) reaches every method but only the label-aware ones
+(``labelled``: ``balanced``) read it; they need it.
 
 ``eligible`` works for every method: a driver method only considers those positions; a
 sampler runs as if the pool held only them (a random or density order over the eligible
@@ -34,7 +38,7 @@ import numpy as np
 from .greedy import (BUDGET_UNITS, Selection, check_budget, check_lam, checked_eligible,
                      make_guard, with_threads)
 from .logdet import logdet_gains, select
-from .samplers import density_order, longest_order, num_targets_of, uniform_order, walk_order
+from .samplers import balanced_order, density_order, longest_order, num_targets_of, uniform_order, walk_order
 from .vopt import select_vopt
 
 
@@ -53,6 +57,7 @@ class _Options:
     threads: int | None
     near_dup_cosine: float | None
     report_logdet: bool
+    groups: np.ndarray | None
 
     def driver_kwargs(self) -> dict:
         return dict(lam=self.lam, method="lazy", budget_unit=self.budget_unit, prior=self.prior,
@@ -67,6 +72,7 @@ class _Method:
     certified: bool
     summary: str
     reports_logdet: bool = True  # its Selection's objective is already TokenOD's log det
+    labelled: bool = False       # reads the examples' groups (options.groups)
 
 
 def _tokenod(features, budget, options: _Options, name: str) -> Selection:
@@ -150,8 +156,11 @@ _REGISTRY: dict[str, _Method] = {
                              "most target tokens first"),
     "density": _Method(_sampler(lambda f, p, o: density_order(
         np.asarray(f.embeddings)[p], o.seed)), False, "inverse-density sampling (seeded)"),
+    "balanced": _Method(_sampler(lambda f, p, o: balanced_order(num_targets_of(f)[p], o.groups[p], o.seed)),
+                        False, "random with equal target tokens per group (seeded; needs groups)", labelled=True),
 }
 METHODS = tuple(_REGISTRY)
+LABELLED = frozenset(name for name, spec in _REGISTRY.items() if spec.labelled)
 CERTIFIED = frozenset(name for name, spec in _REGISTRY.items() if spec.certified)
 
 
@@ -159,7 +168,7 @@ def run_method(name: str, features, budget: float, *, budget_unit: str = "exampl
                lam: float = 1.0, prior=None, eligible=None, seed: int = 0, device: str = "cpu",
                batch_size: int | None = None, progress=None, checkpoint=None, resume=None,
                threads: int | None = None, near_dup_cosine: float | None = None,
-               report_logdet: bool = True) -> Selection:
+               report_logdet: bool = True, groups: np.ndarray | None = None) -> Selection:
     """Run the selection method ``name`` (one of ``METHODS``) on a FeatureSet.
 
     ``budget``/``budget_unit``: examples or target tokens. ``lam``/``prior``: the design's
@@ -170,14 +179,21 @@ def run_method(name: str, features, budget: float, *, budget_unit: str = "exampl
     methods run lazy greedy. ``Selection.indices`` are positions into ``features``;
     ``upper_bound`` is None for methods not in ``CERTIFIED``. ``report_logdet``: fill
     ``Selection.logdet_value`` (TokenOD's f(S) of the picks, the A/B unit); False skips that
-    work (samplers then carry NaN gains), for callers that need only the picks.
+    work (samplers then carry NaN gains), for callers that need only the picks. ``groups``:
+    each example's group code, read only by the methods in ``LABELLED``, which need it.
     """
     spec = _REGISTRY.get(name)
     if spec is None:
         raise ValueError(f"unknown selection method {name!r}; choose one of {METHODS}")
+    if spec.labelled:
+        if groups is None:
+            raise ValueError(f"method {name} needs each example's group: pass --group-field NAME or --group-by-file")
+        groups = np.asarray(groups)
+        if len(groups) != features.n:
+            raise ValueError(f"method {name}: {len(groups)} group codes for {features.n} examples")
     options = _Options(budget_unit, lam, prior, checked_eligible(eligible, features.n), seed,
                        device, batch_size, progress, checkpoint, resume, threads, near_dup_cosine,
-                       report_logdet)
+                       report_logdet, groups if spec.labelled else None)
     selection = spec.run(features, budget, options, name)
     if not report_logdet:
         return selection

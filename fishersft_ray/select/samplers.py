@@ -3,7 +3,8 @@
 Every sampler returns positions into the pool (pick order) under a budget counted in
 examples (``budget_unit="examples"``: at most ``budget`` rows) or in target tokens
 (``budget_unit="tokens"``: the picks' ``num_targets`` sum to at most ``budget``). A sampler
-ranks the pool (random order, length order, density-weighted order) and ``fill_budget``
+ranks the pool (random order, length order, density-weighted order, random order balanced
+over groups) and ``fill_budget``
 walks that ranking, taking every example that still fits.
 
 ``features`` is a FeatureSet or anything with ``num_targets`` (the token cost), or the
@@ -20,6 +21,8 @@ numpy only.
 from __future__ import annotations
 
 import numpy as np
+
+import heapq
 
 from .greedy import BUDGET_UNITS, NearDuplicateGuard, check_budget, make_guard
 
@@ -108,6 +111,26 @@ def uniform_random(features, budget: float, *, budget_unit: str = "examples", se
     return fill_budget(uniform_order(len(costs), seed), costs, budget, budget_unit,
                        near_dup_cosine=near_dup_cosine,
                        embeddings=None if near_dup_cosine is None else embeddings_of(features, embeddings))
+
+
+def balanced_order(costs: np.ndarray, groups: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Random examples interleaved so that every group spends the same target tokens: each
+    group's examples in a seeded random order, and the next example always comes from the
+    group that has spent the fewest tokens so far (ties: the lower group code). Every prefix
+    of the order thus gives the groups that still have examples equal tokens up to one
+    example; a group that runs out drops out and the others share the rest."""
+    costs, groups = np.asarray(costs, np.int64), np.asarray(groups)
+    shuffled = np.random.default_rng(seed).permutation(len(costs))
+    queues = {int(group): list(shuffled[groups[shuffled] == group][::-1]) for group in np.unique(groups)}
+    heap = [(0, group) for group in queues]
+    order = []
+    while heap:
+        spent, group = heapq.heappop(heap)
+        position = queues[group].pop()
+        order.append(position)
+        if queues[group]:
+            heapq.heappush(heap, (spent + int(costs[position]), group))
+    return np.asarray(order, np.int64)
 
 
 def longest_order(costs: np.ndarray) -> np.ndarray:
