@@ -52,6 +52,10 @@ STATE_FIELDS = pa.schema([
     pa.field("states", pa.list_(pa.float32())),
     pa.field("target_ids", pa.list_(pa.int32())),
 ])
+# Optional column: why the featurizer gave a row no tokens, "<reason>: <message>" (a chat template
+# that rejects the row: "chat_template: ..."); null for every other row. Shards written before it
+# have none (their rows all featurized), so it is left out of SHARD_SCHEMA and the cache key.
+SKIP_REASON = pa.field("skip_reason", pa.string())
 # Bumped whenever SHARD_SCHEMA or the meaning of a column changes: part of the feature cache key.
 SHARD_FORMAT = 2
 METADATA_KEY = b"fishersft"
@@ -438,6 +442,8 @@ class FeatureSet:
         """
         if all(name in table.column_names for name in STATE_FIELDS.names):
             table = table.drop_columns(STATE_FIELDS.names)
+        if SKIP_REASON.name in table.column_names:
+            table = table.drop_columns([SKIP_REASON.name])
         if table.schema.names != SHARD_SCHEMA.names:
             raise ValueError(f"feature shard schema mismatch:\n{table.schema}\nexpected\n{SHARD_SCHEMA}")
         factor_dtype = factor_dtype_of(table.schema)
@@ -550,6 +556,23 @@ def read_shards(path: str, columns: Sequence[str], storage_options: Mapping | No
             handle.seek(0)
             tables.append(pq.read_table(handle, columns=list(columns)))
     return concat_shards(tables, path)
+
+
+def skipped_rows(path: str, storage_options: Mapping | None = None) -> dict[int, tuple[str, str]]:
+    """{row_index: (id, skip reason)} of the rows the featurizer gave no tokens, with why
+    (``SKIP_REASON``), over every shard under ``path``."""
+    fs, files = _shard_files(path, storage_options)
+    skipped = {}
+    for file in files:
+        with fs.open(file, "rb") as handle:
+            reader = pq.ParquetFile(handle, pre_buffer=False)
+            if SKIP_REASON.name not in reader.schema_arrow.names:
+                continue
+            table = reader.read(columns=["row_index", "id", SKIP_REASON.name], use_threads=False)
+        table = table.filter(pc.is_valid(table.column(SKIP_REASON.name)))
+        for row, row_id, reason in zip(*(table.column(name).to_pylist() for name in table.column_names)):
+            skipped.setdefault(row, (row_id, reason))
+    return skipped
 
 
 def concat_shards(tables: Sequence[pa.Table], path: str) -> pa.Table:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fishersft_ray.config import FeaturizeConfig, Resources
-from fishersft_ray.features import SHARD_SCHEMA, FeatureSet
+from fishersft_ray.features import SHARD_SCHEMA, SKIP_REASON, FeatureSet
 from fishersft_ray.featurize.featurizer import Featurizer, featurize_local, loss_weights, random_projection
 from fishersft_ray.featurize.masks import encode_with_targets, windows
 from fishersft_ray.featurize.model_ref import lm_head_weight, resolve_model
@@ -78,7 +78,8 @@ def test_base_model_state_is_the_pre_logit_state(tiny_models, arch):
 def test_factors_reproduce_reference_gram(tiny_models, arch):
     config = FeaturizeConfig(model=tiny_models[arch], device="cpu", micro_batch_tokens=64)
     table = featurize_local(examples_table(TEXT_ROWS), config)
-    assert table.schema.remove_metadata().equals(SHARD_SCHEMA)
+    assert table.schema.remove_metadata().equals(pa.schema([*SHARD_SCHEMA, SKIP_REASON]))
+    assert table.column("skip_reason").null_count == table.num_rows
     featurizer = Featurizer(config)
     dim = featurizer.dim
     for row, gram in zip(range(len(TEXT_ROWS)), gram_matrices(table, dim)):

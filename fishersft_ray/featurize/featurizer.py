@@ -21,11 +21,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from fishersft_ray.faults import maybe_crash
 from fishersft_ray.config import FeaturizeConfig
-from fishersft_ray.features import factor_from_rows, mean_rows, shard_table, stored_factor, with_token_states
-from fishersft_ray.featurize.masks import encode_with_targets, max_positions, windows
+from fishersft_ray.features import (SKIP_REASON, factor_from_rows, mean_rows, shard_table, stored_factor,
+                                    with_token_states)
+from fishersft_ray.featurize.masks import (ChatTemplateError, content_limit, encode_with_targets, max_positions,
+                                           windows)
 from fishersft_ray.featurize.model_ref import ModelRef, resolve_model
 
 LOSS_WEIGHT_CHUNK_TOKENS = 1024  # logits materialised at once: chunk × vocabulary floats
+CHAT_TEMPLATE_SKIP = "chat_template"  # the skip reason of a row its chat template rejects
+NO_TOKENS = (np.zeros(0, np.int64), np.zeros(0, bool))
 
 
 # ---------------------------------------------------------------- projection
@@ -104,6 +108,8 @@ class Featurizer:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         model_max = max_positions(model_config)
         self.max_length = min(config.max_length or model_max, model_max)
+        # Contents are cut before tokenising where the rest cannot reach the window (truncate).
+        self.content_limit = content_limit(self.tokenizer, self.max_length) if config.overlong == "truncate" else None
         self.dim = model_config.hidden_size
         self.config = config = config.for_width(self.dim)  # --project-dim auto, if the caller left it
         self.projection = self._projection()
@@ -147,8 +153,17 @@ class Featurizer:
 
     def encode(self, batch: pa.Table) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each row's (token ids, target flags), from its normalised ``messages``."""
-        return [encode_with_targets(self.tokenizer, messages)
-                for messages in batch.column("messages").to_pylist()]
+        return [self.encode_row(messages)[0] for messages in batch.column("messages").to_pylist()]
+
+    def encode_row(self, messages) -> tuple[tuple[np.ndarray, np.ndarray], str | None]:
+        """A row's (token ids, target flags), its contents cut to what the window can reach;
+        and why it has none (``SKIP_REASON``), else None. A chat template that rejects the row
+        gives it no tokens: whether that stops the job or skips the row is the driver's call
+        (--on-bad-row), made once the row is named in the shards."""
+        try:
+            return encode_with_targets(self.tokenizer, messages, self.content_limit), None
+        except ChatTemplateError as error:
+            return NO_TOKENS, f"{CHAT_TEMPLATE_SKIP}: {error}"
 
     def pieces(self, encoded: list, examples=None) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """(example, window token ids, window positions whose NEXT token is a target) per window
@@ -156,6 +171,8 @@ class Featurizer:
         pieces = []
         for example in range(len(encoded)) if examples is None else examples:
             ids, targets = encoded[example]
+            if not len(ids):  # rejected by its chat template: nothing to run
+                continue
             for start, end in windows(len(ids), self.max_length, self.config.overlong):
                 pieces.append((example, ids[start:end], np.flatnonzero(targets[start + 1:end])))
         return pieces
@@ -183,8 +200,8 @@ class Featurizer:
         return [X.cpu().numpy() for X in self.device_states(encoded, units)]
 
     @torch.inference_mode()
-    def device_states(self, encoded: list, units: list[int] | None = None, messages: list | None = None
-                      ) -> list[torch.Tensor]:
+    def device_states(self, encoded: list, units: list[int] | None = None, messages: list | None = None,
+                      skip_reasons: list | None = None) -> list[torch.Tensor]:
         """Per example, X_i (m_i, d) float32 on the featurizer's device.
 
         With ``units`` (one id per example, see run/feature_cache.plan_forward_units) each unit
@@ -192,7 +209,8 @@ class Featurizer:
         only on its unit, not on which other rows share this call. With ``messages`` the
         examples are tokenised here, unit by unit, into ``encoded``: a unit's tokenising and
         padding run on the host while the device still computes the previous unit's forward
-        passes (nothing waits for the device until the caller reads the states).
+        passes (nothing waits for the device until the caller reads the states), and each row's
+        skip reason (``encode_row``) goes into ``skip_reasons``.
         """
         count = len(messages) if messages is not None else len(encoded)
         units = [0] * count if units is None else units
@@ -204,7 +222,7 @@ class Featurizer:
             if messages is not None:
                 with self.timed("tokenize"):
                     for example in group:
-                        encoded[example] = encode_with_targets(self.tokenizer, messages[example])
+                        encoded[example], skip_reasons[example] = self.encode_row(messages[example])
             for micro_batch in self.micro_batches(self.pieces(encoded, group)):
                 for (example, _, _), piece_rows in zip(micro_batch, self._forward(micro_batch)):
                     rows[example].append(piece_rows)
@@ -257,8 +275,9 @@ class Featurizer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Examples (row_index, id, messages[, unit]) → one SHARD_SCHEMA row each."""
         encoded: list = [None] * batch.num_rows
+        skip_reasons: list = [None] * batch.num_rows
         units = batch.column("unit").to_pylist() if "unit" in batch.column_names else None
-        states = self.device_states(encoded, units, batch.column("messages").to_pylist())
+        states = self.device_states(encoded, units, batch.column("messages").to_pylist(), skip_reasons)
         # Truncation keeps a prefix of the targets, so the first len(X) target ids match X's rows.
         target_ids = [ids_[1:][targets[1:]][:len(X)] for (ids_, targets), X in zip(encoded, states)]
         ids = batch.column("id").to_pylist()
@@ -282,7 +301,7 @@ class Featurizer:
                 "factor": factors, "spectrum": spectra, "embedding": embeddings,
             }, dim=out_dim, meta={"model": self.model_ref.name, "model_fingerprint": self.model_ref.fingerprint,
                                   "token_weights": self.config.token_weights},
-                factor_dtype=self.config.factor_dtype)
+                factor_dtype=self.config.factor_dtype).append_column(SKIP_REASON, pa.array(skip_reasons, pa.string()))
             if self.config.keep_states:
                 table = with_token_states(table, host_states, target_ids)
         maybe_crash("featurize")

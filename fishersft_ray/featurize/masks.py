@@ -9,13 +9,24 @@ tokenizer's special tokens), every token after the first is a target.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+from jinja2.exceptions import TemplateError
 
 from fishersft_ray.io.corpus import DOCUMENT_ROLE
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that "
                  "appropriately completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")
+# Tokens past the window that a cut content keeps: the tokens around a cut (a word cut in two)
+# may differ from the uncut text's, and this margin keeps any such difference out of the window.
+CUT_MARGIN_TOKENS = 64
+_NON_SPACE = re.compile(r"\S")
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template rejected this row (e.g. Mistral's "Conversation roles must
+    alternate ..."): a problem of the row, not of the run."""
 
 
 def as_messages(messages) -> list[dict]:
@@ -47,7 +58,10 @@ def render_with_target_spans(tokenizer, messages: list[dict]) -> tuple[str, list
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
 
     def render(prefix, generation_prompt=False) -> str:
-        return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as error:
+            raise ChatTemplateError(str(error)) from None
 
     text = render(turns)
     spans = []
@@ -62,13 +76,47 @@ def render_with_target_spans(tokenizer, messages: list[dict]) -> tuple[str, list
     return text, spans, False
 
 
-def encode_with_targets(tokenizer, messages) -> tuple[np.ndarray, np.ndarray]:
+def content_limit(tokenizer, max_length: int) -> int:
+    """Characters of a message's content that can matter to its first ``max_length`` tokens:
+    a token covers at most as many characters as its vocabulary string is long (a byte-level
+    string counts bytes, a byte-fallback piece more), so ``max_length`` tokens never reach past
+    ``max_length`` × the longest; plus ``CUT_MARGIN_TOKENS`` of those. A chat template only adds
+    text around a content, which moves its cut further from the start, never closer.
+    Assumes no normaliser deletes characters."""
+    return (max_length + CUT_MARGIN_TOKENS) * max(map(len, tokenizer.get_vocab()))
+
+
+def cut_content(content: str, limit: int) -> str:
+    """``content`` cut ``limit`` characters past its leading whitespace, and past the whitespace
+    run the cut would end in: a template that trims the content then still renders the kept
+    characters in full."""
+    lead = len(content) - len(content.lstrip())
+    end = lead + limit
+    if end >= len(content):
+        return content
+    if content[end - 1].isspace():
+        following = _NON_SPACE.search(content, end)
+        end = following.end() if following else len(content)
+    return content[:end]
+
+
+def cut_messages(messages: list[dict], limit: int) -> list[dict]:
+    """The messages with every content cut to ``limit`` (``cut_content``)."""
+    return [{**m, "content": cut_content(m["content"], limit)} for m in messages]
+
+
+def encode_with_targets(tokenizer, messages, max_chars: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (int64) and target flags (bool): True where the SFT loss trains on the token.
 
     Documents: every token after the first. Conversations: tokens starting inside a
-    trained turn's span. Token 0 is never a target (nothing predicts it).
+    trained turn's span. Token 0 is never a target (nothing predicts it). ``max_chars``
+    (``content_limit``): each content is cut to it first, so a huge row tokenises no more
+    than its window needs; the first max_length ids and targets are those of the uncut row.
+    A chat template that rejects the row raises ChatTemplateError.
     """
     messages = as_messages(messages)
+    if max_chars is not None:
+        messages = cut_messages(messages, max_chars)
     text, spans, add_special = render_with_target_spans(tokenizer, messages)
     document = is_document(messages)
     encoding = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=not document)

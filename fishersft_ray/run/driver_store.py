@@ -1,8 +1,8 @@
 """Where the driver keeps the features it selects from, and whether they fit.
 
-Before featurizing: an estimate of the feature bytes from the corpus index (text lengths →
-target tokens → the storage rule's bytes, ``features.estimate_feature_bytes``), said in the
-log and the manifest; the job stops early, naming the flags that would fit, when a local
+Before featurizing: an estimate of the feature bytes from the corpus index (text lengths ×
+target tokens per character, measured by the model's tokenizer on a sample of rows → the
+storage rule's bytes, ``features.estimate_feature_bytes``), said in the log and the manifest; the job stops early, naming the flags that would fit, when a local
 feature store's disk cannot hold it, or when the features exceed the driver's memory budget
 and the spill directory's disk too.
 
@@ -23,18 +23,26 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from fishersft_ray.config import FeaturizeConfig
 from fishersft_ray.features import FeatureSet, estimate_feature_bytes, fitting_options
-from fishersft_ray.io.corpus import CorpusIndex
+from fishersft_ray.featurize.masks import ChatTemplateError, cut_messages, encode_with_targets
+from fishersft_ray.io.corpus import CorpusIndex, file_examples
 from fishersft_ray.io.storage import Location
 
 log = logging.getLogger(__name__)
 
-# Characters per target token assumed by the estimate, every character of a row counted as a
-# target: an over-estimate by design (SmolLM2's tokenizer measured 2.7 characters a token on
-# GSM8K responses, 3.3 on tinyshakespeare; GSM8K prompts are not targets at all).
+# Where the model's tokenizer is not loaded on the driver: characters per target token, every
+# character of a row counted as a target (SmolLM2's tokenizer measured 2.7 characters a token
+# on GSM8K responses, 3.3 on tinyshakespeare, but 0.4 on CJK text: 6x more tokens).
 CHARS_PER_TOKEN = 2.5
+# The measured rule: target tokens per character of up to SAMPLE_ROWS random kept rows of up to
+# SAMPLE_FILES corpus files (each content cut to SAMPLE_CHARS), times TARGETS_MARGIN.
+SAMPLE_ROWS = 200
+SAMPLE_FILES = 8
+SAMPLE_CHARS = 100_000
+TARGETS_MARGIN = 1.25
 
 
 # Peak memory of loading shards into RAM (FeatureSet.load streams them into the final arrays,
@@ -70,22 +78,78 @@ def spill_root(spill_dir: str | None) -> Path:
     return Path(spill_dir) if spill_dir else cache_root() / "spill"
 
 
-def estimated_targets(corpus: CorpusIndex, max_length: int | None) -> np.ndarray:
-    tokens = np.ceil(np.asarray(corpus.length, np.float64) / CHARS_PER_TOKEN).astype(np.int64)
-    return tokens if max_length is None else np.minimum(tokens, max_length)
+def estimated_targets(corpus: CorpusIndex, config: FeaturizeConfig, targets_per_char: float) -> np.ndarray:
+    """Target tokens per row: its text length × ``targets_per_char``, capped at --max-length
+    when overlong rows are truncated."""
+    tokens = np.ceil(np.asarray(corpus.length, np.float64) * targets_per_char).astype(np.int64)
+    return np.minimum(tokens, config.max_length) if config.max_length and config.overlong == "truncate" else tokens
 
 
-def estimate(corpus: CorpusIndex, config: FeaturizeConfig, dim: int | None) -> dict | None:
-    """The manifest's ``features.estimate``: bytes of the feature shards of ``corpus``."""
+def driver_tokenizer(model) -> tuple[object | None, str]:
+    """The model's tokenizer loaded here, or None and why not. A local directory or GGUF is on
+    this node already (a GGUF is converted once per node: this node's actors reuse it), a hub
+    model's tokenizer files are small; a model on object storage would be copied here whole."""
+    if model is None:
+        return None, "no model given to measure with"
+    if model.kind == "url":
+        return None, "the model's tokenizer is not loaded on the driver for a model on object storage"
+    from transformers import AutoTokenizer
+
+    try:
+        if model.kind == "hub":
+            return AutoTokenizer.from_pretrained(model.source, revision=model.revision), ""
+        return AutoTokenizer.from_pretrained(model.local_path()), ""
+    except Exception as exc:  # noqa: BLE001 - the estimate falls back to the character rule
+        return None, f"the model's tokenizer did not load on the driver: {str(exc).splitlines()[0]}"
+
+
+def measured_targets_per_char(corpus: CorpusIndex, tokenizer, map_files=None) -> tuple[float, int]:
+    """Target tokens per character over a seeded sample of kept rows (see SAMPLE_ROWS), read
+    back by ``map_files`` (the executor's; default: here), and how many rows it measured."""
+    rng = np.random.default_rng(0)
+    files = corpus.file_of(corpus.row_index)
+    candidates = corpus.row_index[np.isin(files, rng.permutation(np.unique(files))[:SAMPLE_FILES])]
+    rows = np.sort(rng.choice(candidates, size=min(SAMPLE_ROWS, len(candidates)), replace=False))
+    plan = pa.table({"row_index": pa.array(rows, pa.int64()), "file": pa.array(corpus.file_of(rows), pa.int64())})
+    tables = (map_files or (lambda function, items: [function(**item) for item in items]))(
+        file_examples, corpus.work(plan))
+    targets = chars = measured = 0
+    for table in tables:
+        for messages in table.column("messages").to_pylist():
+            messages = cut_messages(messages, SAMPLE_CHARS)
+            try:
+                targets += int(encode_with_targets(tokenizer, messages)[1].sum())
+            except ChatTemplateError:
+                continue
+            chars += sum(len(m["content"]) for m in messages)
+            measured += 1
+    return (targets / chars if chars else 0.0), measured
+
+
+def estimate(corpus: CorpusIndex, config: FeaturizeConfig, dim: int | None, model=None,
+             map_files=None) -> dict | None:
+    """The manifest's ``features.estimate``: bytes of the feature shards of ``corpus``, from
+    target tokens per character measured with ``model``'s tokenizer (a ModelRef; see
+    ``measured_targets_per_char``) × TARGETS_MARGIN, else the character rule; ``rule`` says which."""
     if dim is None:
         return None
     config = config.for_width(dim)
-    targets = estimated_targets(corpus, config.max_length)
+    tokenizer, why_not = driver_tokenizer(model)
+    measured = measured_targets_per_char(corpus, tokenizer, map_files) if tokenizer is not None else (0.0, 0)
+    if measured[1]:
+        targets_per_char = measured[0] * TARGETS_MARGIN
+        rule = (f"{measured[0]:.3g} target tokens a character measured by the model's tokenizer on {measured[1]} "
+                f"sampled rows, × {TARGETS_MARGIN}, capped at --max-length")
+    else:
+        targets_per_char = 1 / CHARS_PER_TOKEN
+        rule = (f"every character a target, {CHARS_PER_TOKEN} characters a token, capped at --max-length "
+                f"({why_not or 'no sampled row could be measured'})")
+    log.info("feature size estimate: %s", rule)
+    targets = estimated_targets(corpus, config, targets_per_char)
     return {"bytes": estimate_feature_bytes(targets, dim, config.project_dim, config.max_rank, config.keep_states,
                                             config.factor_dtype),
             "rows": int(corpus.num_rows), "dim": int(dim), "stored_width": int(config.project_dim or dim),
-            "factor_dtype": config.factor_dtype,
-            "rule": f"every character a target, {CHARS_PER_TOKEN} characters a token, capped at --max-length"}
+            "factor_dtype": config.factor_dtype, "targets_per_char": targets_per_char, "rule": rule}
 
 
 def _free_bytes(path: Path) -> int:
@@ -125,7 +189,7 @@ def check_fits(guess: dict | None, corpus: CorpusIndex, config: FeaturizeConfig,
                        "point --spill-dir at a larger disk, or select in two stages (--partitions auto)"))
     for where, free, elsewhere in places:
         if need > free:
-            targets = estimated_targets(corpus, config.max_length)
+            targets = estimated_targets(corpus, config, guess["targets_per_char"])
             options = {k: size for k, size in fitting_options(free, targets, guess["dim"], config.max_rank,
                                                               config.keep_states, config.factor_dtype).items()
                        if k < guess["stored_width"]}  # narrower than what is stored now

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from fishersft_ray.config import FeaturizeConfig, Resources
 from fishersft_ray.faults import armed_faults
+from fishersft_ray.features import SHARD_WRITE_OPTIONS
 from fishersft_ray.io.storage import Location
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class LocalExecutor:
         for item in items:
             for block, examples in _blocks(file_examples(**item)):
                 sink = pa.BufferOutputStream()
-                pq.write_table(featurizer(examples), sink)
+                pq.write_table(featurizer(examples), sink, **SHARD_WRITE_OPTIONS)
                 shards.write_bytes(f"part-{block:08d}.parquet", sink.getvalue().to_pybytes())
                 done += examples.num_rows
                 log.info("featurized %d/%d examples (%.0f s)", done, total, time.time() - started)
@@ -186,7 +187,8 @@ class RayExecutor:
         # node whose CPUs all went to actors it would wait for the whole pool), and a few
         # writers keep up with the actors (the concurrency caps them).
         featurized.write_parquet(shards.path, filesystem=shards.arrow_filesystem(),
-                                 ray_remote_args={"num_cpus": 0}, concurrency=plan.num_actors + 1)
+                                 ray_remote_args={"num_cpus": 0}, concurrency=plan.num_actors + 1,
+                                 **SHARD_WRITE_OPTIONS)
 
     def _wait_for_room(self, plan: ActorPlan) -> None:
         """No live node can host one actor: reserve one actor's resources (a placement group,
