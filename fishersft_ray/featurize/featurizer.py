@@ -273,7 +273,8 @@ class Featurizer:
         return list(torch.split(gathered, [len(p) for _, _, p in pieces]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Examples (row_index, id, messages[, unit]) → one SHARD_SCHEMA row each."""
+        """Examples (row_index, id, messages[, unit]) → one SHARD_SCHEMA row each, plus its
+        ``skip_reason`` (features.SKIP_REASON)."""
         encoded: list = [None] * batch.num_rows
         skip_reasons: list = [None] * batch.num_rows
         units = batch.column("unit").to_pylist() if "unit" in batch.column_names else None
@@ -301,7 +302,8 @@ class Featurizer:
                 "factor": factors, "spectrum": spectra, "embedding": embeddings,
             }, dim=out_dim, meta={"model": self.model_ref.name, "model_fingerprint": self.model_ref.fingerprint,
                                   "token_weights": self.config.token_weights},
-                factor_dtype=self.config.factor_dtype).append_column(SKIP_REASON, pa.array(skip_reasons, pa.string()))
+                factor_dtype=self.config.factor_dtype)
+            table = table.append_column(SKIP_REASON, pa.array(skip_reasons, pa.string()))
             if self.config.keep_states:
                 table = with_token_states(table, host_states, target_ids)
         maybe_crash("featurize")
