@@ -314,10 +314,10 @@ def from_whole_tables(path):
 def test_streaming_loads_equal_the_whole_table_load(tmp_path, monkeypatch, batch_bytes):
     import mmap
 
-    from fishersft_ray import features as features_module
-    from fishersft_ray.select.logdet import _Pool
+    from fishersft_ray.features import load as load_module
+    from fishersft_ray.features.load import FactorRows
 
-    monkeypatch.setattr(features_module, "LOAD_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(load_module, "LOAD_BATCH_BYTES", batch_bytes)
     _, features = random_feature_set(seed=12, n=60, d=9)
     dropped = write_messy_shards(features, tmp_path / "shards", row_group_size=7)
     whole = from_whole_tables(str(tmp_path / "shards"))
@@ -330,7 +330,7 @@ def test_streaming_loads_equal_the_whole_table_load(tmp_path, monkeypatch, batch
     assert in_ram.ids[:1] != features.ids[:1] or "retry-" in "".join(in_ram.ids)  # retried copies kept
     assert isinstance(on_disk.factors, np.memmap) and isinstance(on_disk.factors.base, mmap.mmap)
     assert on_disk.factors.flags.c_contiguous and not on_disk.factors.flags.writeable
-    pool = _Pool(on_disk.factors, on_disk.offsets, on_disk.num_targets, on_disk)
+    pool = FactorRows(on_disk.factors, on_disk.offsets, on_disk.num_targets, on_disk)
     assert pool.file == on_disk.factors.filename  # the engine's positioned reads
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "mm").iterdir()) == ["embeddings", "factors"]
     for unit in ("examples", "tokens"):

@@ -21,8 +21,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from fishersft_ray.faults import maybe_crash
 from fishersft_ray.config import FeaturizeConfig
-from fishersft_ray.features import (SKIP_REASON, factor_from_rows, mean_rows, shard_table, stored_factor,
-                                    with_token_states)
+from fishersft_ray.features.embeddings import mean_rows
+from fishersft_ray.features.schema import SKIP_REASON, shard_table
+from fishersft_ray.features.states import with_token_states
+from fishersft_ray.features.storage_rule import device_factors, factor_from_rows, stored_factor
 from fishersft_ray.featurize.masks import (ChatTemplateError, content_limit, encode_with_targets, max_positions,
                                            windows)
 from fishersft_ray.featurize.model_ref import ModelRef, resolve_model
@@ -381,56 +383,6 @@ class Featurizer:
             offset += size
         torch.cuda.current_stream(self.device).synchronize()
         return [view.numpy() for view in views]
-
-
-def device_factors(rows: list[torch.Tensor], max_rank: int | None = None,
-                   padded_elements: int = 1 << 25) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``features.factor_from_rows`` for many examples at once, on their device, float64
-    eigen-decompositions: the same factors and spectra up to rounding.
-
-    Examples with m ≤ d rows (and no rank cap below m) keep F = X; their spectra, the
-    eigenvalues of X Xᵀ, come from one batched ``eigvalsh`` per chunk of similar lengths,
-    each X zero-padded to the chunk's longest (padding adds zero eigenvalues only, and the
-    spectrum keeps the top m). The rest (m > d, or a rank cap) take the eigen factor one by one.
-    """
-    d = rows[0].shape[1] if rows else 0
-    factors: list = [None] * len(rows)
-    spectra: list = [None] * len(rows)
-    simple = sorted((i for i, X in enumerate(rows) if 0 < len(X) <= d and (max_rank is None or max_rank >= len(X))),
-                    key=lambda i: len(rows[i]))
-    start = 0
-    while start < len(simple):
-        stop = start + 1
-        while stop < len(simple) and (stop - start + 1) * len(rows[simple[stop]]) * d <= padded_elements:
-            stop += 1
-        chunk = simple[start:stop]
-        padded = torch.zeros(len(chunk), len(rows[chunk[-1]]), d, dtype=torch.float64, device=rows[0].device)
-        for b, i in enumerate(chunk):
-            padded[b, :len(rows[i])] = rows[i]
-        values = torch.linalg.eigvalsh(padded @ padded.mT).flip(-1).clamp_min(0)
-        for b, i in enumerate(chunk):
-            factors[i], spectra[i] = rows[i], values[b, :len(rows[i])].float()
-        start = stop
-    for i, X in enumerate(rows):
-        if factors[i] is not None:
-            continue
-        m = len(X)
-        keep = min(m, d) if max_rank is None else min(m, d, max_rank)
-        if m == 0 or keep == 0:
-            factors[i], spectra[i] = X[:0], X.new_zeros(0)
-            continue
-        X64 = X.double()
-        if m <= d:
-            w, U = torch.linalg.eigh(X64 @ X64.T)
-            w, U = w.flip(0)[:keep].clamp_min(0), U.flip(1)[:, :keep]
-            factors[i], spectra[i] = (U.T @ X64).float(), w.float()
-            continue
-        w, V = torch.linalg.eigh(X64.T @ X64)
-        w, V = w.flip(0), V.flip(1)
-        nonzero = int((w > max(float(w[0]), 0.0) * d * torch.finfo(torch.float64).eps).sum())
-        keep = min(keep, nonzero)
-        factors[i], spectra[i] = (V[:, :keep] * w[:keep].sqrt()).T.float(), w[:keep].float()
-    return factors, spectra
 
 
 # ---------------------------------------------------------------- entry points

@@ -16,7 +16,7 @@ import posixpath
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
@@ -92,6 +92,30 @@ class Location:
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
+
+    def files(self, suffix: str = "") -> list["Location"]:
+        """The files under this location whose names end with ``suffix``, each a Location, in
+        sorted path order; this location itself when it is a file."""
+        def listing() -> list[Location]:
+            if self.fs.isfile(self.path):
+                return [self]
+            paths = sorted(path for path in self.fs.find(self.path) if path.endswith(suffix))
+            return [replace(self, url=self._url(posixpath.relpath(path, self.path)), path=path)
+                    for path in paths]
+
+        return retrying(listing, f"list {self.url}")
+
+    def open(self, name: str | None = None, mode: str = "rb"):
+        """A file object for the file ``name`` (or this location itself), the open retried; a
+        file opened for writing gets its directory created first."""
+        target = self.path if name is None else posixpath.join(self.path, name)
+
+        def opened():
+            if "w" in mode:
+                self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            return self.fs.open(target, mode)
+
+        return retrying(opened, f"open {self._url(name)}")
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write one file whole: a temporary name then a rename locally (object stores
