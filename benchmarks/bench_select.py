@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fishersft_ray.features import FeatureSet, factor_from_rows
-from fishersft_ray.select import select
+from fishersft_ray.select import Hooks, select
 
 MEAN_TARGETS = 40
 LENGTH_SIGMA = 0.8
@@ -196,7 +196,7 @@ def scale_run(n, d, budget, seed, instance_dir=None, workers=2):
                 last_report[0] = time.perf_counter()
                 print(f"  step {step}/{total} rss={peak_rss_gb():.2f}GB", flush=True)
 
-        selection, select_s = timed_select(features, budget, progress=progress, threads=1)
+        selection, select_s = timed_select(features, budget, threads=1, hooks=Hooks(progress=progress))
         print(f"scale N={n} d={d} n={budget}: factor_rows={offsets[-1]} "
               f"factor_file_gb={factors.nbytes / 2 ** 30:.1f} generate_s={generate_s:.0f} "
               f"generator_peak_rss_gb={generator_rss:.2f} load_s={load_s:.1f} select_s={select_s:.1f} "
@@ -216,7 +216,7 @@ from fishersft_ray.features import FeatureSet, FeatureSummary
 from fishersft_ray.io.storage import Location
 from fishersft_ray.run import two_stage
 from fishersft_ray.run.executors import RayExecutor
-from fishersft_ray.select import select
+from fishersft_ray.select import SelectionRequest, run_method, select
 
 shards, parts, budget, workers, stage1 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 
@@ -242,11 +242,10 @@ else:
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     started = time.perf_counter()  # after Ray's start, which both stage-1 variants share
     executor = RayExecutor(Resources())
-    result = two_stage.run(Location.of(shards), FeatureSummary.of_shards(shards), None, parts, seed=0,
-                           oversample=1.0, budget=budget, budget_unit="examples", lam=1.0, prior=None,
-                           near_dup_cosine=None, threads=1,
+    result = two_stage.run(Location.of(shards), FeatureSummary.of_shards(shards),
+                           SelectionRequest(budget, lam=1.0, threads=1), "tokenod", parts=parts, oversample=1.0,
                            shuffle=executor.shuffle if stage1 == "shuffle" else reread_shuffle,
-                           run_union=lambda union: select(union, budget, lam=1.0))
+                           run_union=lambda union, request: run_method("tokenod", union, request))
     selection, kept = result.selection, result.account["kept"]
 print("RESULT", json.dumps({"seconds": time.perf_counter() - started, "value": float(selection.objective[-1]),
       "evaluations": int(selection.evaluations), "kept": kept,

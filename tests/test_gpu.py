@@ -14,7 +14,7 @@ from fishersft_ray.config import FeaturizeConfig
 from fishersft_ray.features import FeatureSet
 from fishersft_ray.featurize.featurizer import Featurizer
 from fishersft_ray.io.corpus import MESSAGES_TYPE
-from fishersft_ray.select import run_method, select
+from fishersft_ray.select import SelectionRequest, run_method, select
 
 pytestmark = pytest.mark.gpu
 
@@ -79,8 +79,8 @@ def test_select_on_cuda_picks_what_the_cpu_picks(budget_unit, d):
     np.testing.assert_array_equal(cuda.indices, cpu.indices)
     np.testing.assert_allclose(cuda.objective, cpu.objective, rtol=1e-9)
     assert cuda.upper_bound == pytest.approx(cpu.upper_bound, rel=1e-6)
-    vopt_cpu = run_method("vopt", features, 10, budget_unit="examples", device="cpu")
-    vopt_cuda = run_method("vopt", features, 10, budget_unit="examples", device="cuda")
+    vopt_cpu = run_method("vopt", features, SelectionRequest(10, budget_unit="examples", device="cpu"))
+    vopt_cuda = run_method("vopt", features, SelectionRequest(10, budget_unit="examples", device="cuda"))
     np.testing.assert_array_equal(vopt_cuda.indices, vopt_cpu.indices)
 
 

@@ -131,7 +131,7 @@ def test_length_cap_keeps_longer_examples_out(ray_local, tiny_llama_dir, alpaca_
 def test_near_duplicate_guard_keeps_close_pairs_out_of_the_subset(ray_local, tiny_llama_dir, alpaca_corpus,
                                                                    tmp_path):
     from fishersft_ray.features import FeatureSet
-    from fishersft_ray.select import run_method
+    from fishersft_ray.select import SelectionRequest, run_method
 
     path, _ = alpaca_corpus
     features = tmp_path / "features"
@@ -155,7 +155,8 @@ def test_near_duplicate_guard_keeps_close_pairs_out_of_the_subset(ray_local, tin
     assert "near-duplicate guard" in guarded.manifest["selection"]["certificate"]
     assert plain.manifest["selection"]["near_duplicates"]["guard"] is None
     # The job's picks are the engine's with the same rule on the same features.
-    again = run_method("tokenod", stored, 10, lam=guarded.manifest["selection"]["lam"], near_dup_cosine=threshold)
+    again = run_method("tokenod", stored,
+                       SelectionRequest(10, lam=guarded.manifest["selection"]["lam"], near_dup_cosine=threshold))
     np.testing.assert_array_equal(guarded.selection.indices, again.indices)
 
 
@@ -164,7 +165,7 @@ def test_float16_factor_storage_halves_the_factors_and_selects_on_what_it_stored
     import pyarrow.parquet as pq
 
     from fishersft_ray.features import FeatureSet
-    from fishersft_ray.select import run_method
+    from fishersft_ray.select import SelectionRequest, run_method
 
     path, _ = alpaca_corpus
     common = dict(input=str(path), budget=10, model=str(tiny_llama_dir), features=str(tmp_path / "features"))
@@ -181,7 +182,7 @@ def test_float16_factor_storage_halves_the_factors_and_selects_on_what_it_stored
     assert stored.factors.nbytes * 2 == full.factors.nbytes
     assert half.manifest["features"]["driver"]["shard_bytes"] < 0.7 * single.manifest["features"]["driver"]["shard_bytes"]
     # The job selects on exactly what it stored, and that stays close to the float32 picks.
-    again = run_method("tokenod", stored, 10, lam=half.manifest["selection"]["lam"])
+    again = run_method("tokenod", stored, SelectionRequest(10, lam=half.manifest["selection"]["lam"]))
     np.testing.assert_array_equal(half.selection.indices, again.indices)
     assert len(set(half.selection.indices) & set(single.selection.indices)) >= 8
     # Two stages ship float16 candidates back to the driver: the same picks as the engine's two stages.
@@ -439,7 +440,7 @@ def test_cli_rejects_bad_partitions_in_one_line(tmp_path, capsys):
         _select_one_line_corpus(tmp_path, "--partitions", "0")
     assert exited.value.code == 2 and "--partitions: expected auto or an integer >= 1" in capsys.readouterr().err
     assert _select_one_line_corpus(tmp_path, "--partitions", "2", "--method", "uniform") == 2
-    assert "runs TokenOD only" in capsys.readouterr().err
+    assert "runs a certified method (sentence_od, tokenod) only" in capsys.readouterr().err
 
 
 def test_selection_runs_on_the_driver_cpu_when_gpu_actors_featurize_for_a_cpu_head(monkeypatch, caplog):

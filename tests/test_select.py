@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fishersft_ray.features import FeatureSet
-from fishersft_ray.select import Selection, logdet_gains, select
+from fishersft_ray.select import Hooks, Selection, logdet_gains, select
 from fishersft_ray.select.logdet import _as_pool, _BoundTightener, _GainEvaluator
 
 
@@ -211,7 +211,7 @@ def test_validation_errors_name_the_culprit():
 def test_progress_callback_and_empty_input():
     calls = []
     examples = [np.eye(3)[i:i + 1] for i in range(3)]
-    select(examples, 2, progress=lambda step, total: calls.append((step, total)))
+    select(examples, 2, hooks=Hooks(progress=lambda step, total: calls.append((step, total))))
     assert calls == [(1, 2), (2, 2)]
     assert select([], 5).indices.size == 0
 
@@ -327,7 +327,7 @@ def run_crashing_at(data, budget, crash_at, **kwargs):
             raise Crash
 
     with pytest.raises(Crash):
-        select(data, budget, checkpoint=hook, **kwargs)
+        select(data, budget, **kwargs, hooks=Hooks(checkpoint=hook))
     return states[-1]
 
 
@@ -341,10 +341,10 @@ def test_resume_after_a_crash_gives_the_identical_answer(budget_unit, method):
     kwargs = dict(lam=0.5, budget_unit=budget_unit, method=method)
     reference = select(data, budget, **kwargs)
     calls = []
-    select(data, budget, checkpoint=calls.append, **kwargs)
+    select(data, budget, **kwargs, hooks=Hooks(checkpoint=calls.append))
     for crash_at in sorted({1, 5, len(calls) // 2, len(calls) - 1}):
         state = run_crashing_at(data, budget, crash_at, **kwargs)
-        resumed = select(data, budget, resume=state, **kwargs)
+        resumed = select(data, budget, **kwargs, hooks=Hooks(resume=state))
         np.testing.assert_array_equal(resumed.indices, reference.indices)
         np.testing.assert_array_equal(resumed.gains, reference.gains)
         np.testing.assert_array_equal(resumed.objective, reference.objective)
@@ -353,7 +353,7 @@ def test_resume_after_a_crash_gives_the_identical_answer(budget_unit, method):
     if budget_unit == "tokens":  # crashes landed in both knapsack variants
         assert {c["running"] for c in calls} == {"cost_benefit", "unit_cost"}
     with pytest.raises(ValueError, match="budget"):
-        select(data, budget + 1, resume=state, **kwargs)
+        select(data, budget + 1, **kwargs, hooks=Hooks(resume=state))
 
 
 def test_threads_argument_is_restored():
@@ -616,11 +616,11 @@ def test_guard_resume_gives_the_identical_answer():
     kwargs = dict(lam=0.5, budget_unit="tokens", near_dup_cosine=0.99)
     reference = select(data, 200, **kwargs)
     state = run_crashing_at(data, 200, 7, **kwargs)
-    resumed = select(data, 200, resume=state, **kwargs)
+    resumed = select(data, 200, **kwargs, hooks=Hooks(resume=state))
     np.testing.assert_array_equal(resumed.indices, reference.indices)
     np.testing.assert_array_equal(resumed.objective, reference.objective)
     with pytest.raises(ValueError, match="near_dup_cosine"):
-        select(data, 200, resume=state, lam=0.5, budget_unit="tokens")
+        select(data, 200, lam=0.5, budget_unit="tokens", hooks=Hooks(resume=state))
 
 
 @pytest.mark.parametrize("method", ["naive", "lazy"])
@@ -640,3 +640,23 @@ def test_eligible_restricts_the_picks_and_matches_a_subset_run(method):
                                   select(data, 10, eligible=eligible).indices)
     with pytest.raises(ValueError, match="eligible"):
         select(data, 3, eligible=[0, 99])
+
+
+def test_no_select_function_takes_more_than_eight_parameters():
+    """Settings travel as one SelectionRequest (and Hooks), never as long argument lists."""
+    import ast
+    import pathlib
+
+    import fishersft_ray.select
+
+    too_many = []
+    for path in sorted(pathlib.Path(fishersft_ray.select.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                arguments = node.args
+                names = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+                names += [a.arg for a in (arguments.vararg, arguments.kwarg) if a is not None]
+                count = len([name for name in names if name not in ("self", "cls")])
+                if count > 8:
+                    too_many.append(f"{path.name}:{node.lineno} {getattr(node, 'name', 'lambda')} ({count})")
+    assert not too_many, too_many

@@ -8,7 +8,7 @@ import pytest
 
 from fishersft_ray import select as selection
 from fishersft_ray.features import FeatureSet
-from fishersft_ray.select import CERTIFIED, METHODS, logdet_gains, run_method
+from fishersft_ray.select import CERTIFIED, METHODS, Hooks, SelectionRequest, logdet_gains, run_method
 from fishersft_ray.select.vopt import select_vopt
 
 
@@ -84,7 +84,7 @@ def test_v_optimal_runs_through_the_driver_naive_lazy_and_registry_agree():
     stored = [features.factor(i).astype(np.float64) for i in range(features.n)]  # float32 rows
     gram = sum(F.T @ F for F in stored)
     naive = select_vopt(features, 6, method="naive")
-    lazy = run_method("vopt", features, 6)
+    lazy = run_method("vopt", features, SelectionRequest(6))
     np.testing.assert_array_equal(lazy.indices, naive.indices)
     assert lazy.method == "vopt" and lazy.upper_bound is None and lazy.certificate_ratio is None
     assert lazy.evaluations < naive.evaluations
@@ -105,7 +105,7 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
     assert METHODS == ("tokenod", "vopt", "sentence_od", "uniform", "longest_first", "density", "balanced")
     assert CERTIFIED == {"tokenod", "sentence_od"}
     with pytest.raises(ValueError, match="unknown selection method 'best'.*tokenod.*density"):
-        run_method("best", feature_pool(), 3)
+        run_method("best", feature_pool(), SelectionRequest(3))
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -115,8 +115,8 @@ def test_every_method_respects_budgets_and_eligibility(name):
     eligible = np.flatnonzero(costs <= np.median(costs))
     for budget_unit, budget in (("examples", 12), ("tokens", 150)):
         for allowed in (None, eligible):
-            picked = run_method(name, features, budget, budget_unit=budget_unit, eligible=allowed,
-                                seed=3, groups=np.arange(features.n) % 3)
+            picked = run_method(name, features, SelectionRequest(budget, budget_unit=budget_unit, eligible=allowed,
+                                                                 seed=3, groups=np.arange(features.n) % 3))
             indices = picked.indices
             assert picked.method == name and picked.variant in (budget_unit, "cost_benefit",
                                                                 "unit_cost", "examples")
@@ -139,7 +139,8 @@ def test_samplers_report_logdet_gains_of_their_picks(name):
     features = feature_pool(2)
     prior = feature_pool(3, n=4)
     for budget_unit, budget in (("examples", 10), ("tokens", 120)):
-        picked = run_method(name, features, budget, budget_unit=budget_unit, lam=0.7, prior=prior)
+        picked = run_method(name, features,
+                            SelectionRequest(budget, budget_unit=budget_unit, lam=0.7, prior=prior))
         gains, objective = logdet_gains(features, picked.indices, 0.7, prior=prior)
         np.testing.assert_array_equal(picked.gains, gains)
         np.testing.assert_array_equal(picked.objective, objective)
@@ -149,7 +150,7 @@ def test_samplers_report_logdet_gains_of_their_picks(name):
 
 def test_logdet_gains_are_tokenods_units():
     features = feature_pool(4)
-    tokenod = run_method("tokenod", features, 8, lam=0.5)
+    tokenod = run_method("tokenod", features, SelectionRequest(8, lam=0.5))
     gains, objective = logdet_gains(features, tokenod.indices, 0.5)
     np.testing.assert_allclose(gains, tokenod.gains, rtol=1e-10)
     np.testing.assert_allclose(objective, tokenod.objective, rtol=1e-10)
@@ -161,28 +162,30 @@ def test_samplers_match_their_definitions_and_seeds():
     features = feature_pool(5)
     costs = features.num_targets
     n = features.n
-    np.testing.assert_array_equal(run_method("uniform", features, 9, seed=4).indices,
+    np.testing.assert_array_equal(run_method("uniform", features, SelectionRequest(9, seed=4)).indices,
                                   np.random.default_rng(4).permutation(n)[:9])
-    np.testing.assert_array_equal(run_method("longest_first", features, 9).indices,
+    np.testing.assert_array_equal(run_method("longest_first", features, SelectionRequest(9)).indices,
                                   np.argsort(-costs, kind="stable")[:9])
     density, _ = selection.kernel_density(features.embeddings)
     weights = 1.0 / density
     keys = np.log(np.random.default_rng(2).random(n)) / (weights / weights.max())
-    np.testing.assert_array_equal(run_method("density", features, 9, seed=2).indices,
+    np.testing.assert_array_equal(run_method("density", features, SelectionRequest(9, seed=2)).indices,
                                   np.argsort(-keys, kind="stable")[:9])
     # tokens: walk the order, keep what fits
     order = np.random.default_rng(4).permutation(n)
-    np.testing.assert_array_equal(run_method("uniform", features, 100, budget_unit="tokens", seed=4).indices,
+    np.testing.assert_array_equal(run_method("uniform", features,
+                                             SelectionRequest(100, budget_unit="tokens", seed=4)).indices,
                                   selection.fill_budget(order, costs, 100, "tokens"))
     # eligible: the sampler runs on the eligible pool alone
     eligible = np.flatnonzero(costs % 2 == 0)
-    np.testing.assert_array_equal(run_method("uniform", features, 5, eligible=eligible, seed=1).indices,
+    np.testing.assert_array_equal(run_method("uniform", features,
+                                             SelectionRequest(5, eligible=eligible, seed=1)).indices,
                                   eligible[np.random.default_rng(1).permutation(len(eligible))[:5]])
 
 
 def test_sentence_od_is_logdet_on_one_embedding_row_per_example():
     features = feature_pool(6)
-    picked = run_method("sentence_od", features, 200, budget_unit="tokens", lam=0.3)
+    picked = run_method("sentence_od", features, SelectionRequest(200, budget_unit="tokens", lam=0.3))
     rows = [row[None, :] for row in features.embeddings]
     one_row = FeatureSet.from_examples(rows, num_targets=features.num_targets)
     alone = selection.select(one_row, 200, budget_unit="tokens", lam=0.3)
@@ -195,13 +198,13 @@ def test_driver_methods_checkpoint_and_resume_through_the_registry():
     features = feature_pool(7)
     for name in ("tokenod", "vopt", "sentence_od"):
         states = []
-        reference = run_method(name, features, 8, checkpoint=states.append)
-        resumed = run_method(name, features, 8, resume=states[3])
+        reference = run_method(name, features, SelectionRequest(8), Hooks(checkpoint=states.append))
+        resumed = run_method(name, features, SelectionRequest(8), Hooks(resume=states[3]))
         np.testing.assert_array_equal(resumed.indices, reference.indices)
         np.testing.assert_array_equal(resumed.objective, reference.objective)
         other = "tokenod" if name != "tokenod" else "vopt"
         with pytest.raises(ValueError, match="objective"):
-            run_method(other, features, 8, resume=states[3])
+            run_method(other, features, SelectionRequest(8), Hooks(resume=states[3]))
 
 
 # --- the near-duplicate guard in every method -----------------------------------------------
@@ -219,8 +222,8 @@ def test_guard_keeps_twins_out_of_every_method(name):
     norms = np.linalg.norm(features.embeddings, axis=1, keepdims=True)
     unit = features.embeddings / np.maximum(norms, 1e-30)  # rows of zeros (no targets) stay zero
     for budget_unit, budget in (("examples", 30), ("tokens", 400)):
-        picked = run_method(name, features, budget, budget_unit=budget_unit, near_dup_cosine=0.99,
-                            seed=1, groups=np.arange(features.n) % 3)
+        picked = run_method(name, features, SelectionRequest(budget, budget_unit=budget_unit, near_dup_cosine=0.99,
+                                                             seed=1, groups=np.arange(features.n) % 3))
         cosine = unit[picked.indices] @ unit[picked.indices].T
         np.fill_diagonal(cosine, -1)
         assert cosine.max() < 0.99
@@ -231,11 +234,12 @@ def test_guard_keeps_twins_out_of_every_method(name):
 
 def test_guard_is_exact_for_vopt_and_sentence_od_naive_vs_lazy():
     features = pool_with_near_copies(1)
-    lazy = run_method("vopt", features, 20, near_dup_cosine=0.99)
+    lazy = run_method("vopt", features, SelectionRequest(20, near_dup_cosine=0.99))
     naive = select_vopt(features, 20, method="naive", near_dup_cosine=0.99)
     one_row = FeatureSet.from_examples([row[None, :] for row in features.embeddings],
                                        num_targets=features.num_targets)
-    sentence = run_method("sentence_od", features, 300, budget_unit="tokens", near_dup_cosine=0.99)
+    sentence = run_method("sentence_od", features,
+                          SelectionRequest(300, budget_unit="tokens", near_dup_cosine=0.99))
     sentence_naive = selection.select(one_row, 300, budget_unit="tokens", method="naive",
                                       near_dup_cosine=0.99)
     np.testing.assert_array_equal(sentence.indices, sentence_naive.indices)
@@ -246,7 +250,7 @@ def test_guard_is_exact_for_vopt_and_sentence_od_naive_vs_lazy():
 def test_sampler_guard_skips_twins_while_walking_the_order():
     features = pool_with_near_copies(2)
     order = np.random.default_rng(1).permutation(features.n)
-    guarded = run_method("uniform", features, 25, seed=1, near_dup_cosine=0.99).indices
+    guarded = run_method("uniform", features, SelectionRequest(25, seed=1, near_dup_cosine=0.99)).indices
     norms = np.linalg.norm(features.embeddings, axis=1, keepdims=True)
     unit = features.embeddings / np.maximum(norms, 1e-30)
     expected = []
@@ -273,17 +277,15 @@ def test_balanced_spends_equal_tokens_per_group_up_to_one_example():
     groups = np.repeat([0, 1, 2, 3], [450, 50, 50, 50])  # one majority, three minorities
     pool = SimpleNamespace(n=600, num_targets=costs)
     for budget_unit, budget in (("examples", 60), ("tokens", 1500)):
-        picks = run_method("balanced", pool, budget, budget_unit=budget_unit, groups=groups, seed=4,
-                           report_logdet=False).indices
+        request = dict(budget_unit=budget_unit, groups=groups, report_logdet=False)
+        picks = run_method("balanced", pool, SelectionRequest(budget, seed=4, **request)).indices
         spent = group_tokens(picks, costs, groups)
         slack = costs.max() * (1 if budget_unit == "examples" else 2)  # tokens: the fill past the order's prefix
         assert spent.max() - spent.min() <= slack, spent
         used = len(picks) if budget_unit == "examples" else costs[picks].sum()
         assert used <= budget and (budget_unit == "tokens" or used == budget)
-        again = run_method("balanced", pool, budget, budget_unit=budget_unit, groups=groups, seed=4,
-                           report_logdet=False).indices
-        other = run_method("balanced", pool, budget, budget_unit=budget_unit, groups=groups, seed=5,
-                           report_logdet=False).indices
+        again = run_method("balanced", pool, SelectionRequest(budget, seed=4, **request)).indices
+        other = run_method("balanced", pool, SelectionRequest(budget, seed=5, **request)).indices
         np.testing.assert_array_equal(picks, again)
         assert set(picks.tolist()) != set(other.tolist())
 
@@ -292,18 +294,19 @@ def test_balanced_fills_the_budget_when_a_group_runs_out():
     costs = np.full(100, 10)
     groups = np.repeat([0, 1, 2], [80, 15, 5])
     pool = SimpleNamespace(n=100, num_targets=costs)
-    picks = run_method("balanced", pool, 60, groups=groups, report_logdet=False).indices
+    picks = run_method("balanced", pool, SelectionRequest(60, groups=groups, report_logdet=False)).indices
     counts = np.bincount(groups[picks], minlength=3)
     # group 2 gives all it has, group 1 too; their unused share goes to group 0
     assert len(picks) == 60 and counts.tolist() == [40, 15, 5]
-    by_tokens = run_method("balanced", pool, 300, budget_unit="tokens", groups=groups, report_logdet=False)
+    by_tokens = run_method("balanced", pool,
+                           SelectionRequest(300, budget_unit="tokens", groups=groups, report_logdet=False))
     assert np.bincount(groups[by_tokens.indices], minlength=3).tolist() == [13, 12, 5]  # 300 tokens = 30 picks
 
 
 def test_balanced_needs_groups_and_other_methods_never_read_them():
     features = feature_pool(4, n=40)
     with pytest.raises(ValueError, match="balanced needs each example's group.*--group-field"):
-        run_method("balanced", features, 5)
+        run_method("balanced", features, SelectionRequest(5))
     for name in ("tokenod", "uniform", "density"):
-        with_labels = run_method(name, features, 8, groups=np.arange(40) % 2, seed=1).indices
-        np.testing.assert_array_equal(with_labels, run_method(name, features, 8, seed=1).indices)
+        with_labels = run_method(name, features, SelectionRequest(8, groups=np.arange(40) % 2, seed=1)).indices
+        np.testing.assert_array_equal(with_labels, run_method(name, features, SelectionRequest(8, seed=1)).indices)

@@ -79,3 +79,18 @@ def test_summary_of_shards_matches_the_loaded_features(tmp_path):
     np.testing.assert_array_equal(summary.row_index, loaded.row_index)
     np.testing.assert_array_equal(summary.num_targets, loaded.num_targets)
     assert summary.mean_token_energy() == pytest.approx(loaded.mean_token_energy(), rel=1e-12)
+
+
+@pytest.mark.parametrize("unit, budget", [("examples", 12), ("tokens", 90)])
+def test_sentence_od_runs_two_stage_within_budget(unit, budget):
+    pool = _pool(n=300, seed=5)
+    two, account = select_two_stage(pool, budget, parts=4, oversample=2, seed=2, method="sentence_od", lam=0.5,
+                                    budget_unit=unit)
+    cost = len(two.indices) if unit == "examples" else pool.num_targets[two.indices].sum()
+    assert 0 < cost <= budget and len(set(two.indices.tolist())) == len(two.indices)
+    assert two.method == "sentence_od" and two.upper_bound == account["upper_bound"] is not None
+    # logdet_value is TokenOD's f(S) of the picks, the method's own objective stays its own.
+    assert two.logdet_value == pytest.approx(select(pool, len(two.indices), lam=0.5,
+                                                    eligible=two.indices).objective[-1], rel=1e-9)
+    with pytest.raises(ValueError, match="certified method"):
+        select_two_stage(pool, budget, parts=2, method="vopt")

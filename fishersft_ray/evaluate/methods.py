@@ -20,7 +20,7 @@ import numpy as np
 
 from fishersft_ray.config import Rules
 from fishersft_ray.features import FeatureSet
-from fishersft_ray.select import run_method
+from fishersft_ray.select import SelectionRequest, run_method
 from fishersft_ray.select.rules import resolve_lam, within_length_cap
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,10 @@ def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[i
         pool = weighted if spec.loss_weighted else features
         lam = rules.lam if spec.method == "sentence_od" else resolve_lam(rules.lam, rules.lam_relative, pool)
         started = time.time()
-        selection = run_method(spec.method, pool, budget, budget_unit=budget_unit, lam=lam,
-                               eligible=capped if spec.capped else None, seed=seed or 0, device=device,
-                               near_dup_cosine=rules.near_dup_cosine if spec.guarded else None,
-                               report_logdet=False, groups=groups)
+        selection = run_method(spec.method, pool, SelectionRequest(
+            budget, budget_unit=budget_unit, lam=lam, eligible=capped if spec.capped else None, seed=seed or 0,
+            device=device, near_dup_cosine=rules.near_dup_cosine if spec.guarded else None,
+            report_logdet=False, groups=groups))
         if selection.evaluations:
             log.info("%s %s budget %g: %d picks, %d evaluations, %.0f s", spec.method, budget_unit, budget,
                      len(selection.indices), selection.evaluations, time.time() - started)

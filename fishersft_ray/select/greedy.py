@@ -20,24 +20,10 @@ as apricot separates its functions from its optimizers). What it provides:
 * progress callbacks, checkpoints and resume;
 * the near-duplicate guard (``NearDuplicateGuard``).
 
-Objective protocol (duck-typed; ``logdet.LogDetObjective`` and ``vopt.VOptimalObjective``):
-
-    n: int                          number of examples
-    costs: np.ndarray (n,)          token cost of each example (float64)
-    submodular: bool                True: lazy greedy is exact and the certificate applies
-    knapsack_variants: tuple        token-budget variants to run ("cost_benefit", "unit_cost")
-    lazy_batch: int | None          default lazy re-evaluation batch (None: adaptive)
-    reset()                         S ← ∅
-    gains(ids) -> (gains, aux)      Δ(i|S) for each id (float64); aux goes to the tightener
-    add(i)                          S ← S ∪ {i}
-    value: float                    f(S)
-    initial_bounds(eligible) -> InitialBounds   stale gains for the lazy queue at S = ∅
-    bound_tightener(initial) -> tightener | None
-
-A tightener offers ``due(step)``, ``advance(step)``, ``bounds(ids | None)``,
-``record(ids, gains, aux, step)``, ``is_tight(i)``, ``mark_tightened(ids)`` and
-``refine(ids, step) -> (bounds, done)`` (costlier bounds, within rounding of the gain, where
-``done``); see ``logdet._BoundTightener``.
+The objectives follow ``Objective`` (``logdet.LogDetObjective``, ``vopt.VOptimalObjective``);
+a tightener follows ``BoundTightener`` (``logdet._BoundTightener``). What the driver is asked
+for (budget, eligibility, guard, threads, …) is one ``request.SelectionRequest``; whom it
+tells (progress, checkpoints) and where it resumes from is ``request.Hooks``.
 
 Pure math: numpy + stdlib (torch only through the objectives).
 """
@@ -49,11 +35,13 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
+from .request import Hooks, SelectionRequest
+
 GREEDY_METHODS = ("naive", "lazy")
-BUDGET_UNITS = ("examples", "tokens")
 KNAPSACK_VARIANTS = ("cost_benefit", "unit_cost")
 MAX_LAZY_BATCH = 4096
 CERTIFICATE_CHECKPOINTS = 64
@@ -119,6 +107,65 @@ class InitialBounds:
     aux: np.ndarray | None
     evaluations: int
     exact: bool
+
+
+class BoundTightener(Protocol):
+    """Lowers stale bounds without evaluations as the design grows (see ``_lazy_greedy``)."""
+
+    def due(self, step: int) -> bool:
+        """Whether a new tightening epoch should start at ``step``."""
+
+    def advance(self, step: int) -> None:
+        """Start a new epoch at ``step``."""
+
+    def bounds(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """The current epoch's bounds for ``ids`` (all entries if None; inf where none applies)."""
+
+    def record(self, ids, gains: np.ndarray, aux, step: int) -> None:
+        """Remember evaluated gains (and the objective's aux) at ``step``."""
+
+    def is_tight(self, i: int) -> bool:
+        """Whether the current epoch can no longer lower entry i's bound."""
+
+    def mark_tightened(self, ids) -> None:
+        """The current epoch has lowered these entries' bounds."""
+
+    def refine(self, ids: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Costlier bounds within rounding of the gain, and where they applied (bool)."""
+
+
+class Objective(Protocol):
+    """A set function the driver maximises greedily.
+
+    ``submodular``: True makes lazy greedy exact and the certificate apply.
+    ``knapsack_variants``: the token-budget variants to run (of ``KNAPSACK_VARIANTS``).
+    ``lazy_batch``: the default lazy re-evaluation batch (None: adaptive).
+    """
+
+    n: int                          # number of examples
+    costs: np.ndarray               # (n,) float64 token cost of each example
+    submodular: bool
+    knapsack_variants: tuple[str, ...]
+    lazy_batch: int | None
+
+    def reset(self) -> None:
+        """S ← ∅."""
+
+    def gains(self, ids) -> tuple[np.ndarray, np.ndarray | None]:
+        """Δ(i|S) for each id (float64), and aux data for the tightener."""
+
+    def add(self, i: int) -> None:
+        """S ← S ∪ {i}."""
+
+    @property
+    def value(self) -> float:
+        """f(S)."""
+
+    def initial_bounds(self, eligible: np.ndarray) -> InitialBounds:
+        """Stale gains for the lazy queue at S = ∅."""
+
+    def bound_tightener(self, initial: InitialBounds) -> BoundTightener | None:
+        """A tightener over ``initial``, or None."""
 
 
 class NearDuplicateGuard:
@@ -193,17 +240,7 @@ def _any_cosine_at_least(rows: np.ndarray, block: np.ndarray, threshold: float) 
 
 def make_guard(embeddings, near_dup_cosine: float | None) -> NearDuplicateGuard | None:
     """A guard over ``embeddings`` (n, d), or None when ``near_dup_cosine`` is None."""
-    if near_dup_cosine is None:
-        return None
-    check_near_dup_cosine(near_dup_cosine)
-    return NearDuplicateGuard(embeddings, near_dup_cosine)
-
-
-def check_near_dup_cosine(value):
-    if value is None:
-        return
-    if not (isinstance(value, (int, float, np.integer, np.floating)) and 0 < value <= 1):
-        raise ValueError(f"near_dup_cosine must be a cosine in (0, 1] or None, got {value!r}")
+    return None if near_dup_cosine is None else NearDuplicateGuard(embeddings, near_dup_cosine)
 
 
 def knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_cost: bool) -> float:
@@ -233,31 +270,31 @@ class _Run:
     last evaluated gain, the initial bound, or a tightened bound; for a submodular
     objective an upper bound on Δ(i|S)); picked, ineligible and guard-excluded entries hold
     0. ``evaluated_step[i]``: the step entry i was last evaluated at (−1: never).
-    ``on_pick(run)`` is called after each pick.
+    The bounds start from ``initial`` (fresh at step 0 where it is exact). ``on_pick(run)``,
+    when set, is called after each pick.
     """
 
-    def __init__(self, objective, bounds: np.ndarray, costs: np.ndarray, budget: float,
-                 max_picks: int, unit_cost: bool, tightener=None, evaluated_step=None,
-                 guard: NearDuplicateGuard | None = None, on_pick=None):
+    def __init__(self, objective: Objective, initial: InitialBounds, costs: np.ndarray,
+                 budget: float, max_picks: int, unit_cost: bool,
+                 tightener: BoundTightener | None = None, guard: NearDuplicateGuard | None = None):
         self.objective = objective
         self.certified = bool(objective.submodular)
-        self.bounds = bounds
+        self.bounds = initial.values.copy()
         self.costs = costs
         self.budget = budget
         self.remaining = budget
         self.max_picks = max_picks
         self.unit_cost = unit_cost
         self.tightener = tightener
-        self.evaluated_step = np.full(len(bounds), -1, np.int64) if evaluated_step is None \
-            else evaluated_step
+        self.evaluated_step = np.full(len(self.bounds), 0 if initial.exact else -1, np.int64)
         self.guard = guard
-        self.on_pick = on_pick
+        self.on_pick: Callable[[_Run], None] | None = None
         self.picks, self.gains, self.values = [], [], []
         self.evaluations = 0
         self.evaluated_alone = None  # (entry, step) of the last evaluation of a single entry
         self.bound_updates = 0
         self.upper_bound = math.inf
-        self.certify_every = 1 if len(bounds) * max_picks <= 20_000_000 \
+        self.certify_every = 1 if len(self.bounds) * max_picks <= 20_000_000 \
             else max(1, max_picks // CERTIFICATE_CHECKPOINTS)
         self.next_full_tighten = 0
 
@@ -455,28 +492,9 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
         run.take_best(i)
 
 
-def check_budget_args(budget, method: str, budget_unit: str, batch_size, threads):
-    """The ValueErrors every driver entry point raises for bad common arguments."""
+def check_greedy_method(method: str):
     if method not in GREEDY_METHODS:
         raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
-    if budget_unit not in BUDGET_UNITS:
-        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
-    check_budget(budget)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads!r}")
-
-
-def check_budget(budget):
-    if not (isinstance(budget, (int, float, np.integer, np.floating)) and math.isfinite(budget)
-            and budget >= 0):
-        raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
-
-
-def check_lam(lam):
-    if not (isinstance(lam, (int, float, np.integer, np.floating)) and math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
 
 
 def checked_eligible(eligible, n: int) -> np.ndarray | None:
@@ -533,19 +551,21 @@ def eligible_fingerprint(eligible: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(eligible, np.int64).tobytes()).hexdigest()[:16]
 
 
-def run_greedy(objective, budget: float, *, budget_unit: str = "examples", method: str = "lazy",
-               eligible: np.ndarray | None = None, batch_size: int | None = None,
-               progress: Callable[[int, int], None] | None = None,
-               checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-               guard: NearDuplicateGuard | None = None, settings: dict | None = None,
-               label: str = "tokenod") -> Selection:
-    """Greedy selection over ``objective`` (arguments already validated by the caller).
+def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = Hooks(), *,
+               eligible: np.ndarray | None = None, guard: NearDuplicateGuard | None = None,
+               method: str = "lazy", label: str = "tokenod") -> Selection:
+    """Greedy selection over ``objective`` for ``request`` (its budget, unit, λ and batch size).
 
-    ``eligible``: sorted unique positions allowed (None: all). ``settings``: the objective's
-    settings recorded in the checkpoint header (e.g. {"lam": λ}). ``label``: the method name
-    stored in the Selection (and in the checkpoint header when it is not "tokenod").
-    Budget, knapsack, certificate, checkpoint and resume semantics: see ``logdet.select``.
+    ``eligible``: sorted unique positions allowed (None: all; the request's, checked against
+    the pool). ``guard``: the near-duplicate guard over the pool's embeddings. ``method``:
+    "lazy" or "naive" (checked by the caller). ``label``: the method name stored in the
+    Selection (and in the checkpoint header when it is not "tokenod"). The checkpoint header
+    records the request's λ. Budget, knapsack, certificate, checkpoint and resume semantics:
+    see ``logdet.select``.
     """
+    budget, budget_unit = request.budget, request.budget_unit
+    batch_size = request.batch_size
+    progress, checkpoint, resume = hooks.progress, hooks.checkpoint, hooks.resume
     n = objective.n
     if budget_unit == "examples":
         costs = np.ones(n)
@@ -568,7 +588,7 @@ def run_greedy(objective, budget: float, *, budget_unit: str = "examples", metho
         extra["eligible"] = eligible_fingerprint(eligible)
     if guard is not None:
         extra["near_dup_cosine"] = guard.threshold
-    header = _checkpoint_header(n, budget, budget_unit, settings or {}, method, extra)
+    header = _checkpoint_header(n, budget, budget_unit, {"lam": request.lam}, method, extra)
     records = {} if resume is None else _check_resume(resume, header, tuple(variants))
     initial = InitialBounds(np.zeros(n), None, 0, False)
     if method == "lazy" and len(candidates):
@@ -592,9 +612,8 @@ def run_greedy(objective, budget: float, *, budget_unit: str = "examples", metho
         tightener = None if method == "naive" else objective.bound_tightener(initial)
         variant_guard = None if guard is None else NearDuplicateGuard(guard.embeddings,
                                                                       guard.threshold)
-        state = _Run(objective, initial.values.copy(), costs, budget, max_picks,
-                     budget_unit == "examples", tightener,
-                     np.full(n, 0 if initial.exact else -1, np.int64), variant_guard)
+        state = _Run(objective, initial, costs, budget, max_picks, budget_unit == "examples",
+                     tightener, variant_guard)
         replay = records.get(variant, {"picks": [], "gains": []})
         for i, gain in zip(replay["picks"], replay["gains"]):
             state.take(int(i), float(gain))

@@ -11,8 +11,9 @@ submodular, so
 * those stale bounds certify the result (see greedy.py).
 
 This module holds the objective (``LogDetObjective``: the batched Cholesky evaluator, the
-bound tightener, the sorted-spectrum bounds), the conditioning check on λ, and the public
-``select`` and ``logdet_gains``; the greedy loops live in greedy.py.
+bound tightener, the sorted-spectrum bounds), the conditioning check on λ, the one skeleton
+that runs any objective (``run_objective``), and the public ``select``, ``logdet_gains`` and
+``information_matrix``; the greedy loops live in greedy.py.
 
 Pure math: numpy + torch only (no Ray, no transformers). A FeatureSet (features.py) is
 used by duck typing (``factors``, ``offsets``, ``spectrum``, ``num_targets``,
@@ -23,17 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import mmap
-import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from ..features.load import FactorRows as _Pool
 from ..validation import check_feature_set, checked_examples
-from .greedy import (KNAPSACK_VARIANTS, InitialBounds, Selection, check_budget_args, check_lam,
-                     check_near_dup_cosine, checked_eligible, empty_selection, make_guard,
-                     run_greedy, with_threads)
+from .greedy import (KNAPSACK_VARIANTS, InitialBounds, NearDuplicateGuard, Objective, Selection,
+                     check_greedy_method, checked_eligible, empty_selection, run_greedy, with_threads)
+from .request import Hooks, SelectionRequest, check_lam
 
 # Inflation of stored float32 spectra so the free initial bounds stay ≥ the gains computed
 # from the float32 factors (see FeatureSet.initial_gains).
@@ -69,113 +68,6 @@ BOUND_SLACK = 1e-9
 # from the exact greedy and Cholesky factorisations start to fail (all of them by 1e17).
 # 1e12 keeps three orders of magnitude below the first wrong pick.
 MAX_CONDITION = 1e12
-
-
-class _Pool:
-    """Examples as contiguous factor rows: example i owns rows offsets[i]:offsets[i+1].
-
-    Rows of a C-contiguous ``np.memmap`` that maps its file itself are read with positioned
-    reads (``os.preadv``), not through the mapping: pages of a mapping that were touched
-    stay in the process's RSS, which would grow toward the whole factor file.
-    """
-
-    def __init__(self, factors, offsets, costs, feature_set=None):
-        self.factors = factors
-        self.offsets = np.asarray(offsets, np.int64)
-        self.widths = np.diff(self.offsets)
-        self.costs = np.asarray(costs, np.float64)
-        self.feature_set = feature_set
-        self.file = factors.filename if isinstance(factors, np.memmap) and isinstance(
-            factors.base, mmap.mmap) and factors.flags.c_contiguous else None
-
-    def fill(self, ids: np.ndarray, padded: np.ndarray):
-        """padded[b, :width_b] ← example ids[b]'s rows (the rest is left as it is)."""
-        widths = self.widths[ids]
-        if self.file is None:
-            columns = np.arange(padded.shape[1])
-            mask = columns[None, :] < widths[:, None]
-            padded[mask] = self.factors[(self.offsets[ids][:, None] + columns[None, :])[mask]]
-            return
-        row_bytes = padded.shape[2] * padded.itemsize
-        with open(self.file, "rb") as file:
-            for b in np.argsort(self.offsets[ids]):  # file order
-                size = int(widths[b]) * row_bytes
-                start = self.factors.offset + int(self.offsets[ids[b]]) * row_bytes
-                if size and os.preadv(file.fileno(), [padded[b, :widths[b]]], start) != size:
-                    raise OSError(f"short read from {self.file}")
-
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Factor rows start:stop as an array (positioned reads for a file-backed memmap)."""
-        if self.file is None:
-            return np.asarray(self.factors[start:stop])
-        out = np.empty((stop - start, self.dim), self.factors.dtype)
-        size = out.nbytes
-        if size:
-            with open(self.file, "rb") as file:
-                offset = self.factors.offset + start * self.dim * out.itemsize
-                if os.preadv(file.fileno(), [out], offset) != size:
-                    raise OSError(f"short read from {self.file}")
-        return out
-
-    @property
-    def n(self) -> int:
-        return len(self.widths)
-
-    @property
-    def dim(self) -> int:
-        return int(self.factors.shape[1])
-
-    def rows(self, i: int) -> np.ndarray:
-        """Example i's factor rows as float64 (r_i, d)."""
-        rows = np.zeros((1, self.widths[i], self.dim), self.factors.dtype)
-        self.fill(np.array([i]), rows)
-        return rows[0].astype(np.float64)
-
-    def gram(self) -> np.ndarray:
-        """Σ_i A_i over the whole pool, float64 (d × d)."""
-        rows = np.asarray(self.factors, np.float64)
-        return rows.T @ rows
-
-    def embeddings(self) -> np.ndarray:
-        """Each example's embedding for the near-duplicate guard: a FeatureSet's
-        ``embeddings`` (the mean target-token row), else the mean of the example's rows."""
-        if self.feature_set is not None:
-            embeddings = np.asarray(self.feature_set.embeddings)
-            if len(embeddings) != self.n or (embeddings.ndim == 2 and embeddings.shape[1] != self.dim):
-                raise ValueError(f"near_dup_cosine: embeddings have shape {embeddings.shape}, "
-                                 f"expected ({self.n}, {self.dim})")
-            if not np.all(np.isfinite(embeddings)):
-                raise ValueError("near_dup_cosine: non-finite example embeddings")
-            if self.n and not np.any(embeddings) and np.any(self.widths):
-                raise ValueError("near_dup_cosine: this FeatureSet carries no example embeddings "
-                                 "(all zero); the guard needs them")
-            return embeddings
-        out = np.zeros((self.n, self.dim))
-        for i in np.flatnonzero(self.widths):
-            out[i] = self.factors[self.offsets[i]:self.offsets[i + 1]].mean(axis=0)
-        return out
-
-    def largest_eigenvalues(self, ids: np.ndarray, above: float) -> np.ndarray:
-        """λ_max(A_i) for each id wherever it exceeds ``above`` (elsewhere a value ≤ ``above``).
-
-        FeatureSet: the stored spectrum. Arrays: ‖X_i‖²_F bounds λ_max from above; only the
-        examples whose bound exceeds ``above`` get an exact spectral norm.
-        """
-        out = np.zeros(self.n)
-        nonempty = np.flatnonzero(self.widths > 0)
-        if len(nonempty) == 0:
-            return out[ids]
-        starts = self.offsets[:-1][nonempty]  # segments between them hold one example's rows
-        if self.feature_set is not None:
-            out[nonempty] = np.maximum.reduceat(np.asarray(self.feature_set.spectrum, np.float64),
-                                                starts)
-            return out[ids]
-        out[nonempty] = np.add.reduceat(np.einsum("ij,ij->i", self.factors, self.factors), starts)
-        out = out[ids]
-        for k in np.flatnonzero(out > above):
-            i = int(ids[k])
-            out[k] = np.linalg.norm(self.factors[self.offsets[i]:self.offsets[i + 1]], 2) ** 2
-        return out
 
 
 class _GainEvaluator:
@@ -653,12 +545,12 @@ class LogDetObjective:
     knapsack_variants = KNAPSACK_VARIANTS
     lazy_batch = None
 
-    def __init__(self, pool: _Pool, sigma0: np.ndarray, lam: float, device):
+    def __init__(self, pool: _Pool, sigma0: np.ndarray, request: SelectionRequest):
         self.pool = pool
-        self.lam = lam
+        self.lam = request.lam
         self.n = pool.n
         self.costs = pool.costs
-        self.evaluator = _GainEvaluator(pool, sigma0, device)
+        self.evaluator = _GainEvaluator(pool, sigma0, request.device)
 
     def reset(self):
         self.evaluator.reset()
@@ -712,13 +604,8 @@ def _prepare(examples, lam, prior, eligible):
     return pool, sigma0, conditioning, eligible
 
 
-def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
-           budget_unit: str = "examples", prior=None, device: str = "cpu",
-           batch_size: int | None = None,
-           progress: Callable[[int, int], None] | None = None,
-           checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-           threads: int | None = None, near_dup_cosine: float | None = None,
-           eligible=None, label: str = "tokenod") -> Selection:
+def select(examples, budget: float, *, method: str = "lazy", label: str = "tokenod",
+           hooks: Hooks | None = None, **request) -> Selection:
     """Greedy TokenOD selection: maximise log det(Σ_0 + Σ_{i∈S} A_i) − log det Σ_0.
 
     ``examples``: a FeatureSet or a sequence of (m_i, d) arrays of target-token embeddings
@@ -738,7 +625,7 @@ def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
     The token budget runs cost-benefit lazy greedy (gain / cost) and unit-cost lazy greedy
     restricted to what fits, and keeps the better objective (Leskovec et al. 2007); its
     ``upper_bound`` is the min over both runs of the fractional-knapsack certificate.
-    ``progress(step, total)`` is called after each pick.
+    ``hooks.progress(step, total)`` is called after each pick.
 
     ``near_dup_cosine=T``: a candidate whose embedding (a FeatureSet's ``embeddings`` row,
     the mean of an array's rows) has cosine ≥ T with an already-picked example is not
@@ -753,9 +640,9 @@ def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
     precision, so such a λ raises a ValueError naming ``--lam``/``--lam-relative`` and the
     smallest safe λ; a factorisation that still fails raises the same kind of error.
 
-    Resume: ``checkpoint(state)`` is called after each pick with a small JSON-serialisable
+    Resume: ``hooks.checkpoint(state)`` is called after each pick with a small JSON-serialisable
     dict (the picks and gains so far of each budget variant, which variant is running, and
-    the call's settings); passing the last state received as ``resume=`` to the same call
+    the call's settings); passing the last state received as ``Hooks(resume=)`` to the same call
     replays those picks into Σ in order and continues. Guaranteed: the same ``indices``,
     ``gains`` and ``objective`` as an uninterrupted run (greedy's argmax is exact with
     lowest-index ties, so the stale bounds may restart from the initial ones). Not
@@ -765,27 +652,40 @@ def select(examples, budget: float, *, lam: float = 1.0, method: str = "lazy",
     ``threads``: torch intra-op threads for this call (restored after); 1 is fastest on a
     shared or contended CPU (see benchmarks/RESULTS.md); None keeps torch's setting.
     ``label``: the method name stored in the Selection and its checkpoints.
+    ``request``: the keywords of ``SelectionRequest`` (``lam``, ``budget_unit``, ``prior``,
+    ``eligible``, ``near_dup_cosine``, ``device``, ``threads``, ``batch_size``, …);
+    ``hooks``: ``Hooks(progress, checkpoint, resume)``.
     """
-    check_budget_args(budget, method, budget_unit, batch_size, threads)
-    check_lam(lam)
-    check_near_dup_cosine(near_dup_cosine)
-    return with_threads(threads, _select, examples, budget, lam, method, budget_unit, prior,
-                        device, batch_size, progress, checkpoint, resume, near_dup_cosine,
-                        eligible, label)
+    return run_objective(LogDetObjective, examples, SelectionRequest(budget, **request),
+                         hooks or Hooks(), method=method, label=label)
 
 
-def _select(examples, budget, lam, method, budget_unit, prior, device, batch_size,
-            progress, checkpoint, resume, near_dup_cosine, eligible, label) -> Selection:
-    pool, sigma0, conditioning, eligible = _prepare(examples, lam, prior, eligible)
+def run_objective(make_objective, examples, request: SelectionRequest, hooks: Hooks = Hooks(), *,
+                  method: str = "lazy", label: str = "tokenod") -> Selection:
+    """Greedy selection of ``examples`` (a FeatureSet or (m_i, d) arrays) over the objective
+    ``make_objective(pool, Σ_0, request)`` builds, e.g. ``LogDetObjective`` (a class, or any
+    callable with the class's ``submodular`` attribute).
+
+    The one skeleton of every objective: the validated pool, Σ_0 = λI (+ the prior's A_p)
+    and λ's conditioning check, the empty selection of an empty pool, the near-duplicate
+    guard, the request's torch threads, then ``greedy.run_greedy``.
+    """
+    check_greedy_method(method)
+    return with_threads(request.threads, _run_objective, make_objective, examples, request, hooks,
+                        method, label)
+
+
+def _run_objective(make_objective, examples, request: SelectionRequest, hooks: Hooks, method: str,
+                   label: str) -> Selection:
+    pool, sigma0, conditioning, eligible = _prepare(examples, request.lam, request.prior, request.eligible)
     if pool.n == 0:
-        return empty_selection(budget_unit, True, label)
-    guard = make_guard(pool.embeddings(), near_dup_cosine) if near_dup_cosine is not None else None
+        return empty_selection(request.budget_unit, make_objective.submodular, label)
+    guard = None if request.near_dup_cosine is None else NearDuplicateGuard(pool.embeddings(),
+                                                                              request.near_dup_cosine)
     with conditioning.failures_as_value_errors():
-        objective = LogDetObjective(pool, sigma0, lam, device)
-        return run_greedy(objective, budget, budget_unit=budget_unit, method=method,
-                          eligible=eligible, batch_size=batch_size, progress=progress,
-                          checkpoint=checkpoint, resume=resume, guard=guard,
-                          settings={"lam": lam}, label=label)
+        objective: Objective = make_objective(pool, sigma0, request)
+        return run_greedy(objective, request, hooks, eligible=eligible, guard=guard, method=method,
+                          label=label)
 
 
 def logdet_gains(features, indices, lam: float = 1.0, prior=None,
@@ -811,3 +711,19 @@ def logdet_gains(features, indices, lam: float = 1.0, prior=None,
             evaluator.add(int(i))
             values[k] = evaluator.objective
     return gains, values
+
+
+def information_matrix(features, positions: np.ndarray | None = None, *,
+                       chunk_rows: int = 1 << 16) -> np.ndarray:
+    """Σ_{i∈positions} A_i = Σ F_iᵀF_i in float64 (all examples when ``positions`` is None),
+    streaming the factor rows in chunks."""
+    total = np.zeros((features.dim, features.dim))
+    if positions is None:
+        rows = np.arange(len(features.factors))
+    else:
+        rows = np.concatenate([np.arange(features.offsets[i], features.offsets[i + 1])
+                               for i in positions] or [np.zeros(0, dtype=np.int64)])
+    for start in range(0, len(rows), chunk_rows):
+        block = np.asarray(features.factors[rows[start:start + chunk_rows]], dtype=np.float64)
+        total += block.T @ block
+    return total

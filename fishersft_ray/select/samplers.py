@@ -24,7 +24,8 @@ import numpy as np
 
 import heapq
 
-from .greedy import BUDGET_UNITS, NearDuplicateGuard, check_budget, make_guard
+from .greedy import NearDuplicateGuard, make_guard
+from .request import check_budget, check_budget_unit, check_near_dup_cosine
 
 
 def mean_embeddings(states: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -51,11 +52,9 @@ def embeddings_of(features, embeddings=None) -> np.ndarray:
 
 def walk_order(order: np.ndarray, costs: np.ndarray, budget: float, budget_unit: str = "examples",
                guard: NearDuplicateGuard | None = None) -> np.ndarray:
-    """``fill_budget`` with an optional near-duplicate guard (its ``excluded`` counts skips)."""
+    """``fill_budget`` with an optional near-duplicate guard (its ``excluded`` counts skips);
+    the budget already checked."""
     order = np.asarray(order, dtype=np.int64)
-    if budget_unit not in BUDGET_UNITS:
-        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}")
-    check_budget(budget)
     if guard is None:
         if budget_unit == "examples":
             return order[: int(budget)]
@@ -91,6 +90,9 @@ def fill_budget(order: np.ndarray, costs: np.ndarray, budget: float,
     example whose cost still fits (so the total never exceeds the budget). With
     ``near_dup_cosine`` (needs ``embeddings``), guarded examples are skipped.
     """
+    check_budget_unit(budget_unit)
+    check_budget(budget)
+    check_near_dup_cosine(near_dup_cosine)
     guard = None
     if near_dup_cosine is not None:
         if embeddings is None:

@@ -1,11 +1,11 @@
-"""Two-stage TokenOD across partitions: RandGreeDi (Barbosa et al. 2015), after GreeDi
-(Mirzasoleiman et al. 2013).
+"""Two-stage selection across partitions: RandGreeDi (Barbosa et al. 2015), after GreeDi
+(Mirzasoleiman et al. 2013), for any certified (log-det) method: TokenOD or sentence-level OD.
 
 When every candidate's factors cannot reach one process, the examples are split by a seeded
 random partition into m parts (``part_of``: each example to a uniformly random part,
-independently); lazy TokenOD runs on each part alone (stage 1, on the cluster) and returns
-its first κ·budget picks; lazy TokenOD then runs over the union of those candidates (stage 2,
-on the driver, which only ever holds m·κ·budget examples). The answer is the better of
+independently); the method's lazy greedy runs on each part alone (stage 1, on the cluster)
+and returns its first κ·budget picks; it then runs over the union of those candidates
+(stage 2, on the driver, which only ever holds m·κ·budget examples). The answer is the better of
 stage 2 and the best part's own answer for the budget (RandGreeDi keeps the better of the
 two; that is what its guarantee needs: E[f] ≥ (1 − 1/e)/2 · f(OPT) under an example budget
 with a random partition).
@@ -32,8 +32,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .greedy import Selection
-from .logdet import select
+from .greedy import Selection, checked_eligible
+from .methods import CERTIFIED, run_method, with_logdet_value
+from .request import SelectionRequest
 
 
 # SplitMix64's constants (Steele, Lea & Flood 2014): a bijective mix of 64-bit keys whose
@@ -92,9 +93,10 @@ def combine(union, part_keys: Sequence[np.ndarray], part_selections: Sequence[Se
 
     ``union``: a FeatureSet of every part's candidates; ``part_keys[p]``: part p's picks as
     ``row_index`` values (pick order), ``part_selections[p]`` its stage-1 Selection.
-    ``run_union(union)`` runs the same lazy TokenOD with ``budget`` on the union (the
-    caller's λ, prior, checkpoints…). Returns the kept Selection (indices into ``union``)
-    and the manifest's account of the two stages.
+    ``run_union(union)`` runs the same method with ``budget`` on the union (the caller's λ,
+    prior, checkpoints…). Returns the kept Selection (indices into ``union``; its
+    ``logdet_value`` is the caller's to fill, ``with_logdet_value``) and the manifest's
+    account of the two stages.
     """
     sorter = np.argsort(union.row_index, kind="stable")
 
@@ -124,8 +126,7 @@ def combine(union, part_keys: Sequence[np.ndarray], part_selections: Sequence[Se
     else:
         kept, kept_from = stage2, "union"
     kept = dataclasses.replace(kept, evaluations=evaluations, bound_updates=bound_updates,
-                               upper_bound=upper_bound,
-                               logdet_value=float(kept.objective[-1]) if len(kept.objective) else 0.0)
+                               upper_bound=upper_bound, logdet_value=None)
     account = {
         "parts": len(part_selections),
         "candidates": int(union.n),
@@ -141,25 +142,43 @@ def combine(union, part_keys: Sequence[np.ndarray], part_selections: Sequence[Se
     return kept, account
 
 
-def select_two_stage(features, budget: float, *, parts: int, oversample: float = 1.0, seed: int = 0,
-                     budget_unit: str = "examples", eligible=None,
-                     map_parts: Callable = map, **select_kwargs) -> tuple[Selection, dict]:
-    """Both stages on one in-memory FeatureSet (unique ``row_index``; ``select``'s other
-    keyword arguments pass through to every run). ``map_parts(function, parts)`` runs stage 1 (default: in turn).
-    Returns the Selection (indices into ``features``) and the account of ``combine``."""
-    positions = np.arange(features.n) if eligible is None else np.asarray(eligible, np.int64)
-    part = part_of(features.row_index[positions], parts, seed)  # as the job splits its shards
+def check_two_stage_method(method: str):
+    if method not in CERTIFIED:
+        raise ValueError(f"two-stage selection runs a certified method ({', '.join(sorted(CERTIFIED))}), "
+                         f"not {method!r}")
+
+
+def stage_requests(request: SelectionRequest, oversample: float) -> tuple[SelectionRequest, SelectionRequest]:
+    """The requests of stage 1 (each part: κ·budget over all of the part's rows) and of stage 2
+    (the union of the candidates) for ``request`` over the whole pool. Neither reports the
+    log-det value: the kept answer's is filled once, after ``combine``."""
+    union = dataclasses.replace(request, eligible=None, groups=None, report_logdet=False)
+    return dataclasses.replace(union, budget=part_budget(request.budget, request.budget_unit, oversample)), union
+
+
+def select_two_stage(features, budget: float, *, parts: int, oversample: float = 1.0,
+                     method: str = "tokenod", map_parts: Callable = map, **request) -> tuple[Selection, dict]:
+    """Both stages of ``method`` (in ``CERTIFIED``) on one in-memory FeatureSet (unique
+    ``row_index``); ``request``: the keywords of ``SelectionRequest`` (its ``seed`` also seeds
+    the partition, its ``eligible`` positions are the ones split). ``map_parts(function,
+    parts)`` runs stage 1 (default: in turn). Returns the Selection (indices into
+    ``features``) and the account of ``combine``."""
+    check_two_stage_method(method)
+    request = SelectionRequest(budget, **request)
+    positions = np.arange(features.n) if request.eligible is None else checked_eligible(request.eligible, features.n)
+    part = part_of(features.row_index[positions], parts, request.seed)  # as the job splits its shards
     groups = [group for group in (positions[part == p] for p in range(parts)) if len(group)]
-    stage1_budget = part_budget(budget, budget_unit, oversample)
+    stage1, stage2 = stage_requests(request, oversample)
 
     def run_part(group: np.ndarray) -> tuple[np.ndarray, Selection]:
-        picked = select(features.subset(group), stage1_budget, budget_unit=budget_unit, **select_kwargs)
+        picked = run_method(method, features.subset(group), stage1)
         return group[picked.indices], picked
 
     results = list(map_parts(run_part, groups))
     candidates = np.unique(np.concatenate([picks for picks, _ in results] or [np.zeros(0, np.int64)]))
     union = features.subset(candidates)  # its row_index: the keys combine matches picks by
     kept, account = combine(union, [features.row_index[picks] for picks, _ in results], [s for _, s in results],
-                            budget, budget_unit,
-                            lambda u: select(u, budget, budget_unit=budget_unit, **select_kwargs))
+                            budget, request.budget_unit, lambda u: run_method(method, u, stage2))
+    if request.report_logdet:
+        kept = with_logdet_value(method, union, kept, request)
     return dataclasses.replace(kept, indices=candidates[kept.indices]), account

@@ -25,10 +25,10 @@ import time
 import numpy as np
 import torch
 
-from .greedy import (InitialBounds, Selection, check_budget_args, check_lam,
-                     check_near_dup_cosine, empty_selection, make_guard, run_greedy,
-                     with_threads)
-from .logdet import _Pool, _prepare
+from .greedy import InitialBounds, Selection
+from ..features.load import FactorRows as _Pool
+from .logdet import run_objective
+from .request import Hooks, SelectionRequest
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,13 @@ class VOptimalObjective:
     submodular = False
     knapsack_variants = ("cost_benefit",)
 
-    def __init__(self, pool: _Pool, sigma0: np.ndarray, device, chunk: int = LAZY_BATCH):
+    def __init__(self, pool: _Pool, sigma0: np.ndarray, request: SelectionRequest):
         self.pool = pool
         self.n = pool.n
         self.costs = pool.costs
-        self.lazy_batch = chunk
-        self.chunk = chunk
-        self.device = torch.device(device)
+        self.chunk = request.batch_size or LAZY_BATCH
+        self.lazy_batch = self.chunk
+        self.device = torch.device(request.device)
         self.gram = self._pool_gram()
         self.sigma0 = torch.as_tensor(sigma0, dtype=torch.float64, device=self.device)
         self.reset()
@@ -122,40 +122,24 @@ class VOptimalObjective:
         return None
 
 
-def select_vopt(features, budget: float, *, lam: float = 1.0, method: str = "lazy",
-                budget_unit: str = "examples", prior=None, device: str = "cpu",
-                batch_size: int | None = None, progress=None, checkpoint=None, resume=None,
-                threads: int | None = None, near_dup_cosine: float | None = None,
-                eligible=None) -> Selection:
+def select_vopt(features, budget: float, *, method: str = "lazy", hooks: Hooks | None = None,
+                **request) -> Selection:
     """Greedy V-optimal selection through greedy.py's driver (``method="vopt"``).
 
     Arguments as ``logdet.select`` (a FeatureSet or a list of (m_i, d) arrays; the same
-    budgets, prior, eligibility, guard, checkpoint and λ conditioning check). ``batch_size``:
+    budgets, prior, eligibility, guard, hooks and λ conditioning check). ``batch_size``:
     stale entries re-evaluated per lazy round and examples per padded batch (default 8).
     G sums A_i over the whole pool, eligible or not. Lazy greedy is a heuristic here (V is
     not submodular): ``method="naive"`` gives the plain greedy. ``upper_bound`` is None.
     """
-    check_budget_args(budget, method, budget_unit, batch_size, threads)
-    check_lam(lam)
-    check_near_dup_cosine(near_dup_cosine)
-    return with_threads(threads, _select, features, budget, lam, method, budget_unit, prior,
-                        device, batch_size, progress, checkpoint, resume, near_dup_cosine,
-                        eligible)
+    return run_vopt(features, SelectionRequest(budget, **request), hooks or Hooks(), method)
 
 
-def _select(features, budget, lam, method, budget_unit, prior, device, batch_size, progress,
-            checkpoint, resume, near_dup_cosine, eligible) -> Selection:
+def run_vopt(features, request: SelectionRequest, hooks: Hooks = Hooks(),
+             method: str = "lazy") -> Selection:
+    """``select_vopt`` for a built request, logging what the run cost."""
     started = time.time()
-    pool, sigma0, conditioning, eligible = _prepare(features, lam, prior, eligible)
-    if pool.n == 0:
-        return empty_selection(budget_unit, False, "vopt")
-    guard = make_guard(pool.embeddings(), near_dup_cosine) if near_dup_cosine is not None else None
-    with conditioning.failures_as_value_errors():
-        objective = VOptimalObjective(pool, sigma0, device, batch_size or LAZY_BATCH)
-        selection = run_greedy(objective, budget, budget_unit=budget_unit, method=method,
-                               eligible=eligible, batch_size=batch_size, progress=progress,
-                               checkpoint=checkpoint, resume=resume, guard=guard,
-                               settings={"lam": lam}, label="vopt")
-    log.info("V-optimal %s budget %g: %d picks, %d evaluations, %.0f s", budget_unit, budget,
-             len(selection.indices), selection.evaluations, time.time() - started)
+    selection = run_objective(VOptimalObjective, features, request, hooks, method=method, label="vopt")
+    log.info("V-optimal %s budget %g: %d picks, %d evaluations, %.0f s", request.budget_unit,
+             request.budget, len(selection.indices), selection.evaluations, time.time() - started)
     return selection
