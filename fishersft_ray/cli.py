@@ -7,6 +7,7 @@ builds the typed settings once and dispatches.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -42,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StorageError, FileNotFoundError, ModelUnavailable, ActorsUnavailable) as exc:
         print(f"fishersft-ray: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nfishersft-ray: interrupted; rerun the same command to resume (features and the selection "
+              "checkpoint are kept)", file=sys.stderr)
+        return 130
+    finally:
+        # Free what a failed stage's frames still hold (Arrow readers and their threads) now, while
+        # Arrow is whole, not in the interpreter's teardown, where it can abort (apache/arrow#34314).
+        gc.collect()
 
 
 def _select(settings: SelectSettings) -> int:
@@ -51,7 +60,7 @@ def _select(settings: SelectSettings) -> int:
     result = run_select(settings)
     print(f"\nfishersft-ray: selected {len(result.selection.indices)} examples → {result.output}")
     print(summary_table(result.manifest))
-    subset = result.manifest["files"][0]
+    subset = result.manifest["files"][0]["name"]
     peek = (f"head -n 3 {result.output}/{subset}" if subset.endswith(".jsonl") else
             f"python -c \"import pyarrow.parquet as pq; [print(r) for r in "
             f"pq.read_table('{result.output}/{subset}').slice(0, 3).to_pylist()]\"")

@@ -257,7 +257,11 @@ class FeaturizeConfig:
             _check_positive(value, flag)
 
     def for_width(self, dim: int | None) -> "FeaturizeConfig":
-        """``project_dim="auto"`` resolved for a model of hidden size ``dim`` (unknown: none)."""
+        """``project_dim="auto"`` resolved for a model of hidden size ``dim`` (unknown: none);
+        a ``--project-dim`` wider than the model is an error."""
+        if isinstance(self.project_dim, int) and dim is not None and self.project_dim > dim:
+            raise ValueError(f"--project-dim {self.project_dim} is wider than the model's hidden size {dim}: "
+                             f"pass at most {dim}, or none to keep the full width")
         if self.project_dim != "auto":
             return self
         wide = dim is not None and dim > AUTO_PROJECT_ABOVE
@@ -330,7 +334,7 @@ class Resources:
 class Rules:
     """Selection rules shared by every method (select/rules.py)."""
 
-    lam: float = option(1.0, help="ridge λ in Σ_0 = λI")
+    lam: float | None = option(None, help="ridge λ in Σ_0 = λI (default: 1)")
     lam_relative: float | None = option(None, help="instead of --lam: λ = this × the corpus's mean ‖x‖² "
                                                    "per target token")
     length_cap: str | None = option(None, help="never select examples with more target tokens than this: "
@@ -341,6 +345,10 @@ class Rules:
                                                       "example is not picked (e.g. 0.98; default: off)")
 
     def __post_init__(self):
+        if self.lam is not None and self.lam_relative is not None:
+            raise ValueError(f"--lam {self.lam:g} and --lam-relative {self.lam_relative:g} both set λ: pass one")
+        if self.lam is None:  # the one place the default λ is decided
+            object.__setattr__(self, "lam", 1.0)
         if not (isinstance(self.lam, (int, float)) and np.isfinite(self.lam) and self.lam > 0):
             raise ValueError(f"--lam must be a finite number > 0, got {self.lam}")
         _check_positive(self.lam_relative, "--lam-relative")
@@ -421,8 +429,12 @@ class SelectSettings:
     def __post_init__(self):
         from fishersft_ray.select.methods import METHODS
 
-        if not (isinstance(self.budget, (int, np.integer)) and self.budget >= 0):
-            raise ValueError(f"--budget must be an integer ≥ 0, got {self.budget!r}")
+        if not (isinstance(self.budget, (int, np.integer)) and self.budget >= 1):
+            raise ValueError(f"--budget must be an integer ≥ 1, got {self.budget!r}")
+        if not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
+            raise ValueError(f"--seed must be an integer ≥ 0, got {self.seed!r}")
+        if not self.checkpoint_seconds >= 0:  # also refuses NaN
+            raise ValueError(f"--checkpoint-seconds must be a number ≥ 0, got {self.checkpoint_seconds!r}")
         _check_choice(self.budget_unit, BUDGET_UNITS, "--budget-unit")
         _check_choice(self.method, METHODS, "--method")
         if self.method == "balanced" and not self.groups.given:

@@ -101,15 +101,22 @@ def render_report(features: FeatureSet, selection: Selection, *, lam: float,
     return buffer.getvalue()
 
 
+def _skip_counts(skipped: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()) if v) or "none"
+
+
 def summary_table(manifest: dict) -> str:
     """A short plain-text table of what a run read, skipped, selected and how long it took."""
     corpus, sel = manifest["corpus"], manifest["selection"]
-    skipped = ", ".join(f"{k}={v}" for k, v in sorted(corpus["skipped"].items()) if v) or "none"
+    skipped = _skip_counts(corpus["skipped"])
     rows = [
         ("output", manifest["output"]),
         ("model", f"{manifest['model']['name']} (d={manifest['model']['dim']})"),
         ("rows read / kept", f"{corpus['rows_read']} / {corpus['kept']}  (skipped: {skipped}; "
                              f"truncated: {corpus['truncated']})"),
+        *([("prior rows read / kept", f"{prior['rows_read']} / {prior['kept']}  "
+                                      f"(skipped: {_skip_counts(prior['skipped'])})")]
+          if (prior := manifest.get("prior")) else []),
         ("features", "reused from cache" if manifest["features"]["reused"] else "computed"),
         ("selected", f"{sel['selected']} examples, {sel['selected_target_tokens']} of "
                      f"{corpus['target_tokens']} target tokens ({sel['budget_unit']} budget "

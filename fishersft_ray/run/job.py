@@ -1,7 +1,7 @@
 """The `select` command: the stages in order, one direction only.
 
-    check storage → read corpus → resolve model → feature cache (executor) → rules → select
-    → subset + ranking + report, manifest last
+    check storage, lock the output → read corpus → resolve model → feature cache (executor)
+    → rules → select → subset + ranking + report, manifest last
 
 Each stage hands the next a columnar object (Arrow table, feature shards, FeatureSet,
 Selection) and gets plain values or its own settings group, never the command's settings.
@@ -9,10 +9,15 @@ Selection) and gets plain values or its own settings group, never the command's 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import datetime
 import functools
+import hashlib
 import json
 import logging
+import math
+import posixpath
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -86,11 +91,12 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
     timer = StageTimer()
     options = settings.storage_options
     output = Location.of(settings.output, options)
+    feature_root = Location.of(settings.features or f"{settings.output}/features", options)
     with timer.stage("check_storage"):
-        Location.of(settings.input, options).check_readable()
-        output.check_writable()
-        # An earlier complete run here is no longer complete once we start rewriting it.
-        output.remove(MANIFEST_NAME)
+        _check_locations(settings, output, feature_root)
+        stack.enter_context(output.exclusive())  # one run at a time writes a local output
+        output.remove_stale_temporaries()
+        feature_root.remove_stale_temporaries()
     executor = executor_for(settings.resources)
 
     with timer.stage("read_corpus"):
@@ -106,7 +112,7 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
         config = executor.featurizer_config(dataclasses.replace(settings.featurize, model=model)
                                             .for_width(model.hidden_size()))
 
-    cache = FeatureCache(Location.of(settings.features or f"{settings.output}/features", options), executor)
+    cache = FeatureCache(feature_root, executor)
     memory_budget = driver_store.memory_budget_bytes(settings.driver_memory_gb)
     spill = driver_store.spill_root(settings.spill_dir)
     guess = driver_store.estimate(corpus, config, model.hidden_size())
@@ -136,7 +142,9 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
             raise RuntimeError(f"feature shards at {shards.url} hold {pool.n} examples but the corpus has "
                                f"{corpus.num_rows}; delete that directory and re-run")
         lam = resolve_lam(settings.rules.lam, settings.rules.lam_relative, pool)
+        _check_lam_scale(lam, settings.rules, pool)
         eligible, length_cap = within_length_cap(settings.rules.length_cap, pool.num_targets)
+        _check_token_budget(settings, pool.num_targets if eligible is None else pool.num_targets[eligible])
         usable = pool.n if eligible is None else len(eligible)
         if settings.budget_unit == "examples" and settings.budget > usable:
             warnings.warn(f"budget {settings.budget} exceeds the {usable} usable examples: "
@@ -145,6 +153,8 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
                                     settings.budget_unit, lam, length_cap and length_cap["tokens"],
                                     settings.method, settings.seed, settings.rules.near_dup_cosine,
                                     *((parts, settings.part_oversample) if parts > 1 else ()))
+        # Every check passed: an earlier complete run here stops being complete as we rewrite it.
+        output.remove(MANIFEST_NAME)
         checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
         device = selection_device(settings.featurize.device)
 
@@ -172,11 +182,51 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
     with timer.stage("write_outputs"):
         picked = picked_rows(corpus, features.row_index[selection.indices], executor)
         group_shares = None if groups is None else group_account(groups, pool, features.row_index[selection.indices])
-        manifest = _write_outputs(output, settings, corpus, picked, features, pool, selection, model,
-                                  features_info, timer, lam, length_cap, two_stage_account, report_pool,
+        manifest = _write_outputs(output, settings, corpus, prior_corpus, picked, features, pool, selection,
+                                  model, features_info, timer, lam, length_cap, two_stage_account, report_pool,
                                   group_shares)
     checkpoints.clear()
     return JobResult(output=settings.output, manifest=manifest, selection=selection)
+
+
+def _check_locations(settings: SelectSettings, output: Location, feature_root: Location) -> None:
+    """Before any work: the input is readable, nothing is written inside a corpus, and every
+    place the run writes (output, features, spill directory) takes a file."""
+    options = settings.storage_options
+    source = Location.of(settings.input, options)
+    source.check_readable()
+    for read_flag, read_url in (("--input", settings.input), ("--prior", settings.prior)):
+        if read_url is None:
+            continue
+        for write_flag, place in (("--output", output), ("--features", feature_root)):
+            if place.overlaps(Location.of(read_url, options)):
+                raise ValueError(f"{write_flag} {place.url} and {read_flag} {read_url} overlap (the same place, "
+                                 f"or one inside the other): choose a {write_flag} outside the corpus")
+    output.check_writable()
+    if settings.features:
+        feature_root.check_writable("--features")
+    if settings.spill_dir:
+        Location.of(settings.spill_dir).check_writable("--spill-dir")
+
+
+def _check_lam_scale(lam: float, rules, pool) -> None:
+    """A λ so large that 1 + (any eigenvalue)/λ rounds to 1 in float64 makes every gain 0:
+    the picks would be the corpus order, so it is an error."""
+    information = pool.mean_token_energy() * float(pool.num_targets.sum())  # Σ_i tr(A_i)
+    if information > 0 and information / lam < np.finfo(np.float64).eps:
+        flag = f"--lam-relative {rules.lam_relative:g}" if rules.lam_relative is not None else f"--lam {lam:g}"
+        raise ValueError(f"{flag} gives λ = {lam:.3g}, over 1/eps times the whole corpus's information "
+                         f"(Σ tr A_i = {information:.3g}): every gain rounds to 0; use a λ near the data's "
+                         f"scale (mean ‖x‖² per target token: {pool.mean_token_energy():.3g}), e.g. "
+                         "--lam-relative 1")
+
+
+def _check_token_budget(settings: SelectSettings, eligible_targets: np.ndarray) -> None:
+    """A token budget that no eligible example fits in would select nothing."""
+    costs = np.asarray(eligible_targets)[np.asarray(eligible_targets) > 0]
+    if settings.budget_unit == "tokens" and len(costs) and settings.budget < costs.min():
+        raise ValueError(f"--budget {settings.budget} target tokens is less than the smallest eligible "
+                         f"example's {int(costs.min())}: nothing fits; raise --budget")
 
 
 def picked_rows(corpus: CorpusIndex, row_index: np.ndarray, executor) -> pa.Table:
@@ -186,10 +236,10 @@ def picked_rows(corpus: CorpusIndex, row_index: np.ndarray, executor) -> pa.Tabl
     ascending = np.sort(row_index)
     plan = pa.table({"row_index": pa.array(ascending, pa.int64()),
                      "file": pa.array(corpus.file_of(ascending), pa.int64())})
+    if not len(row_index):  # no picks: still the corpus's columns, read from its first kept row
+        return picked_rows(corpus, corpus.row_index[:1], executor).slice(0, 0) if corpus.num_rows else pa.table({})
     tables = executor.map_files(file_rows, corpus.work(plan))
-    rows = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
-    if not rows.num_rows:
-        return rows
+    rows = pa.concat_tables(tables, promote_options="default")
     return rows.take(pa.array(np.searchsorted(ascending, row_index)))
 
 
@@ -233,6 +283,7 @@ class SelectionCheckpoints:
 
     def clear(self) -> None:
         self.output.remove(self.NAME)
+        self.output.remove_if_empty(posixpath.dirname(self.NAME))
 
 
 def _progress_bar():
@@ -269,7 +320,13 @@ def _ranking(features: FeatureSet, selection: Selection) -> pa.Table:
     })
 
 
-def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> str:
+def _write_file(location: Location, name: str, data: bytes) -> dict:
+    """Write one output file; its manifest entry: name, size and sha256."""
+    location.write_bytes(name, data)
+    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> dict:
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
@@ -278,34 +335,52 @@ def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> st
         filename = f"{name}.parquet"
     else:
         filename = f"{name}.jsonl"
-        lines = (json.dumps(row, ensure_ascii=False, default=str) for row in table.to_pylist())
+        lines = (json.dumps(_json_value(row), ensure_ascii=False, allow_nan=False) for row in table.to_pylist())
         sink.write(("\n".join(lines) + ("\n" if table.num_rows else "")).encode())
-    location.write_bytes(filename, sink.getvalue().to_pybytes())
-    return filename
+    return _write_file(location, filename, sink.getvalue().to_pybytes())
 
 
-def _write_outputs(output: Location, settings: SelectSettings, corpus: CorpusIndex, picked: pa.Table,
-                   features: FeatureSet, pool, selection: Selection, model, features_info: dict, timer: StageTimer,
-                   lam: float, length_cap: dict | None, two_stage_account: dict | None, report_pool: dict,
-                   group_shares: dict | None) -> dict:
+def _json_value(value):
+    """A row value as strict JSON: NaN and ±Inf → null, bytes → base64, dates and times →
+    ISO 8601 strings, other non-JSON scalars (decimals, …) → str."""
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int)):
+        return value
+    return str(value)
+
+
+def _write_outputs(output: Location, settings: SelectSettings, corpus: CorpusIndex, prior_corpus: CorpusIndex | None,
+                   picked: pa.Table, features: FeatureSet, pool, selection: Selection, model, features_info: dict,
+                   timer: StageTimer, lam: float, length_cap: dict | None, two_stage_account: dict | None,
+                   report_pool: dict, group_shares: dict | None) -> dict:
     """``features``: holds the picks (the whole pool, or a two-stage run's candidates);
     ``pool``: every example's small columns (``features`` itself in a one-stage run)."""
     from fishersft_ray.report import render_report
 
-    subset_file = _write_table(output, "subset", _selected_rows(picked, selection), settings.output_format)
-    ranking_file = _write_table(output, "ranking", _ranking(features, selection), "parquet")
-    output.write_bytes("report.png", render_report(features, selection, lam=lam, groups=group_shares,
-                                                   **report_pool))
-    manifest = _manifest(settings, corpus, features, pool, selection, model, features_info, timer,
-                         files=[subset_file, ranking_file, "report.png"], lam=lam,
-                         length_cap=length_cap, two_stage_account=two_stage_account, group_shares=group_shares)
+    files = [_write_table(output, "subset", _selected_rows(picked, selection), settings.output_format),
+             _write_table(output, "ranking", _ranking(features, selection), "parquet"),
+             _write_file(output, "report.png", render_report(features, selection, lam=lam, groups=group_shares,
+                                                                   **report_pool))]
+    manifest = _manifest(settings, corpus, prior_corpus, features, pool, selection, model, features_info, timer,
+                         files=files, lam=lam, length_cap=length_cap, two_stage_account=two_stage_account,
+                         group_shares=group_shares)
     output.write_json(MANIFEST_NAME, manifest)  # last: its presence means the output is complete
     return manifest
 
 
-def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSet, pool, selection: Selection,
-              model, features_info: dict, timer: StageTimer, files: list[str], lam: float,
-              length_cap: dict | None, two_stage_account: dict | None, group_shares: dict | None = None) -> dict:
+def _manifest(settings: SelectSettings, corpus: CorpusIndex, prior_corpus: CorpusIndex | None, features: FeatureSet,
+              pool, selection: Selection, model, features_info: dict, timer: StageTimer, files: list[dict],
+              lam: float, length_cap: dict | None, two_stage_account: dict | None,
+              group_shares: dict | None = None) -> dict:
     import torch
     import transformers
 
@@ -322,6 +397,7 @@ def _manifest(settings: SelectSettings, corpus: CorpusIndex, features: FeatureSe
         "corpus": {"format": corpus.format, **corpus.stats,
                    "truncated": int(pool.truncated.sum()),
                    "target_tokens": int(pool.num_targets.sum())},
+        "prior": {"format": prior_corpus.format, **prior_corpus.stats} if prior_corpus is not None else None,
         "features": features_info,
         "selection": {
             "method": selection.method,
