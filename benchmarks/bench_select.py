@@ -4,6 +4,7 @@
     python benchmarks/bench_select.py --quick    # small smoke run (< 1 min)
     python benchmarks/bench_select.py --scale    # N=1,000,000, d=128, n=10,000 from an on-disk memmap
     python benchmarks/bench_select.py --two-stage  # N=200,000, d=64: one stage vs RandGreeDi, m = 4, 16
+    python benchmarks/bench_select.py --arrays   # N=20,000, d=64, n=200: select(list of arrays) vs FeatureSet
 
 --two-stage writes the instance as parquet feature shards; each measurement is a fresh driver
 process (its own peak RSS): one stage loads every shard and runs lazy TokenOD; two stages
@@ -55,8 +56,9 @@ def token_embeddings(rng, lengths, d, axis_scales):
             + offsets).astype(np.float32)
 
 
-def synthetic_feature_set(n, d, seed=0, vary_scale=False):
-    """``vary_scale``: each example's rows × U(0.3, 2), so stale gains spread over a wide range."""
+def synthetic_examples(n, d, seed=0, vary_scale=False):
+    """Each example's (m_i, d) target-token rows. ``vary_scale``: each example's rows ×
+    U(0.3, 2), so stale gains spread over a wide range."""
     rng = np.random.default_rng(seed)
     lengths = sample_lengths(rng, n)
     axis_scales = (1.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float32)
@@ -64,7 +66,23 @@ def synthetic_feature_set(n, d, seed=0, vary_scale=False):
     if vary_scale:
         rows *= np.repeat(rng.uniform(0.3, 2.0, size=n).astype(np.float32), lengths)[:, None]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return FeatureSet.from_examples([rows[bounds[i]:bounds[i + 1]] for i in range(n)])
+    return [rows[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+def synthetic_feature_set(n, d, seed=0, vary_scale=False):
+    return FeatureSet.from_examples(synthetic_examples(n, d, seed, vary_scale))
+
+
+def arrays_vs_feature_set(n, budget, d):
+    """Lazy greedy on the same rows given to ``select`` as a list of arrays and as a FeatureSet."""
+    examples = synthetic_examples(n, d, seed=n + d, vary_scale=True)
+    features = FeatureSet.from_examples(examples)
+    arrays, arrays_s = timed_select(examples, budget, threads=1)
+    stored, stored_s = timed_select(features, budget, threads=1)
+    print(f"arrays_vs_feature_set N={n} n={budget} d={d} scales~U(0.3,2): arrays_s={arrays_s:.2f} "
+          f"arrays_evals={arrays.evaluations} feature_set_s={stored_s:.2f} feature_set_evals={stored.evaluations} "
+          f"picks_equal={bool(np.array_equal(arrays.indices, stored.indices))} "
+          f"arrays_certificate_ratio={arrays.certificate_ratio:.4f}", flush=True)
 
 
 def timed_select(features, budget, **kwargs):
@@ -309,6 +327,8 @@ def main():
     parser.add_argument("--scale", action="store_true", help="N=1M, d=128, n=10k from an on-disk memmap")
     parser.add_argument("--two-stage", action="store_true", help="N=200K, d=64: one stage vs two stages "
                         "(--parts) over parquet shards")
+    parser.add_argument("--arrays", action="store_true", help="N=20K, d=64, n=200: the same rows as a list "
+                        "of arrays and as a FeatureSet")
     parser.add_argument("--parts", default="4,16", help="--two-stage: part counts, comma-separated")
     parser.add_argument("--generate-into", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1_000_000, help="--scale: number of examples")
@@ -329,6 +349,9 @@ def main():
     if args.two_stage:
         two_stage_run(args.n if args.n != 1_000_000 else 200_000, args.d if args.d != 128 else 64,
                       args.budget if args.budget != 10_000 else 1000, [int(p) for p in args.parts.split(",")])
+        return
+    if args.arrays:
+        arrays_vs_feature_set(20_000, 200, 64)
         return
     if args.scale:
         scale_run(args.n, args.d, args.budget, args.seed, args.instance_dir, args.workers)

@@ -124,13 +124,15 @@ class FeatureSet:
 
     @classmethod
     def from_examples(cls, examples: Sequence[np.ndarray], num_targets=None, ids=None,
-                      row_index=None, max_rank: int | None = None, meta=None) -> FeatureSet:
-        """Apply the storage rule to each (m_i, d) array of target-token embeddings."""
+                      row_index=None, max_rank: int | None = None, meta=None,
+                      dtype=np.float32) -> FeatureSet:
+        """Apply the storage rule to each (m_i, d) array of target-token embeddings
+        (factors of ``dtype``: see ``factor_from_rows``)."""
         arrays = checked_examples(examples)
         dim = arrays[0].shape[1] if arrays else None
         factors, spectra = [], []
         for X in arrays:
-            factor, spectrum = factor_from_rows(X, max_rank)
+            factor, spectrum = factor_from_rows(X, max_rank, dtype)
             factors.append(factor)
             spectra.append(spectrum)
         if dim is None:

@@ -47,8 +47,10 @@ def _eigen_factor(X64, keep: int, xp):
     return (V[:, :keep] * xp.sqrt(w[:keep])).T, w[:keep]
 
 
-def factor_from_rows(X: np.ndarray, max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Storage rule: a factor F (r, d) float32 with Fᵀ F = Xᵀ X, and its spectrum (r,).
+def factor_from_rows(X: np.ndarray, max_rank: int | None = None,
+                     dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Storage rule: a factor F (r, d) of ``dtype`` (float32 as stored; float64 keeps arrays
+    given to ``select`` at their precision) with Fᵀ F = Xᵀ X, and its float32 spectrum (r,).
 
     m ≤ d: F = X itself (lossless, r = m) and the spectrum is eigvalsh(X Xᵀ) clipped at 0.
     m > d: F = diag(√w) Vᵀ from Xᵀ X = V diag(w) Vᵀ, dropping numerically-zero pairs.
@@ -62,13 +64,13 @@ def factor_from_rows(X: np.ndarray, max_rank: int | None = None) -> tuple[np.nda
     if max_rank is not None and max_rank < 0:
         raise ValueError(f"max_rank must be >= 0, got {max_rank}")
     if m == 0 or max_rank == 0:
-        return np.zeros((0, d), np.float32), np.zeros(0, np.float32)
+        return np.zeros((0, d), dtype), np.zeros(0, np.float32)
     X64 = X.astype(np.float64, copy=False)
     if keeps_rows(m, d, max_rank):
         spectrum = np.clip(np.linalg.eigvalsh(X64 @ X64.T)[::-1], 0.0, None)
-        return np.ascontiguousarray(X, np.float32), spectrum.astype(np.float32)
+        return np.ascontiguousarray(X, dtype), spectrum.astype(np.float32)
     factor, spectrum = _eigen_factor(X64, kept_rank(m, d, max_rank), np)
-    return factor.astype(np.float32), spectrum.astype(np.float32)
+    return factor.astype(dtype), spectrum.astype(np.float32)
 
 
 def device_factors(rows: list[torch.Tensor], max_rank: int | None = None,

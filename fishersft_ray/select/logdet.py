@@ -15,9 +15,9 @@ bound tightener, the sorted-spectrum bounds), the conditioning check on λ, the 
 that runs any objective (``run_objective``), and the public ``select``, ``logdet_gains`` and
 ``information_matrix``; the greedy loops live in greedy.py.
 
-Pure math: numpy + torch only (no Ray, no transformers). A FeatureSet (features.py) is
-used by duck typing (``factors``, ``offsets``, ``spectrum``, ``num_targets``,
-``initial_gains``, ``embeddings``), so this module does not import pyarrow.
+Pure math: numpy + torch (no Ray, no transformers). A FeatureSet (features/) is used by
+duck typing (``factors``, ``offsets``, ``spectrum``, ``num_targets``, ``initial_gains``,
+``embeddings``); arrays become one by the storage rule.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import math
 import numpy as np
 import torch
 
+from ..features import FeatureSet
 from ..features.load import FactorRows as _Pool
 from ..validation import check_feature_set, checked_examples
 from .greedy import (KNAPSACK_VARIANTS, InitialBounds, NearDuplicateGuard, Objective, Selection,
@@ -466,6 +467,8 @@ def _as_pool(examples, what: str) -> _Pool:
 
     A FeatureSet is checked in one streaming pass (``validation.check_feature_set``: widths
     ≤ d, finite values, spectrum consistent with the factor), errors naming the example.
+    Arrays go through the storage rule once, in float64 (``FeatureSet.from_examples``), so
+    they carry the spectra that give lazy greedy its free bounds, as a FeatureSet does.
     """
     if hasattr(examples, "factors") and hasattr(examples, "offsets"):
         pool = _Pool(examples.factors, examples.offsets, examples.num_targets, examples)
@@ -474,11 +477,10 @@ def _as_pool(examples, what: str) -> _Pool:
             raise ValueError(f"{what}s: num_targets has {len(pool.costs)} entries, expected {pool.n}")
         return pool
     arrays = checked_examples(examples, what, np.float64)
-    lengths = np.array([len(X) for X in arrays], np.int64)
-    offsets = np.zeros(len(arrays) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    factors = np.concatenate(arrays) if arrays else np.zeros((0, 0))
-    return _Pool(factors, offsets, lengths)
+    if not arrays:
+        return _Pool(np.zeros((0, 0)), np.zeros(1, np.int64), np.zeros(0))
+    features = FeatureSet.from_examples(arrays, dtype=np.float64)
+    return _Pool(features.factors, features.offsets, features.num_targets, features)
 
 
 class _Conditioning:
