@@ -7,23 +7,7 @@ import io
 import numpy as np
 
 from fishersft_ray.features import FeatureSet
-from fishersft_ray.select import Selection
-
-
-def information_matrix(features: FeatureSet, positions: np.ndarray | None = None, *,
-                       chunk_rows: int = 1 << 16) -> np.ndarray:
-    """Σ_{i∈positions} A_i = Σ F_iᵀF_i in float64 (all examples when ``positions`` is None),
-    streaming the factor rows in chunks."""
-    total = np.zeros((features.dim, features.dim))
-    if positions is None:
-        rows = np.arange(len(features.factors))
-    else:
-        rows = np.concatenate([np.arange(features.offsets[i], features.offsets[i + 1])
-                               for i in positions] or [np.zeros(0, dtype=np.int64)])
-    for start in range(0, len(rows), chunk_rows):
-        block = np.asarray(features.factors[rows[start:start + chunk_rows]], dtype=np.float64)
-        total += block.T @ block
-    return total
+from fishersft_ray.select import Selection, information_matrix
 
 
 def render_report(features: FeatureSet, selection: Selection, *, lam: float,

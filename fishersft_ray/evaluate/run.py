@@ -30,7 +30,7 @@ from fishersft_ray.io.groups import corpus_groups
 from fishersft_ray.io.storage import Location, fingerprint
 from fishersft_ray.run.executors import executor_for
 from fishersft_ray.run.feature_cache import FeatureCache, cache_key
-from fishersft_ray.run.job import selection_device
+from fishersft_ray.select.device import selection_device
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
         facts["redundant"] = {"share": settings.split.redundant_share, "sources": settings.split.redundant_sources,
                               "near_copy_noise": settings.split.near_copy_noise}
     checkpoint = ProtocolCheckpoint(output, fingerprint(
-        flat_dict(settings) | {"features": None, "storage_options": None, "title": None},
+        flat_dict(settings) | {"features": None, "storage_options": None, "title": None, "config_file": None},
         protocol.recipe_lrs, protocol.recipe_epochs, model.fingerprint, features_info["key"],
         pool.row_index.tolist(), list(pool.states.shape)))
     result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, protocol, settings.rules,

@@ -30,15 +30,16 @@ import pyarrow as pa
 from fishersft_ray import __version__
 from fishersft_ray.config import SelectSettings, flat_dict
 from fishersft_ray.faults import maybe_crash
-from fishersft_ray.features import NEAR_TWIN_COSINE, FeatureSet, FeatureSummary, count_near_twins
+from fishersft_ray.features import NEAR_TWIN_COSINE, FeatureSet, FeatureSummary, count_near_twins, skipped_rows
 from fishersft_ray.io.corpus import CorpusIndex, file_rows, index_corpus
 from fishersft_ray.io.groups import corpus_groups, group_account
 from fishersft_ray.io.storage import MANIFEST_NAME, Location, fingerprint
 from fishersft_ray.run import driver_store, two_stage
 from fishersft_ray.run.executors import executor_for, ray_version
 from fishersft_ray.run.feature_cache import FeatureCache, cache_key
-from fishersft_ray.select import CERTIFIED, Selection, run_method
-from fishersft_ray.select.rules import resolve_lam, within_length_cap
+from fishersft_ray.select import CERTIFIED, Hooks, Selection, SelectionRequest, run_method
+from fishersft_ray.select.device import selection_device
+from fishersft_ray.select.rules import count_rows_without_targets, resolve_lam, within_length_cap
 
 log = logging.getLogger("fishersft_ray")
 
@@ -63,20 +64,6 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
-
-
-def selection_device(device: str) -> str:
-    """Where this process runs the selection for ``--device``: on its GPU unless the device is
-    cpu or it has none. ``--device cuda`` on a CPU head (the featurizer actors on GPU nodes)
-    thus selects on the head's CPU instead of failing after featurizing: picks are the same on
-    either (compared on an H100, RESULTS.md)."""
-    import torch
-
-    if device == "cpu" or not torch.cuda.is_available():
-        if device == "cuda":
-            log.info("--device cuda: this driver has no GPU, so the selection runs on its CPU")
-        return "cpu"
-    return "cuda"
 
 
 def run_select(settings: SelectSettings) -> JobResult:
@@ -115,7 +102,7 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
     cache = FeatureCache(feature_root, executor)
     memory_budget = driver_store.memory_budget_bytes(settings.driver_memory_gb)
     spill = driver_store.spill_root(settings.spill_dir)
-    guess = driver_store.estimate(corpus, config, model.hidden_size())
+    guess = driver_store.estimate(corpus, config, model.hidden_size(), model, executor.map_files)
     if guess is not None:
         log.info("features: about %.3g GB estimated for %d rows (d=%d, stored width %d)",
                  guess["bytes"] / 1e9, guess["rows"], guess["dim"], guess["stored_width"])
@@ -141,6 +128,9 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
         if pool.n != corpus.num_rows:
             raise RuntimeError(f"feature shards at {shards.url} hold {pool.n} examples but the corpus has "
                                f"{corpus.num_rows}; delete that directory and re-run")
+        corpus.stats = count_rows_without_targets(corpus.stats, pool.row_index, pool.num_targets,
+                                                  skipped_rows(shards.url, shards.storage_options),
+                                                  settings.corpus.on_bad_row)
         lam = resolve_lam(settings.rules.lam, settings.rules.lam_relative, pool)
         _check_lam_scale(lam, settings.rules, pool)
         eligible, length_cap = within_length_cap(settings.rules.length_cap, pool.num_targets)
@@ -158,24 +148,22 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
         checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
         device = selection_device(settings.featurize.device)
 
-        def run(pool: FeatureSet, eligible: np.ndarray | None) -> Selection:
-            return run_method(settings.method, pool, settings.budget, budget_unit=settings.budget_unit,
-                              lam=lam, prior=prior, eligible=eligible, seed=settings.seed,
-                              device=device, progress=_progress_bar(),
-                              checkpoint=checkpoints.save, resume=checkpoints.load(),
-                              threads=settings.select_threads, near_dup_cosine=settings.rules.near_dup_cosine,
-                              groups=None if groups is None else groups.codes_of(pool.row_index))
+        request = SelectionRequest(settings.budget, budget_unit=settings.budget_unit, lam=lam, prior=prior,
+                                   eligible=eligible, near_dup_cosine=settings.rules.near_dup_cosine,
+                                   seed=settings.seed, device=device, threads=settings.select_threads)
+
+        def run(pool: FeatureSet, request: SelectionRequest) -> Selection:
+            codes = None if groups is None else groups.codes_of(pool.row_index)
+            return run_method(settings.method, pool, dataclasses.replace(request, groups=codes),
+                              Hooks(_progress_bar(), checkpoints.save, checkpoints.load()))
 
         two_stage_account, report_pool = None, {}
         if parts == 1:
-            selection = run(features, eligible)
+            selection = run(features, request)
         else:
-            result = two_stage.run(shards, pool, eligible, parts, seed=settings.seed,
-                                   oversample=settings.part_oversample, budget=settings.budget,
-                                   budget_unit=settings.budget_unit, lam=lam, prior=prior,
-                                   near_dup_cosine=settings.rules.near_dup_cosine, threads=settings.select_threads,
-                                   shuffle=functools.partial(executor.shuffle, spill_dir=spill),
-                                   run_union=lambda union: run(union, None))
+            result = two_stage.run(shards, pool, request, settings.method, parts=parts,
+                                   oversample=settings.part_oversample,
+                                   shuffle=functools.partial(executor.shuffle, spill_dir=spill), run_union=run)
             features, selection, two_stage_account = result.union, result.selection, result.account
             report_pool = {"pool_lengths": pool.num_targets, "pool_information": result.information}
 
