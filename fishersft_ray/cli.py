@@ -12,6 +12,7 @@ import logging
 import sys
 
 from fishersft_ray.config import EvaluateSettings, SelectSettings, add_options, from_args
+from fishersft_ray.config_file import ConfigFileError, use_config_file
 from fishersft_ray.io.storage import StorageError
 
 COMMANDS = {  # name → (settings class, help, flags it does not take)
@@ -21,16 +22,32 @@ COMMANDS = {  # name → (settings class, help, flags it does not take)
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config: argparse.Namespace | None = None) -> argparse.ArgumentParser:
+    """The parser of both commands; with ``config`` (a command and its ``--config`` file),
+    that file's settings are that command's defaults."""
     parser = argparse.ArgumentParser(prog="fishersft-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (settings_class, help_text, skip) in COMMANDS.items():
-        add_options(sub.add_parser(name, help=help_text, description=settings_class.__doc__), settings_class, skip)
+        command = sub.add_parser(name, help=help_text, description=settings_class.__doc__)
+        flags = add_options(command, settings_class, skip)
+        if config is not None and config.command == name and config.config_file is not None:
+            try:
+                use_config_file(flags, config.config_file)
+            except ConfigFileError as exc:
+                command.error(str(exc))
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, over the settings of its ``--config`` file if it names one."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("command", nargs="?")
+    config.add_argument("--config", dest="config_file")
+    return build_parser(config.parse_known_args(argv)[0]).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from fishersft_ray.featurize.model_ref import ModelUnavailable
     from fishersft_ray.run.executors import ActorsUnavailable

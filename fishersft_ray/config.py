@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +28,10 @@ FACTOR_DTYPES = ("float32", "float16")  # the keys of features.FACTOR_TYPES
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, parse=None, choices=None,
-           metavar: str | None = None, default_factory=dataclasses.MISSING) -> Any:
-    """A dataclass field exposed as ``--field-name`` (required when it has no default)."""
-    metadata = {"help": help, "parse": parse, "choices": choices, "metavar": metavar}
+           metavar: str | None = None, default_factory=dataclasses.MISSING, flag: str | None = None) -> Any:
+    """A dataclass field exposed as ``--field-name``, or as ``flag`` when given (required
+    when it has no default)."""
+    metadata = {"help": help, "parse": parse, "choices": choices, "metavar": metavar, "flag": flag}
     return field(default=default, default_factory=default_factory, metadata={"cli": metadata})
 
 
@@ -96,27 +98,40 @@ def _groups(cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
-def add_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+def add_options(parser: argparse.ArgumentParser, cls, skip=()) -> dict[str, argparse.Action]:
     """Add a flag for every ``option`` field of ``cls`` and of its nested groups, but those
-    named in ``skip``."""
+    named in ``skip``: the command's own fields in a "job" section of the help, each stage's
+    in a section of its own, titled by its field name and described by its docstring.
+    Returns the flags by field name."""
+    flags = _add_fields(parser.add_argument_group("job"), cls, skip)
+    for name, group in _groups(cls).items():
+        flags |= _add_fields(parser.add_argument_group(name, _first_sentence(group.__doc__)), group, skip)
+    return flags
+
+
+def _first_sentence(doc: str) -> str:
+    return re.split(r"(?<=\.)\s", " ".join(doc.split()), maxsplit=1)[0]
+
+
+def _add_fields(parser, cls, skip) -> dict[str, argparse.Action]:
+    """Flags for the ``option`` fields of ``cls`` itself (not of its nested groups)."""
     groups = _groups(cls)
+    flags = {}
     for item in dataclasses.fields(cls):
-        if item.name in groups:
-            add_options(parser, groups[item.name], skip)
-            continue
         cli = item.metadata.get("cli")
-        if cli is None or item.name in skip:
+        if item.name in groups or cli is None or item.name in skip:
             continue
-        flag = "--" + item.name.replace("_", "-")
+        flag = cli["flag"] or "--" + item.name.replace("_", "-")
         required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
         if item.default is False and cli["parse"] is None:
-            parser.add_argument(flag, dest=item.name, action="store_true", help=cli["help"])
+            flags[item.name] = parser.add_argument(flag, dest=item.name, action="store_true", help=cli["help"])
             continue
         default = None if required or item.default is dataclasses.MISSING else item.default
         kind = cli["parse"] or _scalar_type(typing.get_type_hints(cls)[item.name])
-        parser.add_argument(flag, dest=item.name, required=required, default=default, type=kind,
-                            choices=cli["choices"], metavar=cli["metavar"],
-                            help=cli["help"] + ("" if required or default is None else f" (default: {default})"))
+        flags[item.name] = parser.add_argument(
+            flag, dest=item.name, required=required, default=default, type=kind, choices=cli["choices"],
+            metavar=cli["metavar"], help=cli["help"] + ("" if required or default is None else f" (default: {default})"))
+    return flags
 
 
 def _scalar_type(hint) -> Any:
@@ -194,11 +209,30 @@ AUTO_PROJECT_DIM = 512
 # ---------------------------------------------------------------- stage groups
 
 
+class _CorpusFormats:
+    """The ``--format`` choices: auto and the names in io/corpus.py's ``FORMATS``, read each
+    time they are used (io/corpus.py imports this module, so not while it is imported)."""
+
+    def _names(self) -> tuple[str, ...]:
+        from fishersft_ray.io.corpus import FORMATS
+
+        return ("auto", *FORMATS)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
+CORPUS_FORMATS = _CorpusFormats()
+
+
 @dataclass(frozen=True)
 class CorpusOptions:
     """How corpus rows map to examples (io/corpus.py)."""
 
-    format: str = option("auto", choices=("auto", "text", "alpaca", "chat"),
+    format: str = option("auto", choices=CORPUS_FORMATS,
                          help="corpus format (auto: chat if --messages-field is present, alpaca if "
                               "--instruction-field and --output-field, text if --text-field)")
     text_field: str = option("text", help="text column of the text format")
@@ -210,6 +244,11 @@ class CorpusOptions:
     on_bad_row: str = option("error", choices=("error", "skip"),
                              help="malformed rows: stop with an error naming the row, or skip and count them")
 
+    def __post_init__(self):
+        if self.format != "auto":  # io/corpus.py builds the default while it is being imported
+            _check_choice(self.format, CORPUS_FORMATS, "--format")
+        _check_choice(self.on_bad_row, ("error", "skip"), "--on-bad-row")
+
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
@@ -218,6 +257,7 @@ class FeaturizeConfig:
 
     model: Any = option(None, help="Hugging Face id, local directory or .gguf file "
                                    "(default: the offline SmolLM2-135M-Instruct when installed)")
+    backend: str = "hf"                    # what loads the model: a name in featurize/featurizer.BACKENDS
     device: str = option("auto", choices=DEVICES, help="featurizer device (auto: GPU actors where the cluster has GPUs); the "
                                                         "selection runs on the driver's GPU too unless cpu or it has none")
     max_length: int | None = option(None, help="truncate examples to this many tokens "
@@ -273,6 +313,8 @@ class FeaturizeConfig:
         identity = dataclasses.asdict(self) | {"model": None, "projection_matrix": None}
         if self.factor_dtype == "float32":  # float32 shards predate the option: their keys stay
             del identity["factor_dtype"]
+        if self.backend == "hf":  # as do the shards of the one backend before the field
+            del identity["backend"]
         return identity
 
 
@@ -385,6 +427,9 @@ class GroupOptions:
 
 # ---------------------------------------------------------------- the commands
 
+CONFIG_HELP = ("YAML or JSON file of settings: a key per flag, e.g. `budget: 1000`; a flag on "
+               "the command line wins over the file; the manifest records the file's name")
+
 
 @dataclass(frozen=True)
 class SelectSettings:
@@ -419,6 +464,7 @@ class SelectSettings:
                                                              "memory or spill disk, else enough parts that one "
                                                              "fits its memory budget)")
     part_oversample: float = option(1.0, help="two-stage: each part returns this many times --budget candidates")
+    config_file: str | None = option(None, flag="--config", metavar="FILE", help=CONFIG_HELP)
     select_threads: int | None = None  # torch threads for the selection (None: torch's default)
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
@@ -427,7 +473,7 @@ class SelectSettings:
     groups: GroupOptions = field(default_factory=GroupOptions)
 
     def __post_init__(self):
-        from fishersft_ray.select.methods import METHODS
+        from fishersft_ray.select.methods import CERTIFIED, METHODS
 
         if not (isinstance(self.budget, (int, np.integer)) and self.budget >= 1):
             raise ValueError(f"--budget must be an integer ≥ 1, got {self.budget!r}")
@@ -446,8 +492,9 @@ class SelectSettings:
             raise ValueError(f"--partitions must be auto or an integer >= 1, got {self.partitions!r}")
         if not self.part_oversample >= 1:
             raise ValueError(f"--part-oversample must be >= 1, got {self.part_oversample}")
-        if self.partitions not in ("auto", 1) and self.method != "tokenod":
-            raise ValueError(f"--partitions {self.partitions} runs TokenOD only, not --method {self.method}")
+        if self.partitions not in ("auto", 1) and self.method not in CERTIFIED:
+            raise ValueError(f"--partitions {self.partitions} runs a certified method "
+                             f"({', '.join(sorted(CERTIFIED))}) only, not --method {self.method}")
         if self.driver_memory_gb is not None and not self.driver_memory_gb >= 0:
             raise ValueError(f"--driver-memory-gb must be >= 0, got {self.driver_memory_gb}")
 
@@ -549,6 +596,7 @@ class EvaluateSettings:
     storage_options: dict = option(default_factory=dict, parse=storage_options,
                                    help="fsspec/s3fs options as JSON (see select)")
     title: str | None = option(None, help="plot/table title (default: the input's name)")
+    config_file: str | None = option(None, flag="--config", metavar="FILE", help=CONFIG_HELP)
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
     featurize: FeaturizeConfig = field(default_factory=lambda: FeaturizeConfig(keep_states=True))
     resources: EvaluateResources = field(default_factory=EvaluateResources)

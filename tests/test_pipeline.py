@@ -9,7 +9,8 @@ import pytest
 
 from fishersft_ray.cli import main
 from fishersft_ray.config import SelectSettings
-from fishersft_ray.run.job import run_select, selection_device
+from fishersft_ray.run.job import run_select
+from fishersft_ray.select.device import selection_device
 from fishersft_ray.io.storage import StorageError
 
 WORDS = ("love war king crown night sword heart blood honour grace fortune sorrow "
