@@ -43,7 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_select import synthetic_feature_set  # noqa: E402
 
 from fishersft_ray.config import CorpusOptions, FeaturizeConfig  # noqa: E402
-from fishersft_ray.featurize.featurizer import Featurizer  # noqa: E402
+from fishersft_ray.featurize.featurizer import BACKENDS, Featurizer  # noqa: E402
 from fishersft_ray.featurize.model_ref import ModelRef  # noqa: E402
 from fishersft_ray.io.corpus import read_corpus  # noqa: E402
 from fishersft_ray.run.feature_cache import plan_forward_units  # noqa: E402
@@ -70,26 +70,26 @@ ARCHITECTURES = {
 
 
 class RandomWeights:
-    """A model backend (featurizer.HFBackend's seam) that builds the architecture with random
-    weights directly on the device, and reuses one tokenizer for every size."""
+    """A model backend (``backend="random"`` in featurizer.BACKENDS) that builds the
+    architecture the reference names with random weights directly on the device; the
+    reference's source is the tokenizer's directory, one tokenizer for every size. Keeps the
+    causal LM (``causal``) for the naive hidden-states path."""
 
-    def __init__(self, name: str, tokenizer_dir: str):
-        from transformers import AutoTokenizer, LlamaConfig
-
-        self.config = LlamaConfig(**ARCHITECTURES[name], rms_norm_eps=1e-5)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    def __init__(self):
         self.causal = None
 
     def load(self, model_ref, *, device, dtype, with_head):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-        if self.causal is None:
-            torch.manual_seed(0)
-            with torch.device(device):
-                self.causal = AutoModelForCausalLM.from_config(self.config, dtype=dtype,
-                                                               attn_implementation="sdpa").eval()
+        config = LlamaConfig(**ARCHITECTURES[model_ref.name], rms_norm_eps=1e-5)
+        torch.manual_seed(0)
+        with torch.device(device):
+            self.causal = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
         head = self.causal.get_output_embeddings() if with_head else None
-        return self.tokenizer, self.causal.model, head, self.config
+        return AutoTokenizer.from_pretrained(model_ref.source), self.causal.model, head, config
+
+
+BACKENDS["random"] = RandomWeights
 
 
 def sync(device: str) -> None:
@@ -150,12 +150,12 @@ def non_embedding_parameters(model) -> int:
 
 
 def bench_featurize(name: str, args, examples: pa.Table, peak: float, datasheet: float | None) -> dict:
-    backend = RandomWeights(name, args.tokenizer)
-    # RandomWeights.load ignores the reference: it never calls local_path().
-    ref = ModelRef(source=f"random:{name}", kind="local", fingerprint=f"random-{name}", name=name)
-    config = FeaturizeConfig(model=ref, device=args.device, micro_batch_tokens=args.micro_batch_tokens,
-                             rows_per_unit=GPU_ROWS_PER_UNIT)
-    featurizer = Featurizer(config, backend=backend)
+    # RandomWeights reads the architecture's name and the tokenizer's directory from the
+    # reference: it never calls local_path().
+    ref = ModelRef(source=args.tokenizer, kind="local", fingerprint=f"random-{name}", name=name)
+    config = FeaturizeConfig(model=ref, backend="random", device=args.device,
+                             micro_batch_tokens=args.micro_batch_tokens, rows_per_unit=GPU_ROWS_PER_UNIT)
+    featurizer = Featurizer(config)
     planned = plan_forward_units(examples, GPU_ROWS_PER_UNIT)
     featurizer(planned.slice(0, GPU_ROWS_PER_UNIT))  # warm-up
     featurizer.real_tokens = featurizer.padded_tokens = 0
@@ -173,7 +173,7 @@ def bench_featurize(name: str, args, examples: pa.Table, peak: float, datasheet:
     targets = int(np.sum(table.column("num_targets").to_numpy()))
     batches = micro_batch_tensors(featurizer, planned)
     bare_s = forward_seconds(featurizer.model, batches, args.device)
-    naive_s = forward_seconds(backend.causal, batches, args.device, hidden_states=True)
+    naive_s = forward_seconds(featurizer.backend.causal, batches, args.device, hidden_states=True)
     params = non_embedding_parameters(featurizer.model)
     row = {"model": name, "d": featurizer.dim, "params_non_embedding": params, "rows": planned.num_rows,
            "input_tokens": input_tokens, "target_tokens": targets,
@@ -197,7 +197,7 @@ def bench_featurize(name: str, args, examples: pa.Table, peak: float, datasheet:
                       "model_tflops": achieved, "mfu_measured_peak": achieved / peak,
                       "mfu_datasheet": achieved / datasheet if datasheet else None})
     row["sweep"] = sweep
-    del featurizer, backend
+    del featurizer
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fishersft_ray.config import CorpusOptions
-from fishersft_ray.io.corpus import normalise_for_hash, read_corpus
+from fishersft_ray.cli import build_parser, main
+from fishersft_ray.config import CorpusOptions, SelectSettings, from_args
+from fishersft_ray.io.corpus import FORMATS, Format, normalise_for_hash, read_corpus
 
 ALPACA = [
     {"instruction": "Add 2 and 2.", "input": "", "output": "4"},
@@ -178,3 +179,31 @@ def test_s3_directory_read(s3_server):
     assert corpus.format == "chat"
     assert corpus.stats == {"rows_read": 3, "kept": 2, "skipped": {"empty": 0, "duplicate": 1}}
     assert corpus.examples.column("row_index").to_pylist() == [0, 2]
+
+
+def sharegpt_messages(spec, row):
+    """A ShareGPT row's ``conversations`` turns ({"from": "human"|"gpt", "value"}) as messages."""
+    roles = {"human": "user", "gpt": "assistant"}
+    return [{"role": roles[turn["from"]], "content": turn["value"], "train": turn["from"] == "gpt"}
+            for turn in row["conversations"]]
+
+
+def test_a_format_registered_in_formats_alone_is_accepted_by_the_cli(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(FORMATS, "conversations", Format(lambda spec: (["conversations"], []), sharegpt_messages))
+    rows = [{"conversations": [{"from": "human", "value": f"question {k}"},
+                               {"from": "gpt", "value": f"answer {k} " * (k + 1)}]} for k in range(6)]
+    argv = ["select", "--input", write_jsonl(tmp_path / "sharegpt.jsonl", rows), "--output", str(tmp_path / "out"),
+            "--budget", "2", "--model", str(tiny_llama_dir), "--format", "conversations", "--executor", "local"]
+    assert from_args(SelectSettings, build_parser().parse_args(argv)).corpus.format == "conversations"
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["corpus"]["format"] == "conversations" and manifest["corpus"]["kept"] == 6
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["select", "--help"])
+    assert "{auto,chat,alpaca,text,conversations}" in capsys.readouterr().out
+    monkeypatch.delitem(FORMATS, "conversations")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "invalid choice: 'conversations'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--format must be one of auto, chat, alpaca, text, got 'conversations'"):
+        CorpusOptions(format="conversations")

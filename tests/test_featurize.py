@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from fishersft_ray.config import FeaturizeConfig, Resources
 from fishersft_ray.features import SHARD_SCHEMA, SKIP_REASON, FeatureSet
-from fishersft_ray.featurize.featurizer import Featurizer, featurize_local, loss_weights, random_projection
+from fishersft_ray.featurize.featurizer import (BACKENDS, Featurizer, HFBackend, featurize_local, loss_weights,
+                                                random_projection)
 from fishersft_ray.featurize.masks import encode_with_targets, windows
 from fishersft_ray.featurize.model_ref import lm_head_weight, resolve_model
 from fishersft_ray.io.storage import Location
@@ -277,6 +278,45 @@ def test_executors_write_the_shards_featurize_local_computes(tiny_models, ray_lo
     for row in range(20):
         np.testing.assert_allclose(stored.factor(row).T @ stored.factor(row), local.factor(row).T @ local.factor(row),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_both_executors_are_executors():
+    from fishersft_ray.run.executors import Executor, LocalExecutor, RayExecutor
+
+    assert isinstance(LocalExecutor(Resources(executor="local")), Executor)
+    assert isinstance(RayExecutor(Resources()), Executor)  # starts no Ray
+
+
+class CountingBackend(HFBackend):
+    """HFBackend counting its loads: a backend registered by name, reached from the config."""
+
+    loads = 0
+
+    def load(self, model_ref, **kwargs):
+        CountingBackend.loads += 1
+        return super().load(model_ref, **kwargs)
+
+
+def test_the_configs_backend_loads_the_model_and_keys_the_cache_unless_default(tiny_models, tmp_path, monkeypatch):
+    from fishersft_ray.io.corpus import index_corpus
+    from fishersft_ray.run.executors import executor_for
+    from fishersft_ray.run.feature_cache import FeatureCache, cache_key
+
+    monkeypatch.setitem(BACKENDS, "counting", CountingBackend)
+    monkeypatch.setattr(CountingBackend, "loads", 0)
+    model = resolve_model(tiny_models["llama"])
+    config = FeaturizeConfig(model=model, device="cpu", rows_per_unit=4)
+    counting = replace(config, backend="counting")
+    assert "backend" not in config.cache_identity()  # the keys of existing feature caches stay
+    corpus_path = tmp_path / "speeches.txt"
+    corpus_path.write_text("\n\n".join(TEXT_ROWS))
+    index = index_corpus(str(corpus_path))
+    assert cache_key(model.fingerprint, index, counting) != cache_key(model.fingerprint, index, config)
+    cache = FeatureCache(Location.of(str(tmp_path / "features")), executor_for(Resources(executor="local")))
+    _, info = cache.ensure(index, counting, model)
+    assert CountingBackend.loads == 1 and info["embedded_rows"] == len(TEXT_ROWS)
+    with pytest.raises(ValueError, match="unknown model backend 'vllm'; registered: hf, counting"):
+        Featurizer(replace(config, backend="vllm"))
 
 
 @pytest.mark.slow

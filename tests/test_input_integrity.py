@@ -15,7 +15,7 @@ import pytest
 from fishersft_ray.cli import main
 from fishersft_ray.config import CorpusOptions
 from fishersft_ray.io.corpus import file_examples, file_rows, index_corpus, list_corpus_files, read_corpus
-from fishersft_ray.io.storage import Location, StorageError, file_identity
+from fishersft_ray.io.storage import Location, StorageError
 
 
 def jsonl_bytes(rows) -> bytes:
@@ -132,10 +132,10 @@ def test_s3_file_identity_has_the_etag(s3_server):
     client.create_bucket(Bucket="identity")
     client.put_object(Bucket="identity", Key="c.jsonl", Body=jsonl_bytes(text_rows(0, 2)))
     location = Location.of("s3://identity/c.jsonl", storage_options)
-    before = file_identity(location.fs, location.path)
+    before = location.identity()
     assert before["size"] > 0 and before["ETag"]
     client.put_object(Bucket="identity", Key="c.jsonl", Body=jsonl_bytes([{"text": "exampel number 0"}] * 2))
-    assert file_identity(location.fs, location.path) != before  # no stale listing cache
+    assert location.identity() != before  # no stale listing cache
 
 
 def test_a_utf8_bom_is_not_part_of_the_first_row(tmp_path):

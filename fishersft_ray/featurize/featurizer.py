@@ -75,9 +75,9 @@ def loss_weights(states: torch.Tensor, targets: torch.Tensor, head_weight: torch
 
 
 class HFBackend:
-    """The model backend: transformers' Auto classes on the model's local directory. Another
-    backend (vLLM, or random weights built from a config for benchmarks) returns the same
-    four things from ``load``."""
+    """The default model backend: transformers' Auto classes on the model's local directory.
+    Another backend (vLLM, or random weights built from a config for benchmarks) returns the
+    same four things from ``load``."""
 
     def load(self, model_ref: ModelRef, *, device: torch.device, dtype: torch.dtype, with_head: bool):
         """(tokenizer, base model (its ``last_hidden_state`` is the pre-logit state), LM head
@@ -95,16 +95,24 @@ class HFBackend:
         return tokenizer, model, head, AutoConfig.from_pretrained(path)
 
 
+# The model backends by ``FeaturizeConfig.backend``: classes whose instances have
+# ``HFBackend.load``'s signature. Register another where the featurizer's workers import it.
+BACKENDS = {"hf": HFBackend}
+
+
 class Featurizer:
     """Callable class for `map_batches(batch_format="pyarrow")`: examples → SHARD_SCHEMA rows."""
 
-    def __init__(self, config: FeaturizeConfig, backend=None):
+    def __init__(self, config: FeaturizeConfig):
         self.config = config
         self.model_ref = config.model if isinstance(config.model, ModelRef) else resolve_model(config.model)
         use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         dtype = torch.bfloat16 if use_cuda else torch.float32
-        self.tokenizer, self.model, self.head, model_config = (backend or HFBackend()).load(
+        if config.backend not in BACKENDS:
+            raise ValueError(f"unknown model backend {config.backend!r}; registered: {', '.join(BACKENDS)}")
+        self.backend = BACKENDS[config.backend]()
+        self.tokenizer, self.model, self.head, model_config = self.backend.load(
             self.model_ref, device=self.device, dtype=dtype, with_head=config.token_weights == "loss")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -130,7 +138,7 @@ class Featurizer:
         if config.projection == "pca":
             if config.projection_matrix is None:
                 raise ValueError("projection='pca' needs projection_matrix: fit it with "
-                                 "fit_pca_projection (featurize_dataset/featurize_local do)")
+                                 "with_fitted_projection (the feature cache and featurize_local do)")
             return np.asarray(config.projection_matrix, np.float32)
         raise ValueError(f"projection must be 'random' or 'pca', not {config.projection!r}")
 
@@ -402,5 +410,7 @@ def with_fitted_projection(config: FeaturizeConfig, examples: pa.Table) -> Featu
 
 
 def featurize_local(examples: pa.Table, config: FeaturizeConfig) -> pa.Table:
-    """Run the Featurizer in this process on one table (the local executor runs it per block)."""
+    """The Featurizer run in this process on one table, with a PCA basis fitted on that table
+    when one is asked: what the tests compare the executors' shards with (the executors build
+    their Featurizer from the feature cache's config, its basis fitted on the whole plan)."""
     return Featurizer(with_fitted_projection(config, examples))(examples)

@@ -46,6 +46,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fishersft_ray.io.storage import Location, StorageError, _describe
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -112,8 +114,8 @@ class ModelRef:
         weights; a GGUF is converted once, as ``local_path``); None when it cannot be read."""
         try:
             if self.kind == "url":
-                fs, root = _list_model_dir(self.source, self.storage_options, bounded=True)[:2]
-                config = json.loads(fs.cat_file(f"{root}/config.json"))
+                location = _list_model_dir(self.source, self.storage_options, bounded=True)[0]
+                config = json.loads(location.read_bytes("config.json"))
             elif self.kind == "hub":
                 from huggingface_hub import hf_hub_download
 
@@ -384,9 +386,9 @@ _VERSION_KEYS = ("ETag", "etag", "md5Hash", "content_md5", "crc32c", "checksum",
 
 
 def _one_line(exc: BaseException) -> str:
-    from fishersft_ray.io.storage import _describe
-
-    return " ".join(_describe(exc).split())
+    """``exc`` on one line: a StorageError's message already names the cause."""
+    text = str(exc) if isinstance(exc, StorageError) else _describe(exc)
+    return " ".join(text.split())
 
 
 def _bounded_options(protocol: str, options: dict) -> dict:
@@ -425,27 +427,20 @@ def _within(seconds: float, action: Callable[[], Any], what: str) -> Any:
     return result["value"]
 
 
-def _list_model_dir(url: str, options: dict, *, bounded: bool) -> tuple[Any, str, dict[str, dict]]:
-    """(filesystem, directory path, {file name: info}) of the files directly under ``url``."""
-    import fsspec
-
+def _list_model_dir(url: str, options: dict, *, bounded: bool) -> tuple[Location, dict[str, dict]]:
+    """(the model directory's Location, {file name: info} of the files directly under it)."""
     if bounded:
         options = _bounded_options(url.split("://", 1)[0], options)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **options)
+        location = Location.of(url, options)
     except ImportError as exc:
         raise ModelUnavailable(f"cannot read model {url}: no fsspec backend for "
                                f"{url.split('://')[0]}:// ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - bad options for the backend
         raise ModelUnavailable(f"cannot read model {url}: {_one_line(exc)}") from exc
-    root = root.rstrip("/")
-
-    def listing():
-        fs.invalidate_cache(root)
-        return fs.ls(root, detail=True)
-
     try:
-        entries = _within(RESOLVE_TIMEOUT_S, listing, f"list model {url}") if bounded else listing()
+        entries = (_within(RESOLVE_TIMEOUT_S, location.entries, f"list model {url}") if bounded
+                   else location.entries())
     except ModelUnavailable:
         raise
     except FileNotFoundError as exc:
@@ -458,7 +453,7 @@ def _list_model_dir(url: str, options: dict, *, bounded: bool) -> tuple[Any, str
         name = posixpath.basename(info["name"].rstrip("/"))
         if info.get("type") == "file" and not name.startswith("."):
             files[name] = info
-    return fs, root, files
+    return location, files
 
 
 def _fetch_set(files: dict[str, dict]) -> list[str]:
@@ -492,15 +487,15 @@ def _check_model_files(url: str, files: dict[str, dict]) -> None:
 
 
 def _resolve_url(url: str, options: dict) -> ModelRef:
-    _, root, files = _list_model_dir(url, options, bounded=True)
+    location, files = _list_model_dir(url, options, bounded=True)
     _check_model_files(url, files)
-    name = posixpath.basename(root) or root
+    name = posixpath.basename(location.path) or location.path
     return ModelRef(url.rstrip("/"), "url", _url_fingerprint(files), name, storage_options=options)
 
 
 def _fetch_url(ref: ModelRef, out: Path) -> None:
     """Copy the model directory's files into ``out`` (checked against the planned fingerprint)."""
-    fs, root, files = _list_model_dir(ref.source, ref.storage_options, bounded=False)
+    location, files = _list_model_dir(ref.source, ref.storage_options, bounded=False)
     _check_model_files(ref.source, files)
     if _url_fingerprint(files) != ref.fingerprint:
         raise ModelUnavailable(f"model {ref.source} changed since the job was planned (its objects' "
@@ -509,7 +504,7 @@ def _fetch_url(ref: ModelRef, out: Path) -> None:
     log.info("fetching model %s (%d files, %.1f MB) into %s", ref.source, len(names),
              sum(files[n].get("size") or 0 for n in names) / 1e6, out.parent)
     try:
-        fs.get([files[n]["name"] for n in names], [str(out / n) for n in names])
+        location.download(names, str(out))
     except Exception as exc:  # noqa: BLE001
         raise ModelUnavailable(f"cannot fetch model {ref.source}: {_one_line(exc)}") from exc
     for n in names:

@@ -13,7 +13,8 @@ content hash, length, id); ``file_examples`` and ``file_rows`` read it again for
 later stage wants. The driver keeps only the ``CorpusIndex``: those keys, a few bytes a row,
 from which it drops duplicates, counts skips and plans forward units.
 
-pyarrow + fsspec only (no torch, no Ray). See docs/CONTRACTS.md "io/corpus.py → featurize".
+pyarrow + fsspec only (no torch, no Ray); every file is listed, checked and opened through
+io/storage's ``Location`` (retries, clear errors). See docs/CONTRACTS.md "io/corpus.py → featurize".
 """
 
 from __future__ import annotations
@@ -29,17 +30,16 @@ import unicodedata
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 from fsspec.utils import compressions
 
 from fishersft_ray.config import CorpusOptions
-from fishersft_ray.io.storage import file_identity, is_glob
+from fishersft_ray.io.storage import Location, is_glob, retrying
 
 SUFFIX_KIND = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                ".txt": "txt"}
@@ -87,7 +87,7 @@ class CorpusIndex:
     the stable key), plus the total; ``row_index``/``length``: the kept rows (ascending) and
     their text length in characters (over all messages); ``digests``: per file, a hash of
     its valid rows' normalised content (the feature cache key's corpus part); ``identities``:
-    per file, its ``file_identity`` when the scan began (size, mtime or ETag...), which the
+    per file, its ``Location.identity()`` when the scan began (size, mtime or ETag...), which the
     reads after the scan check so that a file rewritten meanwhile stops the run.
     """
 
@@ -177,16 +177,12 @@ def read_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_option
 def index_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_options: dict | None = None,
                  map_files: Callable[[Callable, list[dict]], list] | None = None) -> CorpusIndex:
     """Scan every file of the corpus (``map_files(scan_file, items)`` runs the scans: in this
-    process by default, on Ray workers from run/executors.py) and build the driver's index:
+    process by default, else an executor's, ``run/executors.Executor.map_files``) and build the driver's index:
     drop exact duplicates (the first copy in row_index order is kept) and rows whose id repeats,
     count every skip by reason. A corpus left with no usable row is an error giving the counts."""
-    if spec.format not in ("auto", *FORMATS):
-        raise ValueError(f"unknown format {spec.format!r}; expected auto, {', '.join(FORMATS)}")
-    if spec.on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', not {spec.on_bad_row!r}")
-    fs, paths = list_corpus_files(path, storage_options)
-    corpus_format = spec.format if spec.format != "auto" else _sniffed_format(fs, paths, spec)
-    urls = [fs.unstrip_protocol(p) for p in paths]
+    location, paths = list_corpus_files(path, storage_options)
+    urls = [location.fs.unstrip_protocol(p) for p in paths]
+    corpus_format = spec.format if spec.format != "auto" else _sniffed_format(urls, spec, storage_options)
     items = [{"url": url, "options": spec, "corpus_format": corpus_format, "storage_options": storage_options or {}}
              for url in urls]
     scans = (map_files or _map_here)(scan_file, items)
@@ -227,11 +223,11 @@ def _map_here(function: Callable, items: list[dict]) -> list:
     return [function(**item) for item in items]
 
 
-def _sniffed_format(fs, paths: list[str], spec: CorpusOptions) -> str:
+def _sniffed_format(urls: list[str], spec: CorpusOptions, storage_options: dict | None) -> str:
     """``detect_format`` on the first file whose first rows show a field. Files that show none
     (empty ones) are scanned as text, which counts their rows or names their bad lines."""
-    for path in paths:
-        fields = sniff_fields(fs, path)
+    for url in urls:
+        fields = sniff_fields(Location.of(url, storage_options))
         if fields:
             return detect_format(fields, spec)
     return "text"
@@ -250,20 +246,15 @@ def _first_ids(ids: np.ndarray, row_index: np.ndarray, spec: CorpusOptions) -> n
     return first
 
 
-def list_corpus_files(path: str, storage_options: dict | None = None) -> tuple[Any, list[str]]:
-    """The fsspec filesystem and the sorted corpus files named by a file, a directory (every
-    file below it) or a glob. Below a directory, or the fixed part of a glob, names starting
-    with '.' or '_' are ignored, as Spark and Hadoop mark their side files (_SUCCESS, .crc,
-    _checkpoint/); any other file that no reader takes is an error naming it, never skipped."""
-    fs, root = url_to_fs(path, **(storage_options or {}))
-    if is_glob(root):
-        parts = root.split("/")
-        base = "/".join(parts[:next(k for k, part in enumerate(parts) if is_glob(part))])
-        candidates = [p for p, info in fs.glob(root, detail=True).items() if info["type"] != "directory"]
-    elif fs.isdir(root):
-        base, candidates = root, fs.find(root)
-    else:
-        base, candidates = None, [root]
+def list_corpus_files(path: str, storage_options: dict | None = None) -> tuple[Location, list[str]]:
+    """``path``'s Location and the sorted paths of the corpus files it names: a file, a
+    directory (every file below it) or a glob. Below a directory, or the fixed part of a glob,
+    names starting with '.' or '_' are ignored, as Spark and Hadoop mark their side files
+    (_SUCCESS, .crc, _checkpoint/); any other file that no reader takes is an error naming it,
+    never skipped."""
+    location = Location.of(path, storage_options)
+    fs, root = location.fs, location.path
+    base, candidates = retrying(lambda: _candidates(fs, root), f"list {location.url}")
     if base is not None:
         candidates = [p for p in candidates
                       if not any(part.startswith((".", "_")) for part in posixpath.relpath(p, base).split("/"))]
@@ -279,7 +270,18 @@ def list_corpus_files(path: str, storage_options: dict | None = None) -> tuple[A
                          "'.' or '_' are ignored)")
     if not candidates:
         raise FileNotFoundError(f"no corpus files ({_readable_kinds()}) found at {path!r}")
-    return fs, sorted(candidates)
+    return location, sorted(candidates)
+
+
+def _candidates(fs, root: str) -> tuple[str | None, list[str]]:
+    """(the directory the files are listed below, or None for one file; the files at ``root``)."""
+    if is_glob(root):
+        parts = root.split("/")
+        base = "/".join(parts[:next(k for k, part in enumerate(parts) if is_glob(part))])
+        return base, [p for p, info in fs.glob(root, detail=True).items() if info["type"] != "directory"]
+    if fs.isdir(root):
+        return root, fs.find(root)
+    return None, [root]
 
 
 def _readable_kinds() -> str:
@@ -319,11 +321,12 @@ def _file_kind(path: str) -> tuple[str, str | None] | None:
 
 
 @contextlib.contextmanager
-def _open(fs, path: str):
+def _open(location: Location):
     """A corpus file opened for reading, decompressed as its name says; data its codec cannot
     decompress (a truncated or mislabelled file) is an error naming the file."""
+    path = location.path
     compression = _file_kind(path)[1]
-    with fs.open(path, "rb", compression=compression) as handle:
+    with location.open(compression=compression) as handle:
         try:
             yield handle
         except (EOFError, OSError, lzma.LZMAError, zlib.error) as err:
@@ -333,10 +336,11 @@ def _open(fs, path: str):
                              "replace it with a complete file or rename it to what it holds") from None
 
 
-def _read_file(fs, path: str, spec: CorpusOptions, corpus_format: str) -> tuple[pa.Table, list[int], int, Counter]:
+def _read_file(location: Location, spec: CorpusOptions, corpus_format: str) -> tuple[pa.Table, list[int], int, Counter]:
     """One file → (table, each table row's position in the file, rows read, skips while parsing)."""
+    path = location.path
     kind, _ = _file_kind(path)
-    with _open(fs, path) as f:
+    with _open(location) as f:
         if kind == "parquet":
             table = pq.read_table(f)
             return table, list(range(table.num_rows)), table.num_rows, Counter()
@@ -512,8 +516,7 @@ def _check_types(corpus_format: str, spec: CorpusOptions, row: dict) -> None:
 def _valid_rows(url: str, spec: CorpusOptions, storage_options: dict, corpus_format: str):
     """Parse one file and check every row under the format: (its valid rows' raw table, their
     positions in the file, their messages, their raw ids or None, rows read, skips)."""
-    fs, path = url_to_fs(url, **(storage_options or {}))
-    table, positions, rows_read, skips = _read_file(fs, path, spec, corpus_format)
+    table, positions, rows_read, skips = _read_file(Location.of(url, storage_options), spec, corpus_format)
     if not table.num_rows and not table.num_columns:  # an empty file, or one whose every line was skipped
         return table, np.zeros(0, np.int64), [], [] if spec.id_field else None, rows_read, skips
     if ROW_INDEX in table.column_names:
@@ -563,7 +566,7 @@ def scan_file(url: str, options: CorpusOptions, corpus_format: str, storage_opti
     text lengths and ids (with --id-field), rows read, skips by reason, a digest of the
     normalised content, and the file's identity taken before reading it (a change while it is
     read shows in the later reads' check). Runs where the executor puts it."""
-    identity = file_identity(*url_to_fs(url, **(storage_options or {})))
+    identity = Location.of(url, storage_options).identity()
     _, positions, conversations, ids, rows_read, skips = _valid_rows(url, options, storage_options, corpus_format)
     digest = hashlib.blake2b(digest_size=16)
     hashes = np.zeros((len(conversations), 16), np.uint8)
@@ -580,7 +583,7 @@ def scan_file(url: str, options: CorpusOptions, corpus_format: str, storage_opti
 def _check_unchanged(url: str, storage_options: dict, scanned: dict) -> None:
     """Stop when a file is no longer the version its scan saw. Called after reading it, so a
     change before or during the read shows."""
-    now = file_identity(*url_to_fs(url, **(storage_options or {})))
+    now = Location.of(url, storage_options).identity()
     if now != scanned:
         changes = ", ".join(f"{key} was {scanned.get(key)}, now {now.get(key)}"
                             for key in sorted(scanned.keys() | now.keys()) if scanned.get(key) != now.get(key))
@@ -633,12 +636,12 @@ def file_rows(url: str, options: CorpusOptions, corpus_format: str, storage_opti
                                            pa.string()))
 
 
-def sniff_fields(fs, path: str, rows: int = 1000) -> list[str]:
+def sniff_fields(location: Location, rows: int = 1000) -> list[str]:
     """The fields of a file's first rows, to detect the format without reading it all."""
-    kind, _ = _file_kind(path)
+    kind, _ = _file_kind(location.path)
     if kind == "txt":
         return [TXT_COLUMN]
-    with _open(fs, path) as handle:
+    with _open(location) as handle:
         if kind == "parquet":
             return pq.read_schema(handle).names
         head = handle.read(1 << 20).removeprefix(UTF8_BOM)

@@ -38,20 +38,6 @@ class StorageError(RuntimeError):
     """A location could not be read or written; the message says which and what to do."""
 
 
-def parse_storage_options(text: str | None) -> dict[str, Any]:
-    """Parse the ``--storage-options`` JSON object (fsspec/s3fs keyword arguments)."""
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--storage-options is not valid JSON ({exc}); pass an object such as "
-                         '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'') from exc
-    if not isinstance(options, dict):
-        raise ValueError("--storage-options must be a JSON object, e.g. '{\"anon\": false}'")
-    return options
-
-
 @dataclass(frozen=True)
 class Location:
     """A directory-like place (local path or object-storage prefix) plus its filesystem."""
@@ -105,17 +91,45 @@ class Location:
 
         return retrying(listing, f"list {self.url}")
 
-    def open(self, name: str | None = None, mode: str = "rb"):
-        """A file object for the file ``name`` (or this location itself), the open retried; a
-        file opened for writing gets its directory created first."""
+    def open(self, name: str | None = None, mode: str = "rb", compression: str | None = None):
+        """A file object for the file ``name`` (or this location itself), decompressed with
+        ``compression`` (an fsspec codec) when given, the open retried; a file opened for
+        writing gets its directory created first."""
         target = self.path if name is None else posixpath.join(self.path, name)
 
         def opened():
             if "w" in mode:
                 self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            return self.fs.open(target, mode)
+            return self.fs.open(target, mode, compression=compression)
 
         return retrying(opened, f"open {self._url(name)}")
+
+    def entries(self) -> list[dict]:
+        """fsspec's info of each entry directly under this location, fresh from the store (no
+        cached listing), the listing retried."""
+        def listing() -> list[dict]:
+            self.fs.invalidate_cache(self.path)
+            return self.fs.ls(self.path, detail=True)
+
+        return retrying(listing, f"list {self.url}")
+
+    def identity(self) -> dict:
+        """What tells this file's version apart without reading it, fresh from the store (no
+        cached listing): its size plus the mtime (local), ETag, version id or last-modified time
+        that ``fs.info`` reports. Two equal identities mean the file was not rewritten in between."""
+        def info() -> dict:
+            self.fs.invalidate_cache(self.path)
+            return self.fs.info(self.path)
+
+        found = retrying(info, f"check {self.url}")
+        return {key: found[key] if isinstance(found[key], (int, float)) else str(found[key])
+                for key in _IDENTITY_KEYS if found.get(key) is not None}
+
+    def download(self, names: list[str], directory: str) -> None:
+        """Copy the files ``names`` under this location into the local ``directory``, retried."""
+        retrying(lambda: self.fs.get([posixpath.join(self.path, name) for name in names],
+                                     [os.path.join(directory, name) for name in names]),
+                 f"copy {len(names)} file(s) of {self.url} to {directory}")
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write one file whole: a temporary name then a rename locally (object stores
@@ -244,16 +258,6 @@ class Location:
 def is_glob(path: str) -> bool:
     """Whether ``path`` is a glob pattern (holds ``*``, ``?`` or ``[``)."""
     return bool(_GLOB_CHARS.search(path))
-
-
-def file_identity(fs: fsspec.AbstractFileSystem, path: str) -> dict:
-    """What tells a file's version apart without reading it, fresh from the store (no cached
-    listing): its size plus the mtime (local), ETag, version id or last-modified time that
-    ``fs.info`` reports. Two equal identities mean the file was not rewritten in between."""
-    fs.invalidate_cache(path)
-    info = fs.info(path)
-    return {key: info[key] if isinstance(info[key], (int, float)) else str(info[key])
-            for key in _IDENTITY_KEYS if info.get(key) is not None}
 
 
 def _writer_alive(suffix: str) -> bool:

@@ -1,6 +1,6 @@
 """Where the stages run: the ONLY module that imports Ray.
 
-An executor runs the per-file corpus functions (io/corpus.py: scan, read rows) and the
+An ``Executor`` runs the per-file corpus functions (io/corpus.py: scan, read rows) and the
 featurizer (featurize/featurizer.py) over a plan of forward units (run/feature_cache.py):
 
 * ``RayExecutor``: per-file functions as Ray tasks; the featurizer on a Ray Data actor
@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +60,31 @@ def _blocks(examples: pa.Table):
         yield int(blocks[start]), examples.slice(start, stop - start)
 
 
+@runtime_checkable
+class Executor(Protocol):
+    """Where the per-file functions, the shuffle and the featurizer run (``LocalExecutor``,
+    ``RayExecutor``); the stages receive one and never ask which."""
+
+    batch_size: int  # rows per featurizer call (whole forward units)
+
+    def map_files(self, function: Callable[..., Any], items: list[dict]) -> list:
+        """``function(**item)`` for every item, results in order."""
+
+    def shuffle(self, split: Callable[..., list[pa.Table]], split_items: list[dict], outputs: int,
+                reduce: Callable[..., Any], reduce_items: list[dict], sources: list[int], spill_dir=None) -> list:
+        """``reduce(pieces=[output sources[k] of split(**item) for each split item], **reduce_items[k])``
+        for every k, results in order; ``split`` returns a list of ``outputs`` tables, which
+        never pass through the driver."""
+
+    def featurizer_config(self, config: FeaturizeConfig) -> FeaturizeConfig:
+        """``config`` with the device the featurizer will run on and its forward-unit size
+        (both part of the feature cache key)."""
+
+    def featurize(self, items: list[dict], config: FeaturizeConfig, shards: Location) -> None:
+        """Featurize the planned rows of ``items`` (``CorpusIndex.work``), one shard file per
+        block under ``shards``."""
+
+
 class ActorsUnavailable(RuntimeError):
     """The featurizer pool could not get its first actors; the message says what was asked
     for and what the largest node offers."""
@@ -75,10 +101,9 @@ class LocalExecutor:
 
     def shuffle(self, split, split_items: list[dict], outputs: int, reduce, reduce_items: list[dict],
                 sources: list[int], spill_dir=None) -> list:
-        """``reduce(pieces=[output sources[k] of split(**item) for each split item], **reduce_items[k])``
-        for every k, results in order; ``split`` returns a list of ``outputs`` tables. The
-        outputs wait in uncompressed Arrow files under ``spill_dir`` (memory-mapped back), so
-        one reduce's pieces are in memory at a time."""
+        """``Executor.shuffle`` in this process: the split outputs wait in uncompressed Arrow
+        files under ``spill_dir`` (memory-mapped back), so one reduce's pieces are in memory
+        at a time."""
         if spill_dir is not None:
             os.makedirs(spill_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="shuffle-", dir=spill_dir) as spill:
@@ -139,7 +164,7 @@ class RayExecutor:
 
     def shuffle(self, split, split_items: list[dict], outputs: int, reduce, reduce_items: list[dict],
                 sources: list[int], spill_dir=None) -> list:
-        """``LocalExecutor.shuffle`` as Ray tasks (one CPU each): each split task returns its
+        """``Executor.shuffle`` as Ray tasks (one CPU each): each split task returns its
         outputs as separate objects, and reduce task k receives output ``sources[k]`` of every
         split task as arguments, so Ray moves each piece from its producer's node to its
         consumer's and the driver only holds references (``spill_dir`` is unused: the object
@@ -329,7 +354,7 @@ def plan_actors(nodes: list[dict], resources: Resources, device: str) -> ActorPl
 EXECUTORS = {"ray": RayExecutor, "local": LocalExecutor}
 
 
-def executor_for(resources: Resources):
+def executor_for(resources: Resources) -> Executor:
     """The executor the resources name."""
     return EXECUTORS[resources.executor](resources)
 

@@ -28,6 +28,7 @@ from fishersft_ray.config import FeaturizeConfig
 from fishersft_ray.features import SHARD_FORMAT
 from fishersft_ray.io.corpus import MESSAGES, CorpusIndex, file_examples, length_order
 from fishersft_ray.io.storage import Location, fingerprint
+from fishersft_ray.run.executors import Executor
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def plan_forward_units(examples: pa.Table, rows_per_unit: int) -> pa.Table:
 class FeatureCache:
     """Feature shards under ``root``, computed by ``executor`` when missing."""
 
-    def __init__(self, root: Location, executor):
+    def __init__(self, root: Location, executor: Executor):
         self.root = root
         self.executor = executor
 
@@ -113,11 +114,11 @@ def rows_in_readable_shards(shards: Location) -> set[int]:
     if not shards.exists():
         return set()
     done: set[int] = set()
-    for path in sorted(shards.fs.glob(f"{shards.path}/*.parquet")):
+    for shard in shards.files(".parquet"):
         try:
-            with shards.fs.open(path, "rb") as handle:
+            with shard.open() as handle:
                 done.update(pq.read_table(handle, columns=["row_index"]).column(0).to_pylist())
         except (OSError, ValueError, pa.ArrowException) as exc:
-            log.warning("dropping unreadable feature shard %s (%s)", path, exc)
-            shards.fs.rm(path)
+            log.warning("dropping unreadable feature shard %s (%s)", shard.path, exc)
+            shard.remove()
     return done
