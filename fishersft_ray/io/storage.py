@@ -113,6 +113,12 @@ class Location:
 
         return retrying(listing, f"list {self.url}")
 
+    def total_bytes(self, suffix: str = "") -> int:
+        """Bytes of the files under this location whose names end with ``suffix``, the
+        listing retried."""
+        sizes = retrying(lambda: self.fs.du(self.path, total=False), f"list {self.url}")
+        return int(sum(size for name, size in sizes.items() if name.endswith(suffix)))
+
     def identity(self) -> dict:
         """What tells this file's version apart without reading it, fresh from the store (no
         cached listing): its size plus the mtime (local), ETag, version id or last-modified time

@@ -207,8 +207,7 @@ def check_fits(guess: dict | None, corpus: CorpusIndex, config: FeaturizeConfig,
 
 
 def shard_bytes(shards: Location) -> int:
-    sizes = shards.fs.du(shards.path, total=False)
-    return int(sum(size for name, size in sizes.items() if name.endswith(".parquet")))
+    return shards.total_bytes(".parquet")
 
 
 def load(shards: Location, num_rows: int, memory_budget: int, spill: Path, stack: ExitStack) -> tuple[FeatureSet, dict]:

@@ -1,4 +1,5 @@
-"""Where the stages run: the ONLY module that imports Ray.
+"""Where the stages run: the ONLY module that runs the job's work on Ray (api.py imports
+``ray.data`` only to write a caller's Dataset out).
 
 An ``Executor`` runs the per-file corpus functions (io/corpus.py: scan, read rows) and the
 featurizer (featurize/featurizer.py) over a plan of forward units (run/feature_cache.py):
