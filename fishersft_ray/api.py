@@ -13,7 +13,6 @@ select` is a keyword, by its field name (``budget_unit="tokens"``, ``executor="l
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from fishersft_ray.io.storage import Location
 
 @dataclass(frozen=True)
 class SubsetResult:
-    """What `select_subset` returns: the tables it wrote, its manifest, and where they are."""
+    """What `select_subset` returns: the tables it wrote (before the subset's conversion to
+    strict JSON under ``output_format="jsonl"``), its manifest, and where they are."""
 
     subset: pa.Table
     ranking: pa.Table
@@ -53,11 +53,7 @@ def select_subset(corpus, *, budget: int, model: str | None = None, output: str 
         corpus = _stage_dataset(corpus, Location.of(f"{output}-input", options))
     job = run_select(SelectSettings.build(input=os.fspath(corpus), output=output, budget=budget, model=model,
                                           **settings))
-    location = Location.of(output, options)
-    subset, ranking = (next(item["name"] for item in job.manifest["files"] if item["name"].startswith(name))
-                       for name in ("subset.", "ranking."))
-    return SubsetResult(subset=_read_table(location, subset), ranking=_read_table(location, ranking),
-                        manifest=job.manifest, output=output)
+    return SubsetResult(subset=job.subset, ranking=job.ranking, manifest=job.manifest, output=output)
 
 
 def _stage_dataset(dataset, staging: Location) -> str:
@@ -69,13 +65,3 @@ def _stage_dataset(dataset, staging: Location) -> str:
     staging.remove()
     dataset.write_parquet(staging.path, filesystem=staging.arrow_filesystem())
     return staging.url
-
-
-def _read_table(location: Location, name: str) -> pa.Table:
-    """An output table as written (parquet, or strict-JSON lines)."""
-    import pyarrow.parquet as pq
-
-    data = location.read_bytes(name)
-    if name.endswith(".parquet"):
-        return pq.read_table(pa.BufferReader(data))
-    return pa.Table.from_pylist([json.loads(line) for line in data.splitlines() if line.strip()])

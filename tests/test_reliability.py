@@ -12,7 +12,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-import fishersft_ray.run.job as job
+import fishersft_ray.run.outputs as outputs
 from fishersft_ray.run.feature_cache import FEATURES_COMPLETE
 from fishersft_ray.config import SelectSettings
 from fishersft_ray.run.job import run_select
@@ -39,14 +39,14 @@ def test_object_store_failing_mid_write_leaves_no_manifest_and_rerun_completes(
         settings = SelectSettings.build(input=str(corpus), output="s3://flaky/run", budget=5,
                                model=str(tiny_llama_dir), features=str(tmp_path / "features"),
                                storage_options=options)
-        real_write_table = job._write_table
+        real_write_table = outputs._write_table
 
         def write_then_break(location, name, table, fmt):
             written = real_write_table(location, name, table, fmt)
             proxy.fail_methods = {"PUT", "POST"}  # the store starts refusing writes mid-output
             return written
 
-        monkeypatch.setattr(job, "_write_table", write_then_break)
+        monkeypatch.setattr(outputs, "_write_table", write_then_break)
         with pytest.raises(StorageError, match=r"could not write s3://flaky/run/.* after \d+ attempts"):
             run_select(settings)
         assert proxy.failed_requests > 1  # retried, with backoff, before giving up

@@ -5,49 +5,50 @@
 
 Each stage hands the next a columnar object (Arrow table, feature shards, FeatureSet,
 Selection) and gets plain values or its own settings group, never the command's settings.
+What the outputs need is kept in one RunRecord as the stages finish; run/outputs.py writes
+the outputs and the manifest from it.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import datetime
 import functools
-import hashlib
-import json
 import logging
-import math
 import posixpath
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from fishersft_ray import __version__
-from fishersft_ray.config import SelectSettings, flat_dict
+from fishersft_ray.config import FeaturizeConfig, SelectSettings
 from fishersft_ray.faults import maybe_crash
-from fishersft_ray.features import NEAR_TWIN_COSINE, FeatureSet, FeatureSummary, count_near_twins, skipped_rows
+from fishersft_ray.features import FeatureSet, FeatureSummary, skipped_rows
 from fishersft_ray.io.corpus import CorpusIndex, file_rows, index_corpus
 from fishersft_ray.io.groups import corpus_groups, group_account
 from fishersft_ray.io.storage import MANIFEST_NAME, Location, fingerprint
 from fishersft_ray.run import driver_store, two_stage
-from fishersft_ray.run.executors import executor_for, ray_version
+from fishersft_ray.run.executors import executor_for
 from fishersft_ray.run.feature_cache import FeatureCache, cache_key
-from fishersft_ray.select import CERTIFIED, Hooks, Selection, SelectionRequest, run_method
+from fishersft_ray.run.outputs import RunRecord, write_outputs
+from fishersft_ray.select import Hooks, Selection, SelectionRequest, run_method
 from fishersft_ray.select.device import selection_device
 from fishersft_ray.select.rules import count_rows_without_targets, resolve_lam, within_length_cap
 
 log = logging.getLogger("fishersft_ray")
+
 
 @dataclass
 class JobResult:
     output: str
     manifest: dict
     selection: Selection
+    subset: pa.Table
+    ranking: pa.Table
 
 
 class StageTimer:
@@ -67,39 +68,88 @@ class StageTimer:
 
 
 def run_select(settings: SelectSettings) -> JobResult:
-    """Run the whole `select` job and return the manifest it wrote last."""
-    with ExitStack() as stack:  # holds the memory-mapped features, if any, until the end
+    """Run the whole `select` job; the manifest it wrote last, the selection, and the subset
+    and ranking tables it wrote."""
+    with ExitStack() as stack:  # holds the output's lock and the memory-mapped features until the end
         return _run_select(settings, stack)
 
 
 def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
-    from fishersft_ray.featurize.model_ref import resolve_model
-
     timer = StageTimer()
+    record = RunRecord(settings, timings=timer.seconds)
     options = settings.storage_options
     output = Location.of(settings.output, options)
     feature_root = Location.of(settings.features or f"{settings.output}/features", options)
     with timer.stage("check_storage"):
-        _check_locations(settings, output, feature_root)
-        stack.enter_context(output.exclusive())  # one run at a time writes a local output
-        output.remove_stale_temporaries()
-        feature_root.remove_stale_temporaries()
+        _claim_output(settings, output, feature_root, stack)
     executor = executor_for(settings.resources)
-
     with timer.stage("read_corpus"):
-        corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
-        prior_corpus = (index_corpus(settings.prior, settings.corpus, options, executor.map_files)
-                        if settings.prior else None)
-        groups = corpus_groups(corpus, settings.groups, executor.map_files)  # reported; read by --method balanced only
+        groups = _read_corpora(settings, executor, record)
+    with timer.stage("load_model"):
+        config = _load_model(settings, executor, record)
+    cache = FeatureCache(feature_root, executor)
+    plan = _plan_memory(settings, record, config, cache, executor)
+    with timer.stage("featurize"):
+        featurized = _featurize(record, config, cache, plan, stack)
+    with timer.stage("select"):
+        checkpoints = _select(settings, record, featurized, plan, groups, executor, output)
+    with timer.stage("write_outputs"):
+        picked_index = record.features.row_index[record.selection.indices]
+        record.picked = picked_rows(record.corpus, picked_index, executor)
+        record.group_shares = None if groups is None else group_account(groups, record.pool, picked_index)
+        outputs = write_outputs(output, record)
+    checkpoints.clear()
+    return JobResult(output=settings.output, manifest=outputs.manifest, selection=record.selection,
+                     subset=outputs.subset, ranking=outputs.ranking)
+
+
+def _claim_output(settings: SelectSettings, output: Location, feature_root: Location, stack: ExitStack) -> None:
+    """Check every location, then hold the output (one run at a time writes a local output)
+    and remove what dead writers left."""
+    _check_locations(settings, output, feature_root)
+    stack.enter_context(output.exclusive())
+    output.remove_stale_temporaries()
+    feature_root.remove_stale_temporaries()
+
+
+def _read_corpora(settings: SelectSettings, executor, record: RunRecord):
+    """Index the corpus and the prior into ``record``; the corpus's groups (reported; read by
+    --method balanced only), or None."""
+    options = settings.storage_options
+    record.corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
+    if settings.prior:
+        record.prior_corpus = index_corpus(settings.prior, settings.corpus, options, executor.map_files)
+    corpus = record.corpus
+    groups = corpus_groups(corpus, settings.groups, executor.map_files)
     log.info("corpus: %s rows read, %s kept (%s), format %s", corpus.stats["rows_read"],
              corpus.stats["kept"], corpus.stats["skipped"], corpus.format)
+    return groups
 
-    with timer.stage("load_model"):
-        model = resolve_model(settings.featurize.model, options)
-        config = executor.featurizer_config(dataclasses.replace(settings.featurize, model=model)
-                                            .for_width(model.hidden_size()))
 
-    cache = FeatureCache(feature_root, executor)
+def _load_model(settings: SelectSettings, executor, record: RunRecord) -> FeaturizeConfig:
+    """Resolve the model into ``record``; the featurizer config for it, as the executor runs it."""
+    from fishersft_ray.featurize.model_ref import resolve_model
+
+    record.model = model = resolve_model(settings.featurize.model, settings.storage_options)
+    return executor.featurizer_config(dataclasses.replace(settings.featurize, model=model)
+                                      .for_width(model.hidden_size()))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where the driver holds the features: its memory budget, the spill directory, the
+    estimate of the feature bytes, and the parts of a two-stage run (1: one stage)."""
+
+    memory_budget: int
+    spill: Path
+    estimate: dict | None
+    parts: int
+
+
+def _plan_memory(settings: SelectSettings, record: RunRecord, config: FeaturizeConfig, cache: FeatureCache,
+                 executor) -> MemoryPlan:
+    """Estimate the feature bytes, choose one stage or two, and stop now if they cannot fit."""
+    corpus, model = record.corpus, record.model
     memory_budget = driver_store.memory_budget_bytes(settings.driver_memory_gb)
     spill = driver_store.spill_root(settings.spill_dir)
     guess = driver_store.estimate(corpus, config, model.hidden_size(), model, executor.map_files)
@@ -110,71 +160,93 @@ def _run_select(settings: SelectSettings, stack: ExitStack) -> JobResult:
     parts = driver_store.partitions_for(settings.partitions, guess, memory_budget, spill)
     driver_store.check_fits(guess, corpus, config, None if complete else cache.root, memory_budget, spill,
                             whole_pool_on_driver=parts == 1)
-    with timer.stage("featurize"):
-        shards, features_info = cache.ensure(corpus, config, model)
-        if parts == 1:
-            features, held = driver_store.load(shards, corpus.num_rows, memory_budget, spill, stack)
-        else:  # two-stage: the driver only ever loads the parts' candidates
-            features, held = None, {"shard_bytes": driver_store.shard_bytes(shards),
-                                    "memory_budget_bytes": memory_budget, "held": f"shards ({parts} parts)"}
-        features_info = {**features_info, "estimate": guess, "driver": held}
-        prior, prior_info = None, None
-        if prior_corpus is not None:
-            prior_shards, prior_info = cache.ensure(prior_corpus, config, model)
-            prior = driver_store.load(prior_shards, prior_corpus.num_rows, memory_budget, spill, stack)[0]
+    return MemoryPlan(memory_budget, spill, guess, parts)
 
-    with timer.stage("select"):
-        pool = features if parts == 1 else FeatureSummary.of_shards(shards.url, shards.storage_options)
-        if pool.n != corpus.num_rows:
-            raise RuntimeError(f"feature shards at {shards.url} hold {pool.n} examples but the corpus has "
-                               f"{corpus.num_rows}; delete that directory and re-run")
-        corpus.stats = count_rows_without_targets(corpus.stats, pool.row_index, pool.num_targets,
-                                                  skipped_rows(shards.url, shards.storage_options),
-                                                  settings.corpus.on_bad_row)
-        lam = resolve_lam(settings.rules.lam, settings.rules.lam_relative, pool)
-        _check_lam_scale(lam, settings.rules, pool)
-        eligible, length_cap = within_length_cap(settings.rules.length_cap, pool.num_targets)
-        _check_token_budget(settings, pool.num_targets if eligible is None else pool.num_targets[eligible])
-        usable = pool.n if eligible is None else len(eligible)
-        if settings.budget_unit == "examples" and settings.budget > usable:
-            warnings.warn(f"budget {settings.budget} exceeds the {usable} usable examples: "
-                          "every example is selected (in greedy order)", stacklevel=3)
-        selection_key = fingerprint(features_info["key"], prior_info and prior_info["key"], settings.budget,
-                                    settings.budget_unit, lam, length_cap and length_cap["tokens"],
-                                    settings.method, settings.seed, settings.rules.near_dup_cosine,
-                                    *((parts, settings.part_oversample) if parts > 1 else ()))
-        # Every check passed: an earlier complete run here stops being complete as we rewrite it.
-        output.remove(MANIFEST_NAME)
-        checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
-        device = selection_device(settings.featurize.device)
 
-        request = SelectionRequest(settings.budget, budget_unit=settings.budget_unit, lam=lam, prior=prior,
-                                   eligible=eligible, near_dup_cosine=settings.rules.near_dup_cosine,
-                                   seed=settings.seed, device=device, threads=settings.select_threads)
+@dataclass(frozen=True)
+class Featurized:
+    """The feature stage's result: the shards, the pool loaded on the driver (None in a
+    two-stage run) and the prior's loaded features and cache key (None without a prior)."""
 
-        def run(pool: FeatureSet, request: SelectionRequest) -> Selection:
-            codes = None if groups is None else groups.codes_of(pool.row_index)
-            return run_method(settings.method, pool, dataclasses.replace(request, groups=codes),
-                              Hooks(_progress_bar(), checkpoints.save, checkpoints.load()))
+    shards: Location
+    features: FeatureSet | None
+    prior: FeatureSet | None
+    prior_key: str | None
 
-        two_stage_account, report_pool = None, {}
-        if parts == 1:
-            selection = run(features, request)
-        else:
-            result = two_stage.run(shards, pool, request, settings.method, parts=parts,
-                                   oversample=settings.part_oversample,
-                                   shuffle=functools.partial(executor.shuffle, spill_dir=spill), run_union=run)
-            features, selection, two_stage_account = result.union, result.selection, result.account
-            report_pool = {"pool_lengths": pool.num_targets, "pool_information": result.information}
 
-    with timer.stage("write_outputs"):
-        picked = picked_rows(corpus, features.row_index[selection.indices], executor)
-        group_shares = None if groups is None else group_account(groups, pool, features.row_index[selection.indices])
-        manifest = _write_outputs(output, settings, corpus, prior_corpus, picked, features, pool, selection,
-                                  model, features_info, timer, lam, length_cap, two_stage_account, report_pool,
-                                  group_shares)
-    checkpoints.clear()
-    return JobResult(output=settings.output, manifest=manifest, selection=selection)
+def _featurize(record: RunRecord, config: FeaturizeConfig, cache: FeatureCache, plan: MemoryPlan,
+               stack: ExitStack) -> Featurized:
+    """Ensure the corpus's (and prior's) feature shards and load what the driver holds."""
+    corpus, prior_corpus = record.corpus, record.prior_corpus
+    shards, features_info = cache.ensure(corpus, config, record.model)
+    if plan.parts == 1:
+        features, held = driver_store.load(shards, corpus.num_rows, plan.memory_budget, plan.spill, stack)
+    else:  # two-stage: the driver only ever loads the parts' candidates
+        features, held = None, {"shard_bytes": driver_store.shard_bytes(shards),
+                                "memory_budget_bytes": plan.memory_budget, "held": f"shards ({plan.parts} parts)"}
+    record.features_info = {**features_info, "estimate": plan.estimate, "driver": held}
+    if prior_corpus is None:
+        return Featurized(shards, features, None, None)
+    prior_shards, prior_info = cache.ensure(prior_corpus, config, record.model)
+    prior = driver_store.load(prior_shards, prior_corpus.num_rows, plan.memory_budget, plan.spill, stack)[0]
+    return Featurized(shards, features, prior, prior_info["key"])
+
+
+def _select(settings: SelectSettings, record: RunRecord, featurized: Featurized, plan: MemoryPlan, groups,
+            executor, output: Location) -> SelectionCheckpoints:
+    """Apply the rules, then run the method, in one stage or two, into ``record``; the
+    checkpoints to clear once the outputs are written."""
+    shards = featurized.shards
+    record.pool = pool = (featurized.features if plan.parts == 1
+                          else FeatureSummary.of_shards(shards.url, shards.storage_options))
+    eligible = _apply_rules(settings, record, shards)
+    selection_key = fingerprint(record.features_info["key"], featurized.prior_key, settings.budget,
+                                settings.budget_unit, record.lam, record.length_cap and record.length_cap["tokens"],
+                                settings.method, settings.seed, settings.rules.near_dup_cosine,
+                                *((plan.parts, settings.part_oversample) if plan.parts > 1 else ()))
+    # Every check passed: an earlier complete run here stops being complete as we rewrite it.
+    output.remove(MANIFEST_NAME)
+    checkpoints = SelectionCheckpoints(output, selection_key, settings.checkpoint_seconds)
+    request = SelectionRequest(settings.budget, budget_unit=settings.budget_unit, lam=record.lam,
+                               prior=featurized.prior, eligible=eligible,
+                               near_dup_cosine=settings.rules.near_dup_cosine, seed=settings.seed,
+                               device=selection_device(settings.featurize.device), threads=settings.select_threads)
+
+    def run(pool: FeatureSet, request: SelectionRequest) -> Selection:
+        codes = None if groups is None else groups.codes_of(pool.row_index)
+        return run_method(settings.method, pool, dataclasses.replace(request, groups=codes),
+                          Hooks(_progress_bar(), checkpoints.save, checkpoints.load()))
+
+    if plan.parts == 1:
+        record.features, record.selection = pool, run(pool, request)
+        return checkpoints
+    result = two_stage.run(shards, pool, request, settings.method, parts=plan.parts,
+                           oversample=settings.part_oversample,
+                           shuffle=functools.partial(executor.shuffle, spill_dir=plan.spill), run_union=run)
+    record.features, record.selection, record.two_stage = result.union, result.selection, result.account
+    record.report_pool = {"pool_lengths": pool.num_targets, "pool_information": result.information}
+    return checkpoints
+
+
+def _apply_rules(settings: SelectSettings, record: RunRecord, shards: Location) -> np.ndarray | None:
+    """Check the pool against the corpus, count rows without targets, resolve λ and the length
+    cap into ``record`` and check the budget; the eligible positions (None: all)."""
+    pool, corpus = record.pool, record.corpus
+    if pool.n != corpus.num_rows:
+        raise RuntimeError(f"feature shards at {shards.url} hold {pool.n} examples but the corpus has "
+                           f"{corpus.num_rows}; delete that directory and re-run")
+    corpus.stats = count_rows_without_targets(corpus.stats, pool.row_index, pool.num_targets,
+                                              skipped_rows(shards.url, shards.storage_options),
+                                              settings.corpus.on_bad_row)
+    record.lam = resolve_lam(settings.rules.lam, settings.rules.lam_relative, pool)
+    _check_lam_scale(record.lam, settings.rules, pool)
+    eligible, record.length_cap = within_length_cap(settings.rules.length_cap, pool.num_targets)
+    _check_token_budget(settings, pool.num_targets if eligible is None else pool.num_targets[eligible])
+    usable = pool.n if eligible is None else len(eligible)
+    if settings.budget_unit == "examples" and settings.budget > usable:
+        warnings.warn(f"budget {settings.budget} exceeds the {usable} usable examples: "
+                      "every example is selected (in greedy order)", stacklevel=5)
+    return eligible
 
 
 def _check_locations(settings: SelectSettings, output: Location, feature_root: Location) -> None:
@@ -288,143 +360,3 @@ def _progress_bar():
             bar.close()
 
     return update
-
-
-def _selected_rows(picked: pa.Table, selection: Selection) -> pa.Table:
-    """The picked rows with every original column, plus rank and gain, in pick order."""
-    rows = picked.append_column("fishersft_rank", pa.array(np.arange(picked.num_rows), pa.int64()))
-    return rows.append_column("fishersft_gain", pa.array(selection.gains, pa.float64()))
-
-
-def _ranking(features: FeatureSet, selection: Selection) -> pa.Table:
-    picked = selection.indices
-    return pa.table({
-        "id": pa.array(np.asarray(features.ids, dtype=object)[picked], pa.string()),
-        "row_index": pa.array(features.row_index[picked], pa.int64()),
-        "rank": pa.array(np.arange(len(picked)), pa.int64()),
-        "gain": pa.array(selection.gains, pa.float64()),
-        "objective": pa.array(selection.objective, pa.float64()),
-        "num_targets": pa.array(features.num_targets[picked], pa.int64()),
-    })
-
-
-def _write_file(location: Location, name: str, data: bytes) -> dict:
-    """Write one output file; its manifest entry: name, size and sha256."""
-    location.write_bytes(name, data)
-    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _write_table(location: Location, name: str, table: pa.Table, fmt: str) -> dict:
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    if fmt == "parquet":
-        pq.write_table(table, sink)
-        filename = f"{name}.parquet"
-    else:
-        filename = f"{name}.jsonl"
-        lines = (json.dumps(_json_value(row), ensure_ascii=False, allow_nan=False) for row in table.to_pylist())
-        sink.write(("\n".join(lines) + ("\n" if table.num_rows else "")).encode())
-    return _write_file(location, filename, sink.getvalue().to_pybytes())
-
-
-def _json_value(value):
-    """A row value as strict JSON: NaN and ±Inf → null, bytes → base64, dates and times →
-    ISO 8601 strings, other non-JSON scalars (decimals, …) → str."""
-    if isinstance(value, dict):
-        return {key: _json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(item) for item in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if value is None or isinstance(value, (str, int)):
-        return value
-    return str(value)
-
-
-def _write_outputs(output: Location, settings: SelectSettings, corpus: CorpusIndex, prior_corpus: CorpusIndex | None,
-                   picked: pa.Table, features: FeatureSet, pool, selection: Selection, model, features_info: dict,
-                   timer: StageTimer, lam: float, length_cap: dict | None, two_stage_account: dict | None,
-                   report_pool: dict, group_shares: dict | None) -> dict:
-    """``features``: holds the picks (the whole pool, or a two-stage run's candidates);
-    ``pool``: every example's small columns (``features`` itself in a one-stage run)."""
-    from fishersft_ray.report import render_report
-
-    files = [_write_table(output, "subset", _selected_rows(picked, selection), settings.output_format),
-             _write_table(output, "ranking", _ranking(features, selection), "parquet"),
-             _write_file(output, "report.png", render_report(features, selection, lam=lam, groups=group_shares,
-                                                                   **report_pool))]
-    manifest = _manifest(settings, corpus, prior_corpus, features, pool, selection, model, features_info, timer,
-                         files=files, lam=lam, length_cap=length_cap, two_stage_account=two_stage_account,
-                         group_shares=group_shares)
-    output.write_json(MANIFEST_NAME, manifest)  # last: its presence means the output is complete
-    return manifest
-
-
-def _manifest(settings: SelectSettings, corpus: CorpusIndex, prior_corpus: CorpusIndex | None, features: FeatureSet,
-              pool, selection: Selection, model, features_info: dict, timer: StageTimer, files: list[dict],
-              lam: float, length_cap: dict | None, two_stage_account: dict | None,
-              group_shares: dict | None = None) -> dict:
-    import torch
-    import transformers
-
-    own_objective = float(selection.objective[-1]) if len(selection.indices) else 0.0
-    certified = selection.upper_bound is not None
-    guard = settings.rules.near_dup_cosine
-    return {
-        "fishersft_ray_version": __version__,
-        "output": settings.output,
-        "created_unix": time.time(),
-        "settings": flat_dict(settings),
-        "model": {"name": model.name, "source": model.source, "kind": model.kind, "revision": model.revision,
-                  "fingerprint": model.fingerprint, "dim": features.dim},
-        "corpus": {"format": corpus.format, **corpus.stats,
-                   "truncated": int(pool.truncated.sum()),
-                   "target_tokens": int(pool.num_targets.sum())},
-        "prior": {"format": prior_corpus.format, **prior_corpus.stats} if prior_corpus is not None else None,
-        "features": features_info,
-        "selection": {
-            "method": selection.method,
-            "selected": int(len(selection.indices)),
-            "budget": settings.budget,
-            "budget_unit": settings.budget_unit,
-            "lam": lam,
-            "length_cap": length_cap,
-            "selected_target_tokens": int(features.num_targets[selection.indices].sum()),
-            # f(S) = log det Σ_S − log det Σ_0 of the picks for every method, so A/B runs compare;
-            # a method with an objective of its own (vopt, sentence_od) also reports that.
-            "objective": selection.logdet_value,
-            **({"method_objective": own_objective} if own_objective != selection.logdet_value else {}),
-            "upper_bound": float(selection.upper_bound) if certified else None,
-            "certificate_ratio": float(selection.certificate_ratio) if certified else None,
-            "certificate": (("f(OPT) ≤ upper_bound for the same budget and λ"
-                             + (" (two-stage: the sum of the parts' certificates, see two_stage)"
-                                if two_stage_account else "")
-                             + (", OPT over the examples the near-duplicate guard leaves eligible (not over "
-                                "the whole corpus)" if guard is not None else "")) if certified else
-                            f"none: {selection.method} is not a log-det greedy ({', '.join(sorted(CERTIFIED))} are)"),
-            "evaluations": int(selection.evaluations),
-            "bound_updates": int(selection.bound_updates),
-            "variant": selection.variant,
-            "two_stage": two_stage_account,
-            "groups": group_shares,  # io/groups.group_account: each group's share of the corpus and of the picks
-            "near_duplicates": {
-                "picks_with_twin": count_near_twins(features.embeddings[selection.indices]),
-                "cosine_threshold": NEAR_TWIN_COSINE,
-                "measure": "cosine of mean target-token embeddings between two picks",
-                "guard": ({"cosine": guard, "excluded": int(selection.excluded_near_duplicates),
-                           "rule": "a candidate at cosine >= guard.cosine with an earlier pick was not eligible; "
-                                   "excluded counts those met by the lazy greedy"}
-                          if guard is not None else None),
-            },
-        },
-        "files": files,
-        "timings_s": dict(timer.seconds),
-        "versions": {"ray": ray_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "pyarrow": pa.__version__,
-                     "numpy": np.__version__},
-    }
