@@ -1,8 +1,9 @@
 """Fault injection for reliability tests and drills: crash a process at a named point.
 
-`FISHERSFT_FAULT="<point>:<count>"` kills the current process with SIGKILL the `count`-th
-time `<point>` is reached (points: `featurize` — after a featurizer batch, `select` — after
-a greedy pick is checkpointed). With `FISHERSFT_FAULT_MARKER=<path>` the fault fires once
+`FISHERSFT_FAULT="<point>:<count>[:<signal>]"` sends the current process SIGKILL (or the
+named signal, e.g. SIGINT: a Ctrl-C at a known point) the `count`-th time `<point>` is
+reached (points: `featurize` — after a featurizer batch, `select` — after a greedy pick is
+checkpointed). With `FISHERSFT_FAULT_MARKER=<path>` the fault fires once
 across all processes (a restarted actor does not crash again). Unset: no effect.
 """
 
@@ -23,9 +24,8 @@ def armed_faults() -> dict[str, str]:
 
 
 def maybe_crash(point: str) -> None:
-    """Count one arrival at ``point`` and SIGKILL this process if the armed fault says so."""
-    spec = os.environ.get("FISHERSFT_FAULT", "")
-    name, _, count = spec.partition(":")
+    """Count one arrival at ``point`` and signal this process if the armed fault says so."""
+    name, count, signal_name = (os.environ.get("FISHERSFT_FAULT", "").split(":") + ["", ""])[:3]
     if name != point:
         return
     _reached[point] += 1
@@ -37,4 +37,4 @@ def maybe_crash(point: str) -> None:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, signal_name or "SIGKILL"))
