@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -146,9 +147,12 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_llama_dir, tmp_path):
     # The process interrupts itself after its second featurizer batch (faults.py): a Ctrl-C
     # mid-featurize however loaded the machine is (a signal sent on reading a log line may
     # arrive after a fast run has already finished).
+    # It starts as a terminal's foreground job does, with SIGINT at its default: a shell starts
+    # background jobs (and so a backgrounded test run's children) with SIGINT ignored.
     run = subprocess.run([CLI, *_select(corpus, tmp_path / "o", tiny_llama_dir, "--budget", 3, "--batch-size", 16)],
                          capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "FISHERSFT_FAULT": "featurize:2:SIGINT"})
+                         env={**os.environ, "FISHERSFT_FAULT": "featurize:2:SIGINT"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr = run.stderr
     assert run.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
