@@ -441,10 +441,14 @@ class SelectSettings:
     budget_unit: str = option("examples", choices=BUDGET_UNITS, help="what --budget counts")
     method: str = option("tokenod", help="selection method: tokenod (the default), or a baseline for an A/B "
                                          "run (vopt, sentence_od, uniform, longest_first, density; balanced "
-                                         "needs --group-field or --group-by-file)")
+                                         "needs --group-field or --group-by-file); for a target set "
+                                         "(--target): targeted, targeted_logdet, rds")
     seed: int = option(0, help="seed of the random methods (uniform, density)")
     prior: str | None = option(None, help="corpus already trained on: its information conditions the "
                                           "selection (log-det methods)")
+    target: str | None = option(None, help="examples of the task you fine-tune for (the formats, field flags and "
+                                           "storage of --input): --method targeted, targeted_logdet or rds select "
+                                           "for it")
     storage_options: dict = option(default_factory=dict, parse=storage_options,
                                    help='fsspec/s3fs options as JSON, e.g. \'{"client_kwargs": '
                                         '{"endpoint_url": "…"}}\'')
@@ -473,7 +477,7 @@ class SelectSettings:
     groups: GroupOptions = field(default_factory=GroupOptions)
 
     def __post_init__(self):
-        from fishersft_ray.select.methods import CERTIFIED, METHODS
+        from fishersft_ray.select.methods import CERTIFIED, METHODS, TARGETED
 
         if not (isinstance(self.budget, (int, np.integer)) and self.budget >= 1):
             raise ValueError(f"--budget must be an integer ≥ 1, got {self.budget!r}")
@@ -486,6 +490,12 @@ class SelectSettings:
         if self.method == "balanced" and not self.groups.given:
             raise ValueError("--method balanced samples equal target tokens per group: pass --group-field NAME "
                              "or --group-by-file")
+        if self.method in TARGETED and not self.target:
+            raise ValueError(f"--method {self.method} selects for a target set: pass --target PATH (a few dozen "
+                             "examples of the task you fine-tune for)")
+        if self.target and self.method not in TARGETED:
+            raise ValueError(f"--target is read by --method {', '.join(sorted(TARGETED))}, not by "
+                             f"--method {self.method}")
         _check_choice(self.output_format, ("parquet", "jsonl"), "--output-format")
         if not (self.partitions == "auto" or (isinstance(self.partitions, (int, np.integer))
                                                 and self.partitions >= 1)):
@@ -563,6 +573,10 @@ class SplitOptions:
                                                    "--test-fraction)")
     validation_per_group: int | None = option(None, help="with groups: validation rows drawn from each group "
                                                          "(instead of --validation-size)")
+    target_group: str | None = option(None, metavar="GROUP", help="with groups: this group's validation rows are "
+                                                                  "the target set of the targeted methods "
+                                                                  "(targeted, targeted_tokens, rds, rds_tokens); "
+                                                                  "its test rows score them (nll_GROUP)")
     pool_shares: dict | None = option(None, parse=shares, metavar="GROUP=SHARE,...",
                                       help="with groups: subsample the pool to these shares of its rows (the "
                                            "largest pool with them; a group not named gets none), e.g. "
@@ -624,8 +638,8 @@ class EvaluateSettings:
         """The per-group split and methods need groups; groups need the per-group split."""
         from fishersft_ray.evaluate.methods import check_methods
 
-        check_methods(self.protocol.methods or [], grouped=self.groups.given)
         split = self.split
+        check_methods(self.protocol.methods or [], grouped=self.groups.given, targeted=split.target_group is not None)
         per_group = {"--test-per-group": split.test_per_group, "--validation-per-group": split.validation_per_group}
         if self.groups.given:
             missing = [f"{flag} K" for flag, value in per_group.items() if value is None]
@@ -636,7 +650,8 @@ class EvaluateSettings:
             if split.redundant_share > 0:
                 raise ValueError("--redundant-share does not combine with groups: drop one of them")
             return
-        needing = [flag for flag, value in (*per_group.items(), ("--pool-shares", split.pool_shares)) if value is not None]
+        needing = [flag for flag, value in (*per_group.items(), ("--pool-shares", split.pool_shares),
+                                            ("--target-group", split.target_group)) if value is not None]
         if needing:
             raise ValueError(f"{', '.join(needing)} need groups: pass --group-field NAME or --group-by-file")
 

@@ -9,6 +9,7 @@ import pytest
 from fishersft_ray import select as selection
 from fishersft_ray.features import FeatureSet
 from fishersft_ray.select import CERTIFIED, METHODS, Hooks, SelectionRequest, logdet_gains, run_method
+from fishersft_ray.select.methods import TARGETED
 from fishersft_ray.select.vopt import select_vopt
 
 
@@ -102,10 +103,16 @@ def test_v_optimal_runs_through_the_driver_naive_lazy_and_registry_agree():
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert METHODS == ("tokenod", "vopt", "sentence_od", "uniform", "longest_first", "density", "balanced")
-    assert CERTIFIED == {"tokenod", "sentence_od"}
+    assert METHODS == ("tokenod", "vopt", "sentence_od", "uniform", "longest_first", "density", "balanced",
+                       "targeted", "targeted_logdet", "rds")
+    assert CERTIFIED == {"tokenod", "sentence_od", "targeted_logdet"}
     with pytest.raises(ValueError, match="unknown selection method 'best'.*tokenod.*density"):
         run_method("best", feature_pool(), SelectionRequest(3))
+
+
+def target_for(name, features):
+    """A target set (a few of the pool's own examples) for the methods that read one."""
+    return [features.factor(i) for i in range(0, 40, 10)] if name in TARGETED else None
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -116,7 +123,8 @@ def test_every_method_respects_budgets_and_eligibility(name):
     for budget_unit, budget in (("examples", 12), ("tokens", 150)):
         for allowed in (None, eligible):
             picked = run_method(name, features, SelectionRequest(budget, budget_unit=budget_unit, eligible=allowed,
-                                                                 seed=3, groups=np.arange(features.n) % 3))
+                                                                 seed=3, groups=np.arange(features.n) % 3,
+                                                                 target=target_for(name, features)))
             indices = picked.indices
             assert picked.method == name and picked.variant in (budget_unit, "cost_benefit",
                                                                 "unit_cost", "examples")
@@ -223,7 +231,8 @@ def test_guard_keeps_twins_out_of_every_method(name):
     unit = features.embeddings / np.maximum(norms, 1e-30)  # rows of zeros (no targets) stay zero
     for budget_unit, budget in (("examples", 30), ("tokens", 400)):
         picked = run_method(name, features, SelectionRequest(budget, budget_unit=budget_unit, near_dup_cosine=0.99,
-                                                             seed=1, groups=np.arange(features.n) % 3))
+                                                             seed=1, groups=np.arange(features.n) % 3,
+                                                             target=target_for(name, features)))
         cosine = unit[picked.indices] @ unit[picked.indices].T
         np.fill_diagonal(cosine, -1)
         assert cosine.max() < 0.99

@@ -38,6 +38,7 @@ class EvalMethod:
     capped: bool = False         # only among examples under the length cap
     guarded: bool = False        # with the near-duplicate guard at rules.near_dup_cosine
     labelled: bool = False       # reads the pool's groups (needs them)
+    targeted: bool = False       # selects for the target set (--target-group)
 
 
 EVAL_METHODS = {
@@ -63,6 +64,13 @@ EVAL_METHODS = {
     "balanced_tokens": EvalMethod("label-aware balanced (tokens of uniform@n)", "balanced", "uniform_tokens",
                                   seeded=True, labelled=True),
     "sentence_od": EvalMethod("sentence-level OD (n examples)", "sentence_od"),
+    "targeted": EvalMethod("targeted V-optimal (n examples)", "targeted", targeted=True),
+    "targeted_tokens": EvalMethod("targeted V-optimal (tokens of uniform@n)", "targeted", "uniform_tokens",
+                                  targeted=True),
+    "targeted_logdet_tokens": EvalMethod("targeted log det (tokens of uniform@n)", "targeted_logdet",
+                                         "uniform_tokens", targeted=True),
+    "rds": EvalMethod("RDS+ (n examples)", "rds", targeted=True),
+    "rds_tokens": EvalMethod("RDS+ (tokens of uniform@n)", "rds", "uniform_tokens", targeted=True),
 }
 METHODS = tuple(EVAL_METHODS)
 RANDOM_METHODS = frozenset(name for name, spec in EVAL_METHODS.items() if spec.seeded)
@@ -76,23 +84,29 @@ class Pick:
     positions: np.ndarray
 
 
-def check_methods(names: Sequence[str], *, grouped: bool = False) -> None:
+def check_methods(names: Sequence[str], *, grouped: bool = False, targeted: bool = False) -> None:
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     labelled = [name for name in names if EVAL_METHODS[name].labelled]
     if labelled and not grouped:
         raise ValueError(f"--methods {','.join(labelled)} need groups: pass --group-field NAME or --group-by-file")
+    aimed = [name for name in names if EVAL_METHODS[name].targeted]
+    if aimed and not targeted:
+        raise ValueError(f"--methods {','.join(aimed)} select for a target set: pass --target-group GROUP "
+                         "(with --group-field or --group-by-file)")
 
 
-def default_methods(grouped: bool) -> list[str]:
-    """Every method this run can compare: the label-aware ones only when there are groups."""
-    return [name for name in METHODS if grouped or not EVAL_METHODS[name].labelled]
+def default_methods(grouped: bool, targeted: bool = False) -> list[str]:
+    """Every method this run can compare: the label-aware ones only when there are groups,
+    the targeted ones only with a target set."""
+    return [name for name in METHODS if (grouped or not EVAL_METHODS[name].labelled)
+            and (targeted or not EVAL_METHODS[name].targeted)]
 
 
 def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[int], names: Sequence[str],
                  *, rules: Rules, device: str = "cpu", weighted: FeatureSet | None = None,
-                 groups: np.ndarray | None = None) -> list[Pick]:
+                 groups: np.ndarray | None = None, target: FeatureSet | None = None) -> list[Pick]:
     """Every method's subset at every budget (random methods once per seed), as positions
     into ``features`` (the pool). ``weighted``: the pool's loss-weighted features, needed by
     the loss-weighted methods. λ is ``rules.lam``, or ``rules.lam_relative`` × the mean ‖x‖²
@@ -100,8 +114,9 @@ def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[i
     mean row per example and keeps ``rules.lam``. The ``*_guard`` methods skip a candidate at
     cosine ≥ ``rules.near_dup_cosine`` with an earlier pick (select's ``--near-dup-cosine``).
     ``groups``: each pool example's group code, read by the label-aware methods only.
+    ``target``: the target set's features, read by the targeted methods only.
     """
-    check_methods(names, grouped=groups is not None)
+    check_methods(names, grouped=groups is not None, targeted=target is not None)
     if weighted is None and any(EVAL_METHODS[name].loss_weighted for name in names):
         raise ValueError("loss-weighted methods need the pool's loss-weighted features")
     costs = features.num_targets
@@ -116,7 +131,7 @@ def pick_subsets(features: FeatureSet, budgets: Sequence[int], seeds: Sequence[i
         selection = run_method(spec.method, pool, SelectionRequest(
             budget, budget_unit=budget_unit, lam=lam, eligible=capped if spec.capped else None, seed=seed or 0,
             device=device, near_dup_cosine=rules.near_dup_cosine if spec.guarded else None,
-            report_logdet=False, groups=groups))
+            report_logdet=False, groups=groups, target=target if spec.targeted else None))
         if selection.evaluations:
             log.info("%s %s budget %g: %d picks, %d evaluations, %.0f s", spec.method, budget_unit, budget,
                      len(selection.indices), selection.evaluations, time.time() - started)

@@ -186,7 +186,7 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
                  bias: np.ndarray | None, protocol: Protocol, rules: Rules, *,
                  features: FeatureSet | None = None, groups: np.ndarray | None = None,
                  trainer: Trainer | None = None, checkpoint: ProtocolCheckpoint | None = None,
-                 group_codes: GroupCodes | None = None) -> dict:
+                 group_codes: GroupCodes | None = None, target: FeatureSet | None = None) -> dict:
     """Everything after featurization: recipe, picks, fine-tuning, scores.
 
     ``features``: the pool under the storage rule (the stored shards; default: built from
@@ -194,13 +194,14 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     parts); ``weight``/``bias`` (the pretrained LM head) also give the loss-weighted methods
     their token weights. ``groups``: the pool's exact-copy groups (the redundant scenario);
     ``group_codes``: the parts' groups (a mixture's sources), for the per-group scores, the
-    recipe rule on validation macro NLL and the label-aware methods. Returns {"rows": per-run
+    recipe rule on validation macro NLL and the label-aware methods. ``target``: the target
+    set's features (a group's validation rows), read by the targeted methods. Returns {"rows": per-run
     dicts, "summary": per (method, budget) dicts, "info": settings and protocol facts (the
     trainer's, pretrained NLL, recipe, void)}.
     """
     grouped = group_codes is not None
-    methods = list(protocol.methods or default_methods(grouped))
-    check_methods(methods, grouped=grouped)
+    methods = list(protocol.methods or default_methods(grouped, target is not None))
+    check_methods(methods, grouped=grouped, targeted=target is not None)
     if not (protocol.recipe_lrs and protocol.recipe_epochs):
         raise ValueError("the protocol needs recipe candidates (see with_recipe_defaults)")
     for name, part in (("pool", pool), ("validation", validation), ("test", test)):
@@ -231,7 +232,8 @@ def run_protocol(pool: TokenStates, validation: TokenStates, test: TokenStates, 
     log.info("recipe %s (pretrained validation NLL %.4f)", recipe, pretrained_validation)
 
     picks = pick_subsets(features, protocol.budgets, list(range(protocol.seeds)), methods, rules=rules,
-                         device=protocol.device, weighted=weighted, groups=None if group_codes is None else group_codes.pool)
+                         device=protocol.device, weighted=weighted, groups=None if group_codes is None else group_codes.pool,
+                         target=target)
     rows = []
     for pick in picks:
         run_key = ProtocolCheckpoint.run_key(pick.method, pick.budget, pick.seed)

@@ -81,7 +81,9 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
                                      ("test", split.test))}
     group_codes = None if groups is None else GroupCodes(
         groups.names, *(groups.codes_of(parts[name].row_index) for name in ("pool", "validation", "test")))
-    pool, copy_groups, features = parts["pool"], None, None
+    pool, copy_groups, features, target = parts["pool"], None, None, None
+    if settings.split.target_group is not None:
+        target = target_features(shards, parts["validation"], group_codes, settings.split.target_group, options)
     if settings.split.redundant_share > 0:
         pool, copy_groups = make_redundant(pool, share=settings.split.redundant_share,
                                       num_sources=settings.split.redundant_sources,
@@ -104,6 +106,9 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
              "split_seed": settings.split.split_seed,
              "split_sizes": {k: int(len(v)) for k, v in dataclasses.asdict(split).items()},
              "features": features_info, "mode": settings.mode}
+    if target is not None:
+        facts["target"] = {"group": settings.split.target_group, "part": "validation", "examples": target.n,
+                           "target_tokens": int(target.num_targets.sum())}
     if groups is not None:
         part_sizes = {part: groups.sizes(group_codes.of(part)) for part in ("pool", "validation", "test")}
         facts["groups"] = {"source": groups.source, "names": groups.mapping(), "pool_shares": settings.split.pool_shares,
@@ -118,11 +123,24 @@ def run_evaluate(settings: EvaluateSettings) -> dict:
         pool.row_index.tolist(), list(pool.states.shape)))
     result = run_protocol(pool, parts["validation"], parts["test"], weight, bias, protocol, settings.rules,
                           features=features, groups=copy_groups, trainer=trainer, checkpoint=checkpoint,
-                          group_codes=group_codes)
+                          group_codes=group_codes, target=target)
     result["info"] = facts | {"command_settings": flat_dict(settings)} | result["info"]
     files = write_outputs(result, output, settings.title or posixpath.basename(settings.input.rstrip("/")))
     checkpoint.clear()
     return {"table": markdown_table(result["summary"], result["info"]), "files": files}
+
+
+def target_features(shards: Location, validation: TokenStates, group_codes: GroupCodes, group: str,
+                    options) -> FeatureSet:
+    """The stored features of ``group``'s validation rows: the targeted methods' target set."""
+    if group not in group_codes.names:
+        raise ValueError(f"--target-group {group!r} is not a group of this corpus ({', '.join(group_codes.names)})")
+    rows = validation.row_index[group_codes.validation == group_codes.names.index(group)]
+    if not len(rows):
+        raise ValueError(f"--target-group {group!r} has no validation rows with target tokens: raise "
+                         "--validation-per-group or pick another group")
+    stored = FeatureSet.load(shards.url, storage_options=options)
+    return stored.subset(np.searchsorted(stored.row_index, rows))
 
 
 def corpus_examples(corpus: CorpusIndex, row_index: np.ndarray, executor) -> pa.Table:

@@ -87,16 +87,25 @@ class FeatureSet:
         value into a certified upper bound on the gain of the float32-rounded factor
         (Weyl: rounding moves every eigenvalue by at most a small multiple of the largest).
         """
+        return self._per_example(lambda s: np.log1p(s / lam), rel_tol)
+
+    def spectral_terms(self, lam: float, rel_tol: float = 0.0) -> np.ndarray:
+        """Σ_k s_ik / (λ + s_ik) per example (float64): tr(B(I + B)⁻¹) at Σ = λI, the
+        V-optimal bound's term (select/vopt.py); ``rel_tol`` as in ``initial_gains``."""
+        return self._per_example(lambda s: s / (lam + s), rel_tol)
+
+    def _per_example(self, function, rel_tol: float) -> np.ndarray:
+        """Σ_k function(s_ik) per example over the (inflated) stored spectrum."""
         spectrum = self.spectrum.astype(np.float64)
-        gains = np.zeros(self.n)
+        values = np.zeros(self.n)
         nonempty, starts = _segment_starts_nonempty(self.offsets)
         if len(starts) == 0:
-            return gains
+            return values
         if rel_tol > 0:
             largest = np.maximum.reduceat(spectrum, starts)
             spectrum = spectrum + rel_tol * np.repeat(largest, np.diff(self.offsets)[nonempty])
-        gains[nonempty] = np.add.reduceat(np.log1p(spectrum / lam), starts)
-        return gains
+        values[nonempty] = np.add.reduceat(function(spectrum), starts)
+        return values
 
     def subset(self, positions: Sequence[int]) -> FeatureSet:
         """A new FeatureSet holding the given positions, in that order (factors copied)."""

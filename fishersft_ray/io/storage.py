@@ -168,19 +168,20 @@ class Location:
         if self.fs.exists(target):
             retrying(lambda: self.fs.rm(target, recursive=True), f"remove {self._url(name)}")
 
-    def check_readable(self) -> None:
+    def check_readable(self, what: str = "input") -> None:
         """Fail fast, before any model is loaded, when the input cannot be reached: a path
-        must exist, a glob pattern (``*``, ``?``, ``[``) must match at least one file."""
+        must exist, a glob pattern (``*``, ``?``, ``[``) must match at least one file.
+        ``what`` names it in the error (e.g. --target)."""
         pattern = is_glob(self.path)
         try:
             found = bool(self.fs.glob(self.path)) if pattern else self.fs.exists(self.path)
         except Exception as exc:  # noqa: BLE001 - every backend raises its own types
-            raise StorageError(f"cannot reach input {self.url}: {_describe(exc)}") from exc
+            raise StorageError(f"cannot reach {what} {self.url}: {_describe(exc)}") from exc
         if not found and pattern:
-            raise StorageError(f"input pattern {self.url} matches no file; check the pattern (quoted, so "
+            raise StorageError(f"{what} pattern {self.url} matches no file; check the pattern (quoted, so "
                                "the shell leaves it alone) and for s3:// the bucket, endpoint and credentials")
         if not found:
-            raise StorageError(f"input {self.url} does not exist; check the path (and for s3:// "
+            raise StorageError(f"{what} {self.url} does not exist; check the path (and for s3:// "
                                "the bucket, endpoint and credentials)")
 
     def check_writable(self, what: str = "output") -> None:

@@ -119,6 +119,8 @@ def _read_corpora(settings: SelectSettings, executor, record: RunRecord):
     record.corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
     if settings.prior:
         record.prior_corpus = index_corpus(settings.prior, settings.corpus, options, executor.map_files)
+    if settings.target:
+        record.target_corpus = index_corpus(settings.target, settings.corpus, options, executor.map_files)
     corpus = record.corpus
     groups = corpus_groups(corpus, settings.groups, executor.map_files)
     log.info("corpus: %s rows read, %s kept (%s), format %s", corpus.stats["rows_read"],
@@ -163,20 +165,23 @@ def _plan_memory(settings: SelectSettings, record: RunRecord, config: FeaturizeC
     return MemoryPlan(memory_budget, spill, guess, parts)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Featurized:
     """The feature stage's result: the shards, the pool loaded on the driver (None in a
-    two-stage run) and the prior's loaded features and cache key (None without a prior)."""
+    two-stage run), the prior's loaded features and cache key (None without a prior) and the
+    target's examples with target tokens and cache key (None without a target)."""
 
     shards: Location
     features: FeatureSet | None
-    prior: FeatureSet | None
-    prior_key: str | None
+    prior: FeatureSet | None = None
+    prior_key: str | None = None
+    target: FeatureSet | None = None
+    target_key: str | None = None
 
 
 def _featurize(record: RunRecord, config: FeaturizeConfig, cache: FeatureCache, plan: MemoryPlan,
                stack: ExitStack) -> Featurized:
-    """Ensure the corpus's (and prior's) feature shards and load what the driver holds."""
+    """Ensure the corpus's (and prior's and target's) feature shards and load what the driver holds."""
     corpus, prior_corpus = record.corpus, record.prior_corpus
     shards, features_info = cache.ensure(corpus, config, record.model)
     if plan.parts == 1:
@@ -185,11 +190,21 @@ def _featurize(record: RunRecord, config: FeaturizeConfig, cache: FeatureCache, 
         features, held = None, {"shard_bytes": driver_store.shard_bytes(shards),
                                 "memory_budget_bytes": plan.memory_budget, "held": f"shards ({plan.parts} parts)"}
     record.features_info = {**features_info, "estimate": plan.estimate, "driver": held}
-    if prior_corpus is None:
-        return Featurized(shards, features, None, None)
-    prior_shards, prior_info = cache.ensure(prior_corpus, config, record.model)
-    prior = driver_store.load(prior_shards, prior_corpus.num_rows, plan.memory_budget, plan.spill, stack)[0]
-    return Featurized(shards, features, prior, prior_info["key"])
+    featurized = Featurized(shards, features)
+    if prior_corpus is not None:
+        prior_shards, prior_info = cache.ensure(prior_corpus, config, record.model)
+        featurized.prior = driver_store.load(prior_shards, prior_corpus.num_rows, plan.memory_budget, plan.spill,
+                                             stack)[0]
+        featurized.prior_key = prior_info["key"]
+    if record.target_corpus is not None:
+        target_shards, target_info = cache.ensure(record.target_corpus, config, record.model)
+        target = FeatureSet.load(target_shards.url, storage_options=target_shards.storage_options)
+        featurized.target = target.subset(np.flatnonzero(target.num_targets > 0))
+        featurized.target_key = target_info["key"]
+        record.target_info = {"key": target_info["key"], "reused": target_info["reused"],
+                              "examples_with_targets": featurized.target.n,
+                              "target_tokens": int(featurized.target.num_targets.sum())}
+    return featurized
 
 
 def _select(settings: SelectSettings, record: RunRecord, featurized: Featurized, plan: MemoryPlan, groups,
@@ -202,7 +217,7 @@ def _select(settings: SelectSettings, record: RunRecord, featurized: Featurized,
     eligible = _apply_rules(settings, record, shards)
     selection_key = fingerprint(record.features_info["key"], featurized.prior_key, settings.budget,
                                 settings.budget_unit, record.lam, record.length_cap and record.length_cap["tokens"],
-                                settings.method, settings.seed, settings.rules.near_dup_cosine,
+                                settings.method, settings.seed, settings.rules.near_dup_cosine, featurized.target_key,
                                 *((plan.parts, settings.part_oversample) if plan.parts > 1 else ()))
     # Every check passed: an earlier complete run here stops being complete as we rewrite it.
     output.remove(MANIFEST_NAME)
@@ -210,7 +225,8 @@ def _select(settings: SelectSettings, record: RunRecord, featurized: Featurized,
     request = SelectionRequest(settings.budget, budget_unit=settings.budget_unit, lam=record.lam,
                                prior=featurized.prior, eligible=eligible,
                                near_dup_cosine=settings.rules.near_dup_cosine, seed=settings.seed,
-                               device=selection_device(settings.featurize.device), threads=settings.select_threads)
+                               device=selection_device(settings.featurize.device), threads=settings.select_threads,
+                               target=featurized.target)
 
     def run(pool: FeatureSet, request: SelectionRequest) -> Selection:
         codes = None if groups is None else groups.codes_of(pool.row_index)
@@ -255,7 +271,11 @@ def _check_locations(settings: SelectSettings, output: Location, feature_root: L
     options = settings.storage_options
     source = Location.of(settings.input, options)
     source.check_readable()
-    for read_flag, read_url in (("--input", settings.input), ("--prior", settings.prior)):
+    for flag, url in (("--prior", settings.prior), ("--target", settings.target)):
+        if url is not None:
+            Location.of(url, options).check_readable(flag)
+    for read_flag, read_url in (("--input", settings.input), ("--prior", settings.prior),
+                                ("--target", settings.target)):
         if read_url is None:
             continue
         for write_flag, place in (("--output", output), ("--features", feature_root)):

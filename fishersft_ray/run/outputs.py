@@ -33,6 +33,8 @@ class RunRecord:
     timings: dict[str, float]             # the job's stage timer, filled as stages end
     corpus: CorpusIndex | None = None
     prior_corpus: CorpusIndex | None = None
+    target_corpus: CorpusIndex | None = None
+    target_info: dict | None = None       # the target's feature cache key, examples and tokens
     model: Any = None                     # featurize/model_ref's resolved model
     features_info: dict | None = None     # the feature cache's account, with the estimate and the driver's hold
     pool: Any = None                      # every example's small columns (FeatureSet or FeatureSummary)
@@ -84,6 +86,7 @@ def _manifest(record: RunRecord, files: list[dict]) -> dict:
                    "truncated": int(record.pool.truncated.sum()),
                    "target_tokens": int(record.pool.num_targets.sum())},
         "prior": {"format": prior_corpus.format, **prior_corpus.stats} if prior_corpus is not None else None,
+        "target": _target_account(record),
         "features": record.features_info,
         "selection": _selection_account(record),
         "files": files,
@@ -92,6 +95,17 @@ def _manifest(record: RunRecord, files: list[dict]) -> dict:
                      "transformers": transformers.__version__, "pyarrow": pa.__version__,
                      "numpy": np.__version__},
     }
+
+
+def _target_account(record: RunRecord) -> dict | None:
+    """The target set a targeted method selected for: its rows, its target tokens and the
+    fingerprint of its features (their cache key: corpus files, model and settings)."""
+    if record.target_corpus is None:
+        return None
+    info = record.target_info
+    return {"input": record.settings.target, "format": record.target_corpus.format, **record.target_corpus.stats,
+            "examples_with_targets": info["examples_with_targets"], "target_tokens": info["target_tokens"],
+            "fingerprint": info["key"], "features_reused": info["reused"]}
 
 
 def _selection_account(record: RunRecord) -> dict:
@@ -126,8 +140,13 @@ def _certificate(record: RunRecord) -> str:
     """What the selection's upper bound certifies, in words."""
     method = record.selection.method
     if record.selection.upper_bound is None:
+        if method in ("targeted", "vopt"):
+            return (f"none: {method} (V-optimal) is not submodular, so no bound on OPT; its lazy greedy is exact "
+                    "(it picks what naive greedy picks)")
         return f"none: {method} is not a log-det greedy ({', '.join(sorted(CERTIFIED))} are)"
     return ("f(OPT) ≤ upper_bound for the same budget and λ"
+            + (" (f: the log det on the target's principal directions, method_objective)"
+               if method == "targeted_logdet" else "")
             + (" (two-stage: the sum of the parts' certificates, see two_stage)" if record.two_stage else "")
             + (", OPT over the examples the near-duplicate guard leaves eligible (not over the whole corpus)"
                if record.settings.rules.near_dup_cosine is not None else ""))

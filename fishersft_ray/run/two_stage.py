@@ -80,8 +80,9 @@ def run(shards: Location, summary: FeatureSummary, request: SelectionRequest, me
         log.warning("two-stage selection: %d of %d parts drew no example", parts - len(nonempty), parts)
     groups = [groups[p] for p in nonempty]
     stage1, stage2 = stage_requests(request, oversample)
-    stage1 = dataclasses.replace(stage1, device="cpu")  # part tasks run on workers, with or without a GPU
     part_method = method if method in CERTIFIED else "tokenod"
+    # Part tasks run on workers, with or without a GPU; TokenOD's parts take no target.
+    stage1 = dataclasses.replace(stage1, device="cpu", target=stage1.target if part_method == method else None)
     log.info("two-stage selection: %d parts of about %d examples, %g candidates each", parts,
              len(rows) // max(parts, 1), stage1.budget)
     results = shuffle(

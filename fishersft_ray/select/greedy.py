@@ -7,7 +7,9 @@ as apricot separates its functions from its optimizers). What it provides:
 * lazy greedy: a max-priority queue of stale gains, re-evaluated in batches (an adaptive
   batch by default). For an objective that declares ``submodular = True`` a stale gain is an
   upper bound on the current one and lazy greedy picks exactly what naive greedy picks (up
-  to exact ties; Minoux 1978). For any other objective the same loop is a heuristic;
+  to exact ties; Minoux 1978). An objective that is not submodular but has a proven bound
+  that only falls as S grows (``BoundedObjective``: V-optimal designs) runs a lazy loop over
+  that bound instead, exact too. For any other objective the lazy loop is a heuristic;
 * bound tightening, when the objective offers a tightener (``bound_tightener``): stale
   bounds are lowered without evaluations as the design grows (the log-det objective has
   one; V-optimal does not);
@@ -168,6 +170,16 @@ class Objective(Protocol):
         """A tightener over ``initial``, or None."""
 
 
+class BoundedObjective(Objective, Protocol):
+    """An objective that is not submodular but whose gains have a proven bound that only
+    falls as S grows: Δ(i|S′) ≤ bound_scale(S′) · term_i(S) for S ⊆ S′ (``gains`` returns
+    the terms as its aux, ``initial_bounds`` the terms at S = ∅ as its aux). The driver then
+    runs ``_bounded_lazy_greedy``, which is exact (V-optimal designs, vopt.py)."""
+
+    def bound_scale(self) -> float:
+        """scale(S) for the current S."""
+
+
 class NearDuplicateGuard:
     """Candidates with cosine ≥ ``threshold`` to an already-picked example are not eligible.
 
@@ -304,6 +316,7 @@ class _Run:
 
     def evaluate(self, ids) -> np.ndarray:
         gains, aux = self.objective.gains(ids)
+        self.last_aux = aux
         self.evaluations += len(ids)
         self.evaluated_alone = (int(ids[0]), self.step) if len(ids) == 1 else None
         self.bounds[ids] = gains
@@ -492,6 +505,63 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
         run.take_best(i)
 
 
+def _bounded_lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_size: int | None,
+                         initial: InitialBounds):
+    """Exact lazy greedy for an objective that is not submodular but has a proven bound
+    (``BoundedObjective``): Δ(i|S′) ≤ scale(S′) · term_i(S) for every S ⊆ S′.
+
+    The queue holds each entry's term from its last evaluation (or ``initial.aux``), keyed
+    by term · weight. Each step evaluates the top entries, in batches (adaptive as in
+    ``_lazy_greedy``), while the top key × scale(S) can still reach the best fresh priority
+    (≥, so that ties are evaluated and the lowest index wins as in the naive argmax); every
+    entry left in the queue then has gain · weight ≤ its bound ≤ the best, so the pick is
+    naive greedy's. Entries that no longer fit or that the guard blocks leave for good.
+    """
+    objective = run.objective
+    guard = run.guard
+    terms = np.asarray(initial.aux, np.float64).copy()
+    is_open = np.zeros(len(terms), bool)
+    is_open[eligible] = True
+    is_open[run.picks] = False
+    is_open &= run.costs <= run.remaining
+    entries = np.flatnonzero(is_open)
+    heap = list(zip((-terms[entries] * weights[entries]).tolist(), entries.tolist()))
+    heapq.heapify(heap)
+    average_needed = 16.0
+    while run.step < run.max_picks and heap:
+        scale = objective.bound_scale()
+        limit = batch_size or int(min(MAX_LAZY_BATCH, max(8, average_needed / 2)))
+        best, best_i, evaluated = -math.inf, -1, []
+        while heap and -heap[0][0] * scale >= best:
+            batch = []
+            while heap and len(batch) < limit and -heap[0][0] * scale >= best:
+                i = heapq.heappop(heap)[1]
+                if run.costs[i] > run.remaining:
+                    continue
+                if guard is not None and guard.blocked([i])[0]:
+                    run.excluded(i)
+                    continue
+                batch.append(i)
+            if not batch:
+                continue
+            gains = run.evaluate(batch)
+            terms[batch] = run.last_aux
+            evaluated += batch
+            for i, gain in zip(batch, gains):
+                priority = gain * weights[i]
+                if priority > best or (priority == best and i < best_i):
+                    best, best_i = priority, i
+            if batch_size is None:
+                limit = min(MAX_LAZY_BATCH, limit * 3 // 2)
+        if best_i < 0:
+            break
+        average_needed = 0.8 * average_needed + 0.2 * len(evaluated)
+        run.take_best(best_i)
+        for i in evaluated:
+            if i != best_i:
+                heapq.heappush(heap, (-terms[i] * weights[i], i))
+
+
 def check_greedy_method(method: str):
     if method not in GREEDY_METHODS:
         raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
@@ -621,6 +691,8 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
         if not records.get(variant, {}).get("finished"):
             if method == "naive":
                 _naive_greedy(state, candidates, weights)
+            elif hasattr(objective, "bound_scale"):
+                _bounded_lazy_greedy(state, candidates, weights, batch_size, initial)
             else:
                 _lazy_greedy(state, candidates, weights,
                              batch_size if batch_size is not None else objective.lazy_batch)

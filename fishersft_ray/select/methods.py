@@ -7,6 +7,10 @@ Two kinds of method:
   certificate) and ``sentence_od`` (log det over one row per example, its ``embeddings``
   row, costing the example's ``num_targets``). Their ``Selection.gains``/``objective`` are
   in their own objective's units;
+* methods aimed at a target set (targeted.py, ``request.target``): ``targeted`` (V-optimal
+  for the target: exact lazy greedy, no certificate), ``targeted_logdet`` (log det on the
+  target's principal directions: certified in its own units) and ``rds`` (RDS+, a ranking
+  by similarity to the target, walked as a sampler's order);
 * samplers (samplers.py): ``uniform`` (seeded permutation), ``longest_first``, ``density``
   (seeded inverse-density sampling), ``balanced`` (seeded random, equal target tokens per
   group: the label-aware baseline). They walk an order; their ``Selection.gains`` and
@@ -39,6 +43,7 @@ from .greedy import Selection, checked_eligible, make_guard, with_threads
 from .logdet import LogDetObjective, logdet_gains, run_objective
 from .request import Hooks, SelectionRequest
 from .samplers import balanced_order, density_order, longest_order, num_targets_of, uniform_order, walk_order
+from .targeted import rds_order, run_targeted, run_targeted_logdet
 from .vopt import run_vopt
 
 
@@ -49,6 +54,7 @@ class _Method:
     summary: str
     reports_logdet: bool = True  # its Selection's objective is already TokenOD's log det
     labelled: bool = False       # reads the examples' groups (request.groups)
+    targeted: bool = False       # selects for a target set (request.target)
 
 
 def _tokenod(features, request: SelectionRequest, hooks: Hooks, name: str) -> Selection:
@@ -130,9 +136,16 @@ _REGISTRY: dict[str, _Method] = {
         np.asarray(f.embeddings)[p], r.seed)), False, "inverse-density sampling (seeded)"),
     "balanced": _Method(_sampler(lambda f, p, r: balanced_order(num_targets_of(f)[p], r.groups[p], r.seed)),
                         False, "random with equal target tokens per group (seeded; needs groups)", labelled=True),
+    "targeted": _Method(run_targeted, False, "V-optimal for a target set: its prediction variance (needs --target)",
+                        False, targeted=True),
+    "targeted_logdet": _Method(run_targeted_logdet, True, "log-det on the target's principal directions "
+                               "(needs --target)", False, targeted=True),
+    "rds": _Method(_sampler(rds_order), False, "RDS+: max cosine of mean states to the target's (needs --target)",
+                   targeted=True),
 }
 METHODS = tuple(_REGISTRY)
 LABELLED = frozenset(name for name, spec in _REGISTRY.items() if spec.labelled)
+TARGETED = frozenset(name for name, spec in _REGISTRY.items() if spec.targeted)
 CERTIFIED = frozenset(name for name, spec in _REGISTRY.items() if spec.certified)
 
 
@@ -147,7 +160,8 @@ def run_method(name: str, features, request: SelectionRequest, hooks: Hooks = Ho
     methods not in ``CERTIFIED``. ``report_logdet``: fill ``Selection.logdet_value``
     (TokenOD's f(S) of the picks, the A/B unit); False skips that work (samplers then carry
     NaN gains), for callers that need only the picks. ``groups``: each example's group code,
-    read only by the methods in ``LABELLED``, which need it.
+    read only by the methods in ``LABELLED``, which need it. ``target``: the target set, read
+    only by the methods in ``TARGETED``, which need it (and refused by the others).
     """
     spec = _REGISTRY.get(name)
     if spec is None:
@@ -157,6 +171,9 @@ def run_method(name: str, features, request: SelectionRequest, hooks: Hooks = Ho
             raise ValueError(f"method {name} needs each example's group: pass --group-field NAME or --group-by-file")
         if len(request.groups) != features.n:
             raise ValueError(f"method {name}: {len(request.groups)} group codes for {features.n} examples")
+    if request.target is not None and not spec.targeted:
+        raise ValueError(f"method {name} does not select for a target set; a target is read by "
+                         f"{', '.join(sorted(TARGETED))}")
     selection = spec.run(features, request, hooks, name)
     return with_logdet_value(name, features, selection, request) if request.report_logdet else selection
 

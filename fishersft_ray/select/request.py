@@ -30,7 +30,9 @@ class SelectionRequest:
     ``threads``: where and on how many torch intra-op threads the evaluations run (None keeps
     torch's setting). ``batch_size``: lazy greedy's re-evaluation batch (None: the
     objective's default). ``report_logdet``: fill ``Selection.logdet_value``. ``groups``: each
-    example's group code, read by the label-aware methods only.
+    example's group code, read by the label-aware methods only. ``target``: the target set
+    (a FeatureSet of the pool's model and settings, or (m_t, d) state arrays), read by the
+    targeted methods only, which need it (select/targeted.py).
     """
 
     budget: float
@@ -45,6 +47,7 @@ class SelectionRequest:
     batch_size: int | None = None
     report_logdet: bool = True
     groups: np.ndarray | None = None
+    target: Any = None
 
     def __post_init__(self):
         check_budget_unit(self.budget_unit)
