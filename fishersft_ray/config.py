@@ -449,6 +449,8 @@ class SelectSettings:
     target: str | None = option(None, help="examples of the task you fine-tune for (the formats, field flags and "
                                            "storage of --input): --method targeted, targeted_logdet or rds select "
                                            "for it")
+    target_format: str | None = option(None, choices=CORPUS_FORMATS, help="format of --target (default: --format; "
+                                                                          "the field flags are shared)")
     storage_options: dict = option(default_factory=dict, parse=storage_options,
                                    help='fsspec/s3fs options as JSON, e.g. \'{"client_kwargs": '
                                         '{"endpoint_url": "…"}}\'')

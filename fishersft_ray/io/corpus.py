@@ -175,11 +175,12 @@ def read_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_option
 
 
 def index_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_options: dict | None = None,
-                 map_files: Callable[[Callable, list[dict]], list] | None = None) -> CorpusIndex:
+                 map_files: Callable[[Callable, list[dict]], list] | None = None, flag: str = "--input") -> CorpusIndex:
     """Scan every file of the corpus (``map_files(scan_file, items)`` runs the scans: in this
     process by default, else an executor's, ``run/executors.Executor.map_files``) and build the driver's index:
     drop exact duplicates (the first copy in row_index order is kept) and rows whose id repeats,
-    count every skip by reason. A corpus left with no usable row is an error giving the counts."""
+    count every skip by reason. A corpus left with no usable row is an error giving the counts
+    (``flag``: the option that named the corpus)."""
     location, paths = list_corpus_files(path, storage_options)
     urls = [location.fs.unstrip_protocol(p) for p in paths]
     corpus_format = spec.format if spec.format != "auto" else _sniffed_format(urls, spec, storage_options)
@@ -212,7 +213,7 @@ def index_corpus(path: str, spec: CorpusOptions = CorpusOptions(), storage_optio
         reasons = {reason: n for reason, n in skipped.items() if n}
         raise ValueError(f"0 usable rows in {path}: {stats['rows_read']} read"
                          + (f", skipped {reasons}" if reasons else "")
-                         + "; nothing to select: check --input, --format and the field options")
+                         + f"; nothing to select: check {flag}, the format and the field options")
     return CorpusIndex(files=urls, offsets=offsets, format=corpus_format, stats=stats, row_index=row_index[unique],
                        length=length[unique], digests=[scan["digest"] for scan in scans],
                        identities=[scan["identity"] for scan in scans], options=spec,

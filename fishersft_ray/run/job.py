@@ -118,9 +118,11 @@ def _read_corpora(settings: SelectSettings, executor, record: RunRecord):
     options = settings.storage_options
     record.corpus = index_corpus(settings.input, settings.corpus, options, executor.map_files)
     if settings.prior:
-        record.prior_corpus = index_corpus(settings.prior, settings.corpus, options, executor.map_files)
+        record.prior_corpus = index_corpus(settings.prior, settings.corpus, options, executor.map_files, "--prior")
     if settings.target:
-        record.target_corpus = index_corpus(settings.target, settings.corpus, options, executor.map_files)
+        reading = (dataclasses.replace(settings.corpus, format=settings.target_format) if settings.target_format
+                   else settings.corpus)
+        record.target_corpus = index_corpus(settings.target, reading, options, executor.map_files, "--target")
     corpus = record.corpus
     groups = corpus_groups(corpus, settings.groups, executor.map_files)
     log.info("corpus: %s rows read, %s kept (%s), format %s", corpus.stats["rows_read"],
