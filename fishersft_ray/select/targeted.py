@@ -36,6 +36,7 @@ import torch
 
 from .greedy import Selection
 from .logdet import LogDetObjective, _as_pool, run_objective
+from ..validation import checked_examples
 from .request import Hooks, SelectionRequest
 from .vopt import VOptimalObjective, pool_gram
 
@@ -45,32 +46,42 @@ TARGET_ENERGY = 0.9
 PROJECT_CHUNK_ROWS = 1 << 16
 
 
-def target_pool(target, pool):
-    """The target as validated factor rows, checked against the pool it is aimed at (a
-    FeatureSet, arrays or factor rows): present, with target tokens, the pool's width, and
-    (FeatureSets) the pool's model."""
-    pool = _reference(pool)
+def checked_target(target, pool):
+    """The target set (factor rows, or float64 state arrays), checked against the pool it is
+    aimed at (a FeatureSet, arrays or factor rows): present, with target tokens, the pool's
+    width, and (FeatureSets) the pool's model."""
     if target is None:
         raise ValueError("this method selects for a target set and none was given: pass --target PATH "
                          "(select) or --target-group G (evaluate), or SelectionRequest(target=...)")
-    rows = _as_pool(target, "target example")
-    if rows.n == 0 or not rows.widths.any():
-        raise ValueError(f"the target set has no target tokens ({rows.n} examples): give examples whose "
+    pool = _reference(pool)
+    if hasattr(target, "factors"):
+        rows = _as_pool(target, "target example")
+        count, tokens, dim = rows.n, int(rows.widths.sum()), rows.dim
+    else:
+        arrays = checked_examples(target, "target example", np.float64)
+        count, tokens = len(arrays), sum(len(x) for x in arrays)
+        dim = arrays[0].shape[1] if arrays else 0
+    if not tokens:
+        raise ValueError(f"the target set has no target tokens ({count} examples): give examples whose "
                          "responses survive truncation (see --max-length and the chat format)")
-    if rows.dim != pool.dim:
-        raise ValueError(f"the target's states have dimension {rows.dim} but the pool's have {pool.dim}: "
+    if dim != pool.dim:
+        raise ValueError(f"the target's states have dimension {dim} but the pool's have {pool.dim}: "
                          "featurize the target with the same model and --project-dim as the pool")
     mine = getattr(pool, "meta", {}).get("model_fingerprint")
     theirs = getattr(target, "meta", {}).get("model_fingerprint")
     if mine and theirs and mine != theirs:
         raise ValueError(f"the target's features come from another model (fingerprint {theirs[:12]}) than the "
                          f"pool's ({mine[:12]}): featurize the target with the pool's model")
-    return rows
+    return rows if hasattr(target, "factors") else arrays
 
 
 def target_gram(target, pool) -> np.ndarray:
-    """Σ_T (d × d, float64) of a target checked by ``target_pool``."""
-    return pool_gram(target_pool(target, pool), torch.device("cpu")).numpy()
+    """Σ_T (d × d, float64) of a target set checked by ``checked_target``."""
+    checked = checked_target(target, pool)
+    if isinstance(checked, list):
+        dim = checked[0].shape[1]
+        return sum((x.T @ x for x in checked), np.zeros((dim, dim)))
+    return pool_gram(checked, torch.device("cpu")).numpy()
 
 
 def run_targeted(features, request: SelectionRequest, hooks: Hooks = Hooks(), name: str = "targeted", *,
@@ -106,27 +117,46 @@ def in_target_directions(features, request: SelectionRequest):
 
 def principal_directions(gram: np.ndarray, energy: float = TARGET_ENERGY) -> np.ndarray:
     """The fewest eigenvectors of ``gram`` (d × k) whose eigenvalues hold ``energy`` of its trace."""
-    values, vectors = np.linalg.eigh(gram)
-    values, vectors = values[::-1].clip(min=0), vectors[:, ::-1]
+    values, vectors = torch.linalg.eigh(torch.as_tensor(gram, dtype=torch.float64))
+    values, vectors = values.flip(0).clamp(min=0).numpy(), vectors.flip(1).numpy()
     k = int(np.searchsorted(np.cumsum(values), energy * values.sum())) + 1
     return np.ascontiguousarray(vectors[:, :min(k, len(values))])
 
 
 def projected(features, directions: np.ndarray):
-    """``features`` with every factor row mapped to its coordinates on ``directions`` (the
-    storage rule rerun per example, so spectra and factors stay exact)."""
+    """``features`` with every example's A_i mapped to UᵀA_iU (U = ``directions``, d × k), in
+    the storage rule's form: an example with m ≤ k rows keeps its rows X_iU (spectrum: the
+    eigenvalues of their m × m Gram), a longer one stores the k eigen-rows of UᵀA_iU. The
+    eigen-solves run batched, one per width."""
     from fishersft_ray.features import FeatureSet
 
     pool = _as_pool(features, "example")
-    rows = np.concatenate([pool.read_rows(start, min(start + PROJECT_CHUNK_ROWS, len(pool.factors))) @ directions
-                           for start in range(0, len(pool.factors), PROJECT_CHUNK_ROWS)]) \
-        if len(pool.factors) else np.zeros((0, directions.shape[1]))
-    examples = np.split(rows, pool.offsets[1:-1])
-    out = FeatureSet.from_examples(examples, num_targets=pool.costs.astype(np.int64),
-                                   row_index=getattr(features, "row_index", None), ids=getattr(features, "ids", None),
-                                   meta=getattr(features, "meta", None))
-    # The guard's embeddings: the mean states' coordinates (the mean commutes with the map).
-    out.embeddings = (_embeddings(features) @ directions).astype(np.float32)
+    k = directions.shape[1]
+    mapping = directions.astype(pool.factors.dtype if pool.factors.dtype == np.float64 else np.float32)
+    rows = np.concatenate([pool.read_rows(start, min(start + PROJECT_CHUNK_ROWS, len(pool.factors))) @ mapping
+                           for start in range(0, len(pool.factors), PROJECT_CHUNK_ROWS)]).astype(np.float32) \
+        if len(pool.factors) else np.zeros((0, k), np.float32)
+    widths = np.minimum(pool.widths, k)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    factors = np.zeros((offsets[-1], k), np.float32)
+    spectrum = np.zeros(offsets[-1])
+    for width in np.unique(pool.widths[pool.widths > 0]):
+        ids = np.flatnonzero(pool.widths == width)
+        for chunk in np.array_split(ids, max(1, len(ids) * width * k // PROJECT_CHUNK_ROWS // 64)):
+            block = torch.from_numpy(rows[pool.offsets[chunk][:, None] + np.arange(width)]).double()  # (b, m, k)
+            into = offsets[chunk][:, None] + np.arange(min(width, k))
+            if width <= k:
+                factors[into] = block.float().numpy()
+                spectrum[into] = torch.linalg.eigvalsh(block @ block.transpose(1, 2)).numpy()
+            else:
+                values, vectors = torch.linalg.eigh(block.transpose(1, 2) @ block)  # UᵀA_iU = V diag(s) Vᵀ
+                factors[into] = (values.clamp(min=0).sqrt()[:, :, None] * vectors.transpose(1, 2)).float().numpy()
+                spectrum[into] = values.numpy()
+    out = FeatureSet(factors, spectrum.clip(min=0), offsets, num_targets=pool.costs.astype(np.int64),
+                     row_index=getattr(features, "row_index", None), ids=getattr(features, "ids", None),
+                     meta=getattr(features, "meta", None),
+                     # The guard's embeddings: the mean states' coordinates (the mean commutes with the map).
+                     embeddings=_embeddings(features) @ directions)
     return out
 
 
@@ -147,7 +177,7 @@ def rds_scores(features, target) -> np.ndarray:
 
 def rds_order(features, positions: np.ndarray, request: SelectionRequest) -> np.ndarray:
     """Local positions 0..len(positions)−1, best RDS+ score first (ties: lowest position)."""
-    target_pool(request.target, features)
+    checked_target(request.target, features)
     scores = rds_scores(features, request.target)[positions]
     return np.argsort(-scores, kind="stable")
 
