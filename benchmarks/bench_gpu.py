@@ -43,7 +43,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_select import synthetic_feature_set  # noqa: E402
 
 from fishersft_ray.config import CorpusOptions, FeaturizeConfig  # noqa: E402
-from fishersft_ray.featurize.featurizer import BACKENDS, Featurizer  # noqa: E402
+from fishersft_ray.featurize.backends import BACKENDS  # noqa: E402
+from fishersft_ray.featurize.featurizer import Featurizer  # noqa: E402
 from fishersft_ray.featurize.model_ref import ModelRef  # noqa: E402
 from fishersft_ray.io.corpus import read_corpus  # noqa: E402
 from fishersft_ray.run.feature_cache import plan_forward_units  # noqa: E402
@@ -70,7 +71,7 @@ ARCHITECTURES = {
 
 
 class RandomWeights:
-    """A model backend (``backend="random"`` in featurizer.BACKENDS) that builds the
+    """A model backend (``backend="random"`` in featurize/backends.BACKENDS) that builds the
     architecture the reference names with random weights directly on the device; the
     reference's source is the tokenizer's directory, one tokenizer for every size. Keeps the
     causal LM (``causal``) for the naive hidden-states path."""
@@ -119,15 +120,9 @@ def matmul_peak(device: str) -> float:
 
 def micro_batch_tensors(featurizer: Featurizer, planned: pa.Table) -> list[tuple]:
     """The featurizer's own micro-batches of ``planned`` (per forward unit), padded, on device."""
-    encoded = featurizer.encode(planned)
-    pieces = featurizer.pieces(encoded)
-    units = planned.column("unit").to_pylist()
-    batches = []
-    for unit in dict.fromkeys(units):
-        group = [p for p in pieces if units[p[0]] == unit]
-        for micro in featurizer.micro_batches(group):
-            batches.append(tuple(t.to(featurizer.device) for t in featurizer.pad(micro)))
-    return batches
+    return [tuple(torch.from_numpy(a).to(featurizer.device) for a in (batch.input_ids, batch.attention_mask,
+                                                                       batch.position_ids))
+            for batch in featurizer.padded_batches(featurizer.encoded(planned)[0])]
 
 
 def forward_seconds(model, batches, device: str, hidden_states: bool = False) -> float:
@@ -187,7 +182,7 @@ def bench_featurize(name: str, args, examples: pa.Table, peak: float, datasheet:
     sweep = []
     sample = planned.slice(0, args.sweep_rows)
     for budget in args.sweep:
-        featurizer.config = dataclasses.replace(featurizer.config, micro_batch_tokens=budget)
+        featurizer.tokenize.config = dataclasses.replace(featurizer.config, micro_batch_tokens=budget)
         batches = micro_batch_tensors(featurizer, sample)
         real = int(sum(int(mask.sum()) for _, mask, _ in batches))
         padded = int(sum(mask.numel() for _, mask, _ in batches))

@@ -110,7 +110,7 @@ def test_a_huge_row_is_cut_before_tokenising_to_the_same_window(tiny_models, kin
                          {"role": "user", "content": long_text, "train": False},
                          {"role": "assistant", "content": long_text, "train": True}]}[kind]
     ids, targets = encode_with_targets(tokenizer, messages)
-    cut_ids, cut_targets = featurizer.encode_row(messages)[0]
+    cut_ids, cut_targets = featurizer.tokenize.encode_row(messages)[0]
     assert len(cut_ids) < len(ids) / 4  # the text was cut
     np.testing.assert_array_equal(cut_ids[:40], ids[:40])
     np.testing.assert_array_equal(cut_targets[:40], targets[:40])

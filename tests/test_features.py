@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fishersft_ray.features import (ROW_OVERHEAD_BYTES, SHARD_SCHEMA, SHARD_WRITE_OPTIONS, FeatureSet, count_near_twins,
-                                    estimate_feature_bytes, factor_from_rows, fitting_options,
-                                    read_shards, shard_table, stored_factor)
+                                    estimate_feature_bytes, factor_from_rows, fitting_options, mean_rows,
+                                    read_shards, shard_table, store_examples, stored_factor)
+from fishersft_ray.features.schema import FlatRows
 from fishersft_ray.select import select
 from fishersft_ray.select.rules import length_cap_tokens
 
@@ -46,6 +47,86 @@ def test_max_rank_keeps_the_top_eigenpairs(m):
     assert factor.shape == (keep, d)
     np.testing.assert_allclose(spectrum, w[::-1][:keep], rtol=1e-5)
     np.testing.assert_allclose(factor.astype(np.float64).T @ factor, top, rtol=1e-5, atol=1e-5)
+
+
+def block_of_examples(d: int, seed: int = 0):
+    """Rows of many examples back to back: every length 0..3d, several examples per length, and
+    rank-two examples of every length (their Grams' numerically-zero eigenvalues are rounding
+    noise: bit-exact only where each Gram is formed as the reference forms it)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.concatenate([np.arange(3 * d + 1), rng.integers(0, 3 * d, size=60), np.arange(3, 3 * d + 1)])
+    rows = [(rng.standard_normal((m, d)) * rng.lognormal()).astype(np.float32) for m in lengths]
+    for i in range(len(lengths) - 3 * d + 2, len(lengths)):
+        rows[i] = (rng.standard_normal((lengths[i], 2)) @ rng.standard_normal((2, d))).astype(np.float32)
+    return rows, lengths
+
+
+@pytest.mark.parametrize("max_rank", [None, 0, 1, 3, 9])
+@pytest.mark.parametrize("projected,weighted", [(False, False), (True, False), (False, True), (True, True)])
+def test_store_examples_gives_every_example_the_bits_it_gets_alone(max_rank, projected, weighted):
+    """The batched rule (one solve per length, flat in and out) against the per-example
+    reference: the featurizer's old loop, projection → mean → √w scaling → factor_from_rows."""
+    d = 24
+    rows, lengths = block_of_examples(d)
+    rng = np.random.default_rng(1)
+    projection = np.linalg.qr(rng.standard_normal((d, 20)))[0].astype(np.float32) if projected else None
+    root_weights = np.sqrt(rng.uniform(0, 2, int(lengths.sum())).astype(np.float32)) if weighted else None
+    stored = store_examples(np.concatenate(rows), lengths, max_rank, projection, root_weights)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    width = 20 if projected else d
+    assert stored.factors.dtype == stored.spectrum.dtype == stored.embeddings.dtype == np.float32
+    for i, X in enumerate(rows):
+        X = X if projection is None else X @ projection
+        np.testing.assert_array_equal(stored.embeddings[i], mean_rows(X, width))
+        if root_weights is not None:
+            X = X * root_weights[starts[i]:starts[i + 1], None]
+        factor, spectrum = factor_from_rows(X, max_rank)
+        mine = slice(stored.offsets[i], stored.offsets[i + 1])
+        np.testing.assert_array_equal(stored.factors[mine], factor)
+        np.testing.assert_array_equal(stored.spectrum[mine], spectrum)
+
+
+@pytest.mark.parametrize("max_rank", [None, 3])
+def test_store_examples_in_torch_matches_the_numpy_rule(max_rank):
+    """The torch path (a GPU actor's, here on the CPU): the same Grams, spectra and embeddings
+    to float64 solver rounding; the rank-one and rank-two examples keep only their pairs."""
+    import torch
+
+    d = 8
+    rows, lengths = block_of_examples(d, seed=2)
+    flat = np.concatenate(rows)
+    projection = np.linalg.qr(np.random.default_rng(3).standard_normal((d, 6)))[0].astype(np.float32)
+    numpy_rule = store_examples(flat, lengths, max_rank, projection)
+    torch_rule = store_examples(torch.from_numpy(flat), lengths, max_rank, torch.from_numpy(projection))
+    np.testing.assert_array_equal(torch_rule.offsets, numpy_rule.offsets)
+    np.testing.assert_allclose(torch_rule.embeddings.numpy(), numpy_rule.embeddings, rtol=1e-6, atol=1e-6)
+    for i in range(len(rows)):
+        mine = slice(numpy_rule.offsets[i], numpy_rule.offsets[i + 1])
+        F, G = torch_rule.factors[mine].numpy().astype(np.float64), numpy_rule.factors[mine].astype(np.float64)
+        scale = max(1.0, float(np.abs(G.T @ G).max(initial=0)))
+        np.testing.assert_allclose(F.T @ F, G.T @ G, rtol=1e-5, atol=1e-5 * scale)
+        np.testing.assert_allclose(torch_rule.spectrum[mine].numpy(), numpy_rule.spectrum[mine], rtol=1e-5,
+                                   atol=1e-5 * scale)
+
+
+def test_shard_table_from_flat_rows_equals_the_per_row_arrays():
+    examples, features = random_feature_set()
+    columns = dict(row_index=features.row_index, id=features.ids, num_tokens=features.num_targets + 1,
+                   num_targets=features.num_targets, truncated=np.zeros(features.n, bool))
+    per_row = shard_table({**columns, "factor": [features.factor(i) for i in range(features.n)],
+                           "spectrum": [features.spectrum[a:b] for a, b in zip(features.offsets[:-1],
+                                                                                features.offsets[1:])],
+                           "embedding": list(features.embeddings)}, features.dim)
+    flat = shard_table({**columns, "factor": FlatRows(features.factors, features.offsets),
+                        "spectrum": FlatRows(features.spectrum, features.offsets),
+                        "embedding": features.embeddings}, features.dim)
+    assert flat.equals(per_row) and flat.schema.equals(per_row.schema, check_metadata=True)
+    factor_values = flat.column("factor").chunk(0).values
+    assert factor_values.buffers()[1].address == features.factors.ctypes.data  # no copy
+    with pytest.raises(ValueError, match="record 1: factor has"):
+        shard_table({**columns, "factor": FlatRows(features.factors, features.offsets),
+                     "spectrum": FlatRows(features.spectrum, features.offsets + (np.arange(features.n + 1) > 1)),
+                     "embedding": features.embeddings}, features.dim)
 
 
 def random_feature_set(seed=0, n=30, d=7):

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from fishersft_ray.config import FeaturizeConfig, Resources
 from fishersft_ray.features import SHARD_SCHEMA, SKIP_REASON, FeatureSet
-from fishersft_ray.featurize.featurizer import (BACKENDS, Featurizer, HFBackend, featurize_local, loss_weights,
-                                                random_projection)
+from fishersft_ray.featurize.backends import BACKENDS, HFBackend
+from fishersft_ray.featurize.featurizer import Featurizer, featurize_local, loss_weights, random_projection
 from fishersft_ray.featurize.masks import encode_with_targets, windows
+from fishersft_ray.featurize.tokenize import micro_batches
 from fishersft_ray.featurize.model_ref import lm_head_weight, resolve_model
 from fishersft_ray.io.storage import Location
 
@@ -110,14 +111,12 @@ def test_results_independent_of_batching_order_and_padding_side(tiny_models):
     assert left_padded.padding_fraction > 0 and one_at_a_time.padding_fraction == 0
 
 
-def test_micro_batches_respect_token_budget_and_padding_cap(tiny_models):
-    featurizer = Featurizer(FeaturizeConfig(model=tiny_models["llama"], micro_batch_tokens=64, max_padding=0.1))
+def test_micro_batches_respect_token_budget_and_padding_cap():
     lengths = [3, 40, 5, 5, 6, 30, 31, 4, 12, 12, 11, 2]
-    pieces = [(i, np.zeros(n, np.int64), np.arange(n - 1)) for i, n in enumerate(lengths)]
-    batches = featurizer.micro_batches(pieces)
-    assert sorted(p[0] for batch in batches for p in batch) == list(range(len(lengths)))
+    batches = micro_batches(lengths, micro_batch_tokens=64, max_padding=0.1)
+    assert sorted(p for batch in batches for p in batch) == list(range(len(lengths)))
     for batch in batches:
-        sizes = [len(p[1]) for p in batch]
+        sizes = [lengths[p] for p in batch]
         assert sizes == sorted(sizes, reverse=True)
         assert len(batch) == 1 or (len(batch) * sizes[0] <= 64 and 1 - sum(sizes) / (len(batch) * sizes[0]) <= 0.1)
     assert len(batches) < len(lengths)

@@ -47,17 +47,17 @@ def test_featurizer_bf16_on_cuda_matches_fp32_on_cpu(tiny_models):
 
 @pytest.mark.parametrize("max_rank", [None, 3])
 def test_storage_rule_on_the_gpu_matches_numpy(max_rank):
-    from fishersft_ray.features import factor_from_rows
-    from fishersft_ray.featurize.featurizer import device_factors
+    from fishersft_ray.features import factor_from_rows, store_examples
 
     rng = np.random.default_rng(0)
     d = 12
     rows = [rng.standard_normal((m, d)).astype(np.float32) for m in (0, 1, 5, 5, 11, 12, 13, 40)]
     rows.append(np.outer(rng.standard_normal(20), rng.standard_normal(d)).astype(np.float32))  # rank one, m > d
-    factors, spectra = device_factors([torch.from_numpy(X).cuda() for X in rows], max_rank)
-    for X, F, w in zip(rows, factors, spectra):
+    stored = store_examples(torch.from_numpy(np.concatenate(rows)).cuda(), [len(X) for X in rows], max_rank)
+    for i, X in enumerate(rows):
         F_ref, w_ref = factor_from_rows(X, max_rank)
-        F, w = F.cpu().numpy().astype(np.float64), w.cpu().numpy()
+        rank = slice(stored.offsets[i], stored.offsets[i + 1])
+        F, w = stored.factors[rank].cpu().numpy().astype(np.float64), stored.spectrum[rank].cpu().numpy()
         assert F.shape == F_ref.shape and w.shape == w_ref.shape
         np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-4 * max(1.0, float(w_ref.max(initial=0))))
         np.testing.assert_allclose(F.T @ F, F_ref.T.astype(np.float64) @ F_ref, rtol=1e-4, atol=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -91,15 +92,41 @@ def schema_with_meta(dim: int, meta: Mapping | None, factor_dtype: str = "float3
         {METADATA_KEY: json.dumps({**(meta or {}), "dim": int(dim)})})
 
 
-def list_column(values: Sequence[np.ndarray], dtype: str = "float32") -> pa.ListArray:
-    """A list<dtype> column from per-row arrays: flat values + offsets, one copy."""
+@dataclass(frozen=True)
+class FlatRows:
+    """Per-example arrays back to back in one buffer: example i owns
+    ``values[offsets[i]:offsets[i + 1]]`` (rows of a 2-D ``values``, entries of a 1-D one)."""
+
+    values: np.ndarray
+    offsets: np.ndarray  # (N + 1,) int64, offsets[0] = 0
+
+    @classmethod
+    def of(cls, arrays: Sequence[np.ndarray], width: int | None = None) -> "FlatRows":
+        """Per-example arrays (each reshaped to rows of ``width`` values, if given) copied into one buffer."""
+        arrays = [np.asarray(a) if width is None else np.asarray(a).reshape(-1, width) for a in arrays]
+        offsets = np.zeros(len(arrays) + 1, np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        empty = np.zeros((0,) if width is None else (0, width), np.float32)
+        return cls(np.concatenate(arrays) if arrays else empty, offsets)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def split(self) -> list[np.ndarray]:
+        """Each example's array: views into ``values``."""
+        return np.split(self.values, self.offsets[1:-1])
+
+
+def list_column(values: FlatRows | Sequence[np.ndarray], dtype: str = "float32") -> pa.ListArray:
+    """A list<dtype> column from per-row arrays or a ``FlatRows``: flat values + offsets, the
+    values copied only where they are not yet ``dtype`` or not yet in one buffer."""
     numpy_dtype, arrow_type = FACTOR_TYPES[dtype]
-    lengths = np.fromiter((v.size for v in values), np.int64, len(values))
-    offsets = np.zeros(len(values) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = (np.concatenate([np.asarray(v, numpy_dtype).ravel() for v in values])
-            if len(values) else np.zeros(0, numpy_dtype))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, arrow_type))
+    flat = values if isinstance(values, FlatRows) else FlatRows.of([np.asarray(v).ravel() for v in values])
+    per_row = int(np.prod(flat.values.shape[1:], dtype=np.int64))  # values per row of a 2-D buffer
+    offsets = (flat.offsets * per_row).astype(np.int32)
+    data = np.ascontiguousarray(flat.values, numpy_dtype).reshape(-1)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(data, arrow_type))
 
 
 def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
@@ -109,20 +136,25 @@ def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
     ``records`` is either a sequence of per-example dicts or a dict of columns; both
     carry row_index, id, num_tokens, num_targets, truncated, factor ((r, d) array),
     spectrum ((r,) array) and embedding ((d,) array: the mean target-token row, used to
-    measure near-duplicates). ``meta`` is stored as JSON under the ``fishersft`` key.
-    The factors are cast to ``factor_dtype`` (see ``stored_factor`` for float16's spectra).
+    measure near-duplicates). A dict of columns may hold the factors and spectra as
+    ``FlatRows`` (the featurizer's one buffer each) and the embeddings as one (N, d) array.
+    ``meta`` is stored as JSON under the ``fishersft`` key. The factors are cast to
+    ``factor_dtype`` (see ``stored_factor`` for float16's spectra).
     """
     if isinstance(records, Mapping):
         columns = records
     else:
         names = SCALAR_COLUMNS + ("factor", "spectrum", "embedding")
         columns = {name: [record[name] for record in records] for name in names}
-    factors = [np.asarray(f).reshape(-1, dim) for f in columns["factor"]]
-    spectra = [np.asarray(s, np.float32).ravel() for s in columns["spectrum"]]
-    for position, (factor, spectrum) in enumerate(zip(factors, spectra)):
-        if factor.shape[0] != spectrum.shape[0]:
-            raise ValueError(f"record {position}: factor has {factor.shape[0]} rows but "
-                             f"spectrum has {spectrum.shape[0]} values")
+    factors, spectra = columns["factor"], columns["spectrum"]
+    factors = factors if isinstance(factors, FlatRows) else FlatRows.of(factors, dim)
+    spectra = spectra if isinstance(spectra, FlatRows) else FlatRows.of([np.ravel(s) for s in spectra])
+    mismatched = np.flatnonzero(factors.lengths != spectra.lengths)
+    if len(mismatched):
+        position = int(mismatched[0])
+        raise ValueError(f"record {position}: factor has {factors.lengths[position]} rows but "
+                         f"spectrum has {spectra.lengths[position]} values")
+    embeddings = np.asarray(columns["embedding"], np.float32).reshape(-1, dim)
     arrays = [
         pa.array(np.asarray(columns["row_index"], np.int64)),
         pa.array([str(i) for i in columns["id"]], pa.string()),
@@ -131,7 +163,7 @@ def shard_table(records: Sequence[Mapping] | Mapping[str, Sequence], dim: int,
         pa.array(np.asarray(columns["truncated"], bool)),
         list_column(factors, factor_dtype),
         list_column(spectra),
-        list_column([np.asarray(e, np.float32).reshape(dim) for e in columns["embedding"]]),
+        list_column(FlatRows(embeddings, np.arange(len(embeddings) + 1))),
     ]
     return pa.Table.from_arrays(arrays, schema=schema_with_meta(dim, meta, factor_dtype))
 

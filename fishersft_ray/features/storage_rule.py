@@ -1,21 +1,21 @@
 """The storage rule: how an example's target-token rows X (m × d) become the stored factor F
-(Fᵀ F = Xᵀ X) and its spectrum, in numpy per example (``factor_from_rows``) and in torch for a
-whole batch on the featurizer's device (``device_factors``). Both take their cases, ranks and
-eigen factors from the helpers below, so they are one rule; see docs/CONTRACTS.md.
+(Fᵀ F = Xᵀ X) and its spectrum: per example in numpy (``factor_from_rows``, the reference) and
+for a whole block of examples at once, one batched solve per length (``store_examples``: numpy
+on the host, torch on the featurizer's device). Both take their cases, ranks, Gram products and
+eigen factors from the helpers below, so they are one rule; on numpy arrays ``store_examples``
+gives every example the bits ``factor_from_rows`` gives it alone (see docs/CONTRACTS.md).
 
-torch is imported by ``device_factors`` only: the rest of features/ does without it.
+torch is imported only when torch tensors are handed in (``_namespace``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from .schema import FACTOR_TYPES
-
-if TYPE_CHECKING:
-    import torch
 
 FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
@@ -30,21 +30,58 @@ def keeps_rows(m: int, d: int, max_rank: int | None) -> bool:
     return m <= d and (max_rank is None or max_rank >= m)
 
 
-def _eigen_factor(X64, keep: int, xp):
-    """The top ``keep`` eigenpairs of A = Xᵀ X as (F, w) in float64, F = diag(√w) Vᵀ, w
-    decreasing; ``xp`` is numpy or torch. m ≤ d: from X Xᵀ = U diag(w) Uᵀ, rows U_kᵀ X (√w_k
-    times the k-th right singular vector of X). m > d: from Xᵀ X itself, numerically-zero
-    pairs dropped."""
-    m, d = X64.shape
-    if m <= d:
-        w, U = xp.linalg.eigh(X64 @ X64.T)
-        w, U = xp.clip(xp.flip(w, (0,))[:keep], 0.0, None), xp.flip(U, (1,))[:, :keep]
-        return U.T @ X64, w
-    w, V = xp.linalg.eigh(X64.T @ X64)
-    w, V = xp.flip(w, (0,)), xp.flip(V, (1,))
-    nonzero = int((w > max(float(w[0]), 0.0) * d * FLOAT64_EPS).sum())
-    keep = min(keep, nonzero)
-    return (V[:, :keep] * xp.sqrt(w[:keep])).T, w[:keep]
+def _namespace(array):
+    """numpy for a numpy array, torch for a torch tensor."""
+    if isinstance(array, np.ndarray):
+        return np
+    import torch
+
+    return torch
+
+
+def _cast(array, dtype: str):
+    """``array`` as numpy's or torch's ``dtype`` (no copy when it already is)."""
+    if isinstance(array, np.ndarray):
+        return array.astype(dtype, copy=False)
+    return array.to(getattr(_namespace(array), dtype))
+
+
+def _index(like, positions: np.ndarray):
+    """Host positions as an index in ``like``'s namespace, on its device."""
+    if isinstance(like, np.ndarray):
+        return positions
+    return _namespace(like).from_numpy(np.ascontiguousarray(positions, np.int64)).to(like.device)
+
+
+def _gram(X64, outer: bool):
+    """X Xᵀ (``outer``) or Xᵀ X of a matrix, or of each matrix of a stack (..., m, d). numpy forms
+    a product of an array with its own transpose with BLAS syrk, matrix by matrix for a stack,
+    so a stack's Grams have the bits each matrix's Gram has alone (a gemm's would not)."""
+    return X64 @ X64.mT if outer else X64.mT @ X64
+
+
+def _stack(rows, starts: np.ndarray, m: int):
+    """The rows of the examples of m rows starting at ``starts``, as a (B, m, d) stack (a copy)."""
+    return rows[_index(rows, (starts[:, None] + np.arange(m)).ravel())].reshape(len(starts), m, rows.shape[1])
+
+
+def _eigen_factor(grams, keep: int, X64=None):
+    """The top ``keep`` eigenpairs of A = Xᵀ X for each example of a stack, in float64: (F (B,
+    keep, d) with F = diag(√w) Vᵀ, w (B, keep) decreasing, ranks (B,) numpy ints); example b's
+    factor is F[b, :ranks[b]]. m ≤ d (``X64``, the examples' rows (B, m, d), given): from the
+    ``grams`` X Xᵀ = U diag(w) Uᵀ, rows U_kᵀ X (√w_k times the k-th right singular vector of X).
+    m > d: from the ``grams`` Xᵀ X themselves, numerically-zero pairs dropped (ranks ≤ keep)."""
+    xp = _namespace(grams)
+    w, vectors = xp.linalg.eigh(grams)
+    w, vectors = xp.flip(w, (-1,)), xp.flip(vectors, (-1,))[..., :keep]
+    if X64 is not None:
+        return vectors.mT @ X64, xp.clip(w[..., :keep], 0.0, None), np.full(len(w), keep)
+    d = grams.shape[-1]
+    nonzero = (w > xp.clip(w[..., :1], 0.0, None) * d * FLOAT64_EPS).sum(-1)
+    ranks = np.minimum(keep, np.asarray(nonzero.tolist(), np.int64).reshape(-1))
+    w = w[..., :keep]
+    # Pairs past an example's rank are dropped by the caller: clipped so no √ of a negative is taken.
+    return (vectors * xp.sqrt(xp.clip(w, 0.0, None))[..., None, :]).mT, w, ranks
 
 
 def factor_from_rows(X: np.ndarray, max_rank: int | None = None,
@@ -67,52 +104,118 @@ def factor_from_rows(X: np.ndarray, max_rank: int | None = None,
         return np.zeros((0, d), dtype), np.zeros(0, np.float32)
     X64 = X.astype(np.float64, copy=False)
     if keeps_rows(m, d, max_rank):
-        spectrum = np.clip(np.linalg.eigvalsh(X64 @ X64.T)[::-1], 0.0, None)
+        spectrum = np.clip(np.linalg.eigvalsh(_gram(X64, outer=True))[::-1], 0.0, None)
         return np.ascontiguousarray(X, dtype), spectrum.astype(np.float32)
-    factor, spectrum = _eigen_factor(X64, kept_rank(m, d, max_rank), np)
-    return factor.astype(dtype), spectrum.astype(np.float32)
+    gram = _gram(X64, outer=m <= d)[None]
+    factor, spectrum, (rank,) = _eigen_factor(gram, kept_rank(m, d, max_rank), X64[None] if m <= d else None)
+    return factor[0, :rank].astype(dtype), spectrum[0, :rank].astype(np.float32)
 
 
-def device_factors(rows: list[torch.Tensor], max_rank: int | None = None,
-                   padded_elements: int = 1 << 25) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``factor_from_rows`` for many examples at once, on their device, float64
-    eigen-decompositions: the same factors and spectra up to rounding.
+def length_buckets(lengths: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(m, positions of the examples with m rows, increasing), for m increasing."""
+    lengths = np.asarray(lengths, np.int64)
+    order = np.argsort(lengths, kind="stable")
+    values, starts = np.unique(lengths[order], return_index=True)
+    yield from zip(values.tolist(), np.split(order, starts[1:]))
 
-    Examples whose factor is X itself (``keeps_rows``) get their spectra, the eigenvalues of
-    X Xᵀ, from one batched ``eigvalsh`` per chunk of similar lengths, each X zero-padded to the
-    chunk's longest (padding adds zero eigenvalues only, and the spectrum keeps the top m).
-    The rest (m > d, or a rank cap) take the eigen factor one by one.
-    """
-    import torch
 
-    d = rows[0].shape[1] if rows else 0
-    factors: list = [None] * len(rows)
-    spectra: list = [None] * len(rows)
-    simple = sorted((i for i, X in enumerate(rows) if len(X) > 0 and keeps_rows(len(X), d, max_rank)),
-                    key=lambda i: len(rows[i]))
-    start = 0
-    while start < len(simple):
-        stop = start + 1
-        while stop < len(simple) and (stop - start + 1) * len(rows[simple[stop]]) * d <= padded_elements:
-            stop += 1
-        chunk = simple[start:stop]
-        padded = torch.zeros(len(chunk), len(rows[chunk[-1]]), d, dtype=torch.float64, device=rows[0].device)
-        for b, i in enumerate(chunk):
-            padded[b, :len(rows[i])] = rows[i]
-        values = torch.linalg.eigvalsh(padded @ padded.mT).flip(-1).clamp_min(0)
-        for b, i in enumerate(chunk):
-            factors[i], spectra[i] = rows[i], values[b, :len(rows[i])].float()
-        start = stop
-    for i, X in enumerate(rows):
-        if factors[i] is not None:
+@dataclass
+class StoredExamples:
+    """A block of examples' stored columns, flat, in the namespace and on the device of their
+    rows: example i owns factor rows and spectrum entries ``offsets[i]:offsets[i + 1]``."""
+
+    factors: object  # (R, k) float32
+    spectrum: object  # (R,) float32
+    offsets: np.ndarray  # (N + 1,) int64, on the host
+    embeddings: object  # (N, k) float32: each example's mean row, before token weights
+
+
+def store_examples(rows, lengths, max_rank: int | None = None, projection=None,
+                   root_weights=None) -> StoredExamples:
+    """The featurizer's rule for a block of examples whose float32 rows (T, d) lie back to back
+    (example i owns the next ``lengths[i]``), numpy or torch on the rows' device: each example's
+    rows projected (``projection`` (d, k): --project-dim), their mean kept as its embedding,
+    scaled by ``root_weights`` (√ of each row's token weight), and stored by the rule with ONE
+    batched eigen-solve per length (an example whose factor is its rows keeps them where they
+    are). On numpy every example gets the bits ``factor_from_rows`` and ``mean_rows`` give it
+    alone; torch runs each step for all examples, or all of a length, in one operation."""
+    lengths = np.asarray(lengths, np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    rows = _project(rows, offsets, projection)
+    weighted = rows if root_weights is None else rows * root_weights[:, None]
+    d = rows.shape[1]
+    xp = _namespace(rows)
+    embeddings = _zeros(rows, (len(lengths), d))
+    spectrum = _zeros(rows, (len(rows),))  # of the examples that keep their rows, where their rows are
+    solved = []  # (members, factors, spectra, ranks) of the examples that take an eigen factor
+    ranks = np.array([kept_rank(m, d, max_rank) for m in lengths.tolist()], np.int64)
+    for m, members in length_buckets(lengths):
+        if m == 0:
             continue
-        keep = kept_rank(len(X), d, max_rank)
-        if len(X) == 0 or keep == 0:
-            factors[i], spectra[i] = X[:0], X.new_zeros(0)
+        starts = offsets[members]
+        stack = _stack(rows, starts, m)
+        embeddings[_index(rows, members)] = _cast(stack.mean(1, dtype=xp.float64), "float32")
+        stack = _cast(stack if root_weights is None else _stack(weighted, starts, m), "float64")
+        keep = kept_rank(m, d, max_rank)
+        if keep == 0:
             continue
-        factor, spectrum = _eigen_factor(X.double(), keep, torch)
-        factors[i], spectra[i] = factor.float(), spectrum.float()
-    return factors, spectra
+        if keeps_rows(m, d, max_rank):
+            values = xp.clip(xp.flip(xp.linalg.eigvalsh(_gram(stack, outer=True)), (-1,)), 0.0, None)
+            spectrum[_index(rows, (starts[:, None] + np.arange(m)).ravel())] = _cast(values, "float32").reshape(-1)
+            continue
+        factors, spectra, solved_ranks = _eigen_factor(_gram(stack, outer=m <= d), keep, stack if m <= d else None)
+        ranks[members] = solved_ranks
+        solved.append((members, _cast(factors, "float32"), _cast(spectra, "float32"), solved_ranks))
+    if not solved and np.array_equal(ranks, lengths):  # every factor is its example's rows, where they are
+        return StoredExamples(weighted, spectrum, offsets, embeddings)
+    return _assembled(weighted, spectrum, lengths, ranks, solved, embeddings, max_rank)
+
+
+def _project(rows, offsets: np.ndarray, projection):
+    """Each example's rows times ``projection`` (None: the rows). numpy multiplies each
+    example's rows on their own (the product of the rows alone: BLAS picks kernels by the
+    row count); torch the whole block at once."""
+    if projection is None:
+        return rows
+    if not isinstance(rows, np.ndarray):
+        return rows @ projection
+    projected = np.empty((len(rows), projection.shape[1]), np.float32)
+    for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        np.matmul(rows[start:stop], projection, out=projected[start:stop])
+    return projected
+
+
+def _assembled(rows, spectrum, lengths: np.ndarray, ranks: np.ndarray, solved: list, embeddings,
+               max_rank: int | None) -> StoredExamples:
+    """The flat columns when some examples took an eigen factor: the others' rows and spectra
+    copied to their places, then each solved stack's kept rows."""
+    offsets = np.zeros(len(ranks) + 1, np.int64)
+    np.cumsum(ranks, out=offsets[1:])
+    d = rows.shape[1]
+    factors, stored_spectrum = _zeros(rows, (int(offsets[-1]), d)), _zeros(rows, (int(offsets[-1]),))
+    row_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    kept = np.flatnonzero([keeps_rows(m, d, max_rank) and m > 0 for m in lengths.tolist()])
+    if len(kept):
+        counts = lengths[kept]
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        source = _index(rows, np.repeat(row_offsets[kept], counts) + within)
+        destination = _index(rows, np.repeat(offsets[kept], counts) + within)
+        factors[destination], stored_spectrum[destination] = rows[source], spectrum[source]
+    for members, stack_factors, stack_spectra, stack_ranks in solved:
+        taken = np.arange(stack_factors.shape[1]) < stack_ranks[:, None]  # (B, r): rows within each rank
+        destination = _index(rows, (offsets[members][:, None] + np.arange(taken.shape[1]))[taken])
+        source = _index(rows, np.flatnonzero(taken))
+        factors[destination] = stack_factors.reshape(-1, d)[source]
+        stored_spectrum[destination] = stack_spectra.reshape(-1)[source]
+    return StoredExamples(factors, stored_spectrum, offsets, embeddings)
+
+
+def _zeros(like, shape: tuple):
+    """float32 zeros in ``like``'s namespace, on its device."""
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, np.float32)
+    return like.new_zeros(shape, dtype=_namespace(like).float32)
 
 
 def stored_factor(factor: np.ndarray, spectrum: np.ndarray, factor_dtype: str = "float32"):

@@ -2,18 +2,22 @@
 ``ray.data`` only to write a caller's Dataset out).
 
 An ``Executor`` runs the per-file corpus functions (io/corpus.py: scan, read rows) and the
-featurizer (featurize/featurizer.py) over a plan of forward units (run/feature_cache.py):
+featurize stage over a plan of forward units (run/feature_cache.py): the tokenise stage
+(featurize/tokenize.py: token ids, target flags, micro-batch plan) on CPUs, then the
+featurizer (featurize/featurizer.py: forward, gather, storage rule, shard rows):
 
-* ``RayExecutor``: per-file functions as Ray tasks; the featurizer on a Ray Data actor
-  pool fed one block of whole forward units per call by CPU-free tasks that read the corpus
-  files (no text passes through the driver), streaming into ``write_parquet``. Actors are
+* ``RayExecutor``: per-file functions as Ray tasks; CPU-free tasks read each block of whole
+  forward units from the corpus files (no text passes through the driver), a CPU actor pool
+  tokenises it, and the featurizer actor pool (GPU actors when there are GPUs) runs the model
+  on it, streaming into ``write_parquet``. Featurizer actors are
   sized from what single nodes offer (``plan_actors``), never cluster totals; when no live
   node can host one actor, the job waits up to ``actor_start_timeout`` for room (an
   autoscaler may add a node) and otherwise fails with what it asked for and what the
   largest node has. Ray Data restarts an actor that dies and retries its
   block.
-* ``LocalExecutor``: the same functions in this process, file by file, block by block
-  (evaluate's default, tests, a laptop without Ray).
+* ``LocalExecutor``: the same functions in this process, file by file, block by block, the
+  next block tokenised on a thread while the featurizer runs this one (evaluate's default,
+  tests, a laptop without Ray).
 
 ``shuffle`` moves tables from split tasks to reduce tasks (two-stage selection's parts)
 without passing them through the driver: Ray's object store (which spills to disk by
@@ -31,6 +35,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -51,6 +56,9 @@ log = logging.getLogger(__name__)
 CPU_ROWS_PER_UNIT = 16
 GPU_ROWS_PER_UNIT = 128
 DEFAULT_CPUS_PER_CPU_ACTOR = 8
+# Tokenise actors per featurizer actor at most: one CPU tokenises a block in about the time a
+# GPU runs a small model's forward on it (RESULTS.md, GPU section), so two keep ahead.
+TOKENIZERS_PER_ACTOR = 2
 
 
 def _blocks(examples: pa.Table):
@@ -134,13 +142,13 @@ class LocalExecutor:
 
         featurizer = Featurizer(config)  # loads the model once
         started, done, total = time.time(), 0, sum(item["plan"].num_rows for item in items)
-        for item in items:
-            for block, examples in _blocks(file_examples(**item)):
-                sink = pa.BufferOutputStream()
-                pq.write_table(featurizer(examples), sink, **SHARD_WRITE_OPTIONS)
-                shards.write_bytes(f"part-{block:08d}.parquet", sink.getvalue().to_pybytes())
-                done += examples.num_rows
-                log.info("featurized %d/%d examples (%.0f s)", done, total, time.time() - started)
+        blocks = (block for item in items for block in _blocks(file_examples(**item)))
+        for block, encoded in _tokenized_ahead(blocks, featurizer.tokenize):
+            sink = pa.BufferOutputStream()
+            pq.write_table(featurizer(encoded), sink, **SHARD_WRITE_OPTIONS)
+            shards.write_bytes(f"part-{block:08d}.parquet", sink.getvalue().to_pybytes())
+            done += encoded.num_rows
+            log.info("featurized %d/%d examples (%.0f s)", done, total, time.time() - started)
 
 
 class RayExecutor:
@@ -190,6 +198,7 @@ class RayExecutor:
         from ray.data import ActorPoolStrategy
 
         from fishersft_ray.featurize.featurizer import Featurizer
+        from fishersft_ray.featurize.tokenize import Tokenize
 
         plan = plan_actors(ray.nodes(), self.resources, config.device)
         log.info("featurizer actors: %s", plan.describe())
@@ -202,10 +211,17 @@ class RayExecutor:
         blocks = ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
             _read_block, fn_kwargs={"items": ray.put(items)}, batch_size=1, batch_format="pyarrow",
             num_cpus=0, concurrency=min(len(work), 2 * (plan.max_actors or plan.num_actors) + 1))
+        # Tokenising runs on CPU actors ahead of the featurizer, so a GPU actor only runs the
+        # model. Beside GPU actors each asks for a CPU; CPU actors hold their nodes' CPUs, so
+        # there it asks for none (a CPU ask could wait for the whole pool).
+        tokenized = blocks.map_batches(
+            Tokenize, fn_constructor_kwargs={"config": config}, batch_size=None, batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=TOKENIZERS_PER_ACTOR * (plan.max_actors or plan.num_actors)),
+            num_cpus=1 if plan.num_gpus else 0)
         env = armed_faults()
         compute = (ActorPoolStrategy(size=plan.num_actors) if plan.max_actors is None else
                    ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors))
-        featurized = blocks.map_batches(
+        featurized = tokenized.map_batches(
             Featurizer, fn_constructor_kwargs={"config": config}, batch_size=None, batch_format="pyarrow",
             compute=compute, num_gpus=plan.num_gpus, num_cpus=plan.num_cpus,
             resources=plan.resources or None, runtime_env={"env_vars": env} if env else None)
@@ -237,6 +253,20 @@ class RayExecutor:
                 f"no featurizer actor could start within {timeout:g} s: each asks for "
                 f"{plan.describe_ask()}; the largest node offers {_largest_node(ray.nodes())}. Lower "
                 "--cpus-per-actor/--num-gpus-per-actor, fix --actor-resources, or add a node that fits")
+
+
+def _tokenized_ahead(blocks, tokenize):
+    """(block, ``tokenize(examples)``) for each (block, examples), the next block tokenised on a
+    thread while the caller works on this one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as thread:
+        pending = None
+        for block, examples in blocks:
+            queued = (block, thread.submit(tokenize, examples))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = queued
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def _call(function, item: dict):
