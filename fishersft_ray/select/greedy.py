@@ -15,6 +15,10 @@ as apricot separates its functions from its optimizers). What it provides:
   one; V-optimal does not);
 * the token-budget knapsack: cost-benefit greedy (gain / cost) and unit-cost greedy
   restricted to what fits, the better of the two is kept (Leskovec et al. 2007, "CELF");
+* an opt-in tolerance ε (``SelectionRequest.greedy_tolerance``): lazy greedy takes an entry
+  once its fresh priority is within 1 − ε of every other stale bound, which saves the
+  re-evaluations that only separate near-ties; the a-priori guarantee becomes
+  ``guaranteed_ratio`` (a proof is in ``_lazy_greedy``);
 * the certificate, for submodular objectives only: for any step t and any feasible OPT,
   f(OPT) ≤ f(S_t) + Σ_{i∈OPT∖S_t} Δ(i|S_t) ≤ f(S_t) + (n largest stale bounds), or for a
   token budget B the fractional-knapsack value of the stale bounds under B. The smallest
@@ -74,6 +78,7 @@ class Selection:
     ``excluded_near_duplicates``: candidates the near-duplicate guard dropped (0 when off).
     ``logdet_value``: TokenOD's f(S) (token-level log det) of the picks whatever the method,
     so A/B runs compare in one unit (``methods.run_method`` fills it; None if not reported).
+    ``greedy_tolerance``: the ε lazy greedy ran with (0: exact greedy).
     """
 
     indices: np.ndarray
@@ -87,6 +92,7 @@ class Selection:
     excluded_near_duplicates: int = 0
     logdet_value: float | None = None
     bound_updates: int = 0
+    greedy_tolerance: float = 0.0
 
     @property
     def certificate_ratio(self) -> float | None:
@@ -275,6 +281,16 @@ def knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_co
     return value
 
 
+def guaranteed_ratio(budget_unit: str, greedy_tolerance: float = 0.0) -> float:
+    """A-priori f(S) ≥ ratio · f(OPT) of lazy greedy on a monotone submodular f with f(∅) = 0,
+    α = 1 − ``greedy_tolerance``: 1 − e^(−α) under an example budget, α(1 − e^(−α))/2 under a
+    token budget (the better of the cost-benefit and unit-cost runs). Exact greedy (α = 1):
+    1 − 1/e and (1 − 1/e)/2. Proof: ``_lazy_greedy``."""
+    alpha = 1.0 - greedy_tolerance
+    ratio = 1.0 - math.exp(-alpha)
+    return ratio if budget_unit == "examples" else alpha * ratio / 2
+
+
 class _Run:
     """State shared by the naive and lazy loops: picks, budget left, stale bounds, certificate.
 
@@ -413,7 +429,8 @@ def _naive_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray):
         active = np.delete(active, best)
 
 
-def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_size: int | None):
+def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_size: int | None,
+                 tolerance: float = 0.0):
     """Lazy greedy on a max-queue of stale priorities (bound · weight), in batches.
 
     Entries are (−key, index) with key ≥ the entry's priority: a key the tightener's full
@@ -433,6 +450,21 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     For a submodular objective the stale priorities are upper bounds and this is exactly
     naive greedy; otherwise it is a heuristic (an entry whose gain grew since it was last
     evaluated may be passed over).
+
+    ``tolerance`` ε > 0 (submodular objectives only): entries evaluated or refined at this
+    step go back with key priority / (1 − ε), stale ones with their bound, so the fresh top
+    is taken once its priority is ≥ α = 1 − ε times every other entry's bound, hence ≥ α
+    times the best priority among the candidates that still fit. That is all the classical
+    proofs need. Write φ(S) = f(OPT) − f(S) and u = argmax over OPT ∖ S of Δ(u|S)/c_u;
+    submodularity gives φ(S) ≤ Σ_{OPT∖S} Δ(o|S) ≤ B·Δ(u|S)/c_u. While u fits the budget left,
+    the pick s has Δ(s|S)/c_s ≥ αφ(S)/B, so φ shrinks by 1 − αc_s/B ≤ e^(−αc_s/B). At the
+    first step where u does not fit (without one, the run ends with OPT ⊆ S), with S_l the
+    picks so far, c(S_l) + c_u > B and φ(S_l ∪ {u}) ≤ (1 − c_u/B)φ(S_l) ≤ e^(−α)f(OPT), so
+    f(S) + f({u}) ≥ (1 − e^(−α))f(OPT). The unit-cost run's first pick is worth ≥ α·f({u}),
+    so the better run is worth ≥ α(1 − e^(−α))/2 · f(OPT). Under an example budget u always
+    fits: (1 − α/k)^k ≤ e^(−α) leaves 1 − e^(−α), for every prefix too. The picks depend on
+    the bounds (a resumed run may pick others, also within the guarantee). ε = 0 leaves the
+    keys equal to the bounds: exact greedy, bit for bit.
     """
     tightener = run.tightener
     guard = run.guard
@@ -445,6 +477,7 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     entries = np.flatnonzero(is_open)
     heap = list(zip((-run.bounds[entries] * weights[entries]).tolist(), entries.tolist()))
     heapq.heapify(heap)
+    inflate = 1.0 / (1.0 - tolerance)  # 1.0 exactly without a tolerance: keys are the bounds
     average_needed = 16.0
     while run.step < run.max_picks and heap:
         run.tighten()
@@ -460,7 +493,7 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
                 if evaluated_step[i] == step:
                     break
                 priority = run.bounds[i] * weights[i]
-                if priority < -key:
+                if refined_step[i] != step and priority < -key:
                     heapq.heapreplace(heap, (-priority, i))
                     continue
                 if refined_step[i] == step:
@@ -489,12 +522,12 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
                 refined_step[ids] = step
                 done = run.refine(ids)
                 for i in ids[done].tolist():
-                    heapq.heappush(heap, (-run.bounds[i] * weights[i], i))
+                    heapq.heappush(heap, (-run.bounds[i] * weights[i] * inflate, i))
                 to_evaluate += ids[~done].tolist()
             if to_evaluate:
                 gains = run.evaluate(to_evaluate)
                 for i, gain in zip(to_evaluate, gains):
-                    heapq.heappush(heap, (-gain * weights[i], i))
+                    heapq.heappush(heap, (-gain * weights[i] * inflate, i))
                 if batch_size is None:
                     batch_limit = min(MAX_LAZY_BATCH, batch_limit * 3 // 2)
         if not heap:
@@ -606,7 +639,7 @@ def _checkpoint_header(n: int, budget: float, budget_unit: str, settings: dict,
 def _check_resume(resume: dict, header: dict, variants: tuple[str, ...]) -> dict:
     """The per-variant records of a checkpoint, after checking it belongs to this call."""
     mismatched = [key for key, value in header.items() if resume.get(key) != value]
-    mismatched += [key for key in ("objective", "eligible", "near_dup_cosine")
+    mismatched += [key for key in ("objective", "eligible", "near_dup_cosine", "greedy_tolerance")
                    if key in resume and key not in header]
     if mismatched:
         raise ValueError(f"resume: checkpoint does not match this call ({', '.join(mismatched)} "
@@ -630,11 +663,14 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
     the pool). ``guard``: the near-duplicate guard over the pool's embeddings. ``method``:
     "lazy" or "naive" (checked by the caller). ``label``: the method name stored in the
     Selection (and in the checkpoint header when it is not "tokenod"). The checkpoint header
-    records the request's λ. Budget, knapsack, certificate, checkpoint and resume semantics:
-    see ``logdet.select``.
+    records the request's λ (and its ``greedy_tolerance`` when > 0). Budget, knapsack,
+    certificate, checkpoint and resume semantics: see ``logdet.select``.
     """
     budget, budget_unit = request.budget, request.budget_unit
-    batch_size = request.batch_size
+    batch_size, tolerance = request.batch_size, request.greedy_tolerance
+    if tolerance and (method != "lazy" or not objective.submodular):
+        raise ValueError("greedy_tolerance applies to lazy greedy on a submodular objective only "
+                         f"(method {method!r}, {label})")
     progress, checkpoint, resume = hooks.progress, hooks.checkpoint, hooks.resume
     n = objective.n
     if budget_unit == "examples":
@@ -658,6 +694,8 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
         extra["eligible"] = eligible_fingerprint(eligible)
     if guard is not None:
         extra["near_dup_cosine"] = guard.threshold
+    if tolerance:
+        extra["greedy_tolerance"] = tolerance
     header = _checkpoint_header(n, budget, budget_unit, {"lam": request.lam}, method, extra)
     records = {} if resume is None else _check_resume(resume, header, tuple(variants))
     initial = InitialBounds(np.zeros(n), None, 0, False)
@@ -695,7 +733,7 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
                 _bounded_lazy_greedy(state, candidates, weights, batch_size, initial)
             else:
                 _lazy_greedy(state, candidates, weights,
-                             batch_size if batch_size is not None else objective.lazy_batch)
+                             batch_size if batch_size is not None else objective.lazy_batch, tolerance)
         result = state.finish(variant, label)
         save_state(variant, state, finished=True)
         return result
@@ -704,7 +742,8 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
     best = max(results, key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
     upper_bound = min(r.upper_bound for r in results) if objective.submodular else None
     return replace(best, evaluations=sum(r.evaluations for r in results) + initial.evaluations,
-                   bound_updates=sum(r.bound_updates for r in results), upper_bound=upper_bound)
+                   bound_updates=sum(r.bound_updates for r in results), upper_bound=upper_bound,
+                   greedy_tolerance=tolerance)
 
 
 def empty_selection(budget_unit: str, certified: bool, label: str) -> Selection:

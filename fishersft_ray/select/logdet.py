@@ -52,8 +52,10 @@ RANK_UPDATES = True
 # An entry is updated only while fewer than this fraction of d factor rows were added since
 # its Gram was taken: an update costs ~r·d·R against a direct evaluation's ~r·d².
 UPDATE_MAX_ROWS = 0.5
-# Bytes of cached r × r Grams; the least recently refreshed are dropped past it.
-GRAM_CACHE_BYTES = 1 << 28
+# Bytes of cached r × r Grams; the least recently refreshed are dropped past it. Under a 1 %
+# token budget at d = 576 (benchmarks/bench_token_scale.py's pools) a 4 GiB cap held 0.43 GiB
+# on 5K rows and 0.88 GiB on 10K; with 256 MB the 5K run made twice the evaluations.
+GRAM_CACHE_BYTES = 1 << 30
 # Rounding slack of an updated gain, in units of (d + r)·eps·r·(tr G + ‖P‖²_F) (see _RankUpdates).
 UPDATE_ROUNDING = 4.0
 # eigvalsh is backward stable: computed eigenvalues are within a small multiple of

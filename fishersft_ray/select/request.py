@@ -32,7 +32,9 @@ class SelectionRequest:
     objective's default). ``report_logdet``: fill ``Selection.logdet_value``. ``groups``: each
     example's group code, read by the label-aware methods only. ``target``: the target set
     (a FeatureSet of the pool's model and settings, or (m_t, d) state arrays), read by the
-    targeted methods only, which need it (select/targeted.py).
+    targeted methods only, which need it (select/targeted.py). ``greedy_tolerance``: ε of
+    lazy greedy on a submodular objective (0: exact greedy; ε > 0: each pick's priority is
+    within 1 − ε of the best, see ``greedy.guaranteed_ratio`` for what that guarantees).
     """
 
     budget: float
@@ -48,6 +50,7 @@ class SelectionRequest:
     report_logdet: bool = True
     groups: np.ndarray | None = None
     target: Any = None
+    greedy_tolerance: float = 0.0
 
     def __post_init__(self):
         check_budget_unit(self.budget_unit)
@@ -58,6 +61,8 @@ class SelectionRequest:
             raise ValueError(f"threads must be >= 1, got {self.threads!r}")
         check_lam(self.lam)
         check_near_dup_cosine(self.near_dup_cosine)
+        if not (isinstance(self.greedy_tolerance, _NUMBER) and 0 <= self.greedy_tolerance < 1):
+            raise ValueError(f"greedy_tolerance must be a number in [0, 1), got {self.greedy_tolerance!r}")
         if self.groups is not None:
             object.__setattr__(self, "groups", np.asarray(self.groups))
 
