@@ -121,7 +121,8 @@ def test_tolerant_selection_meets_its_guarantee_against_brute_force(seed):
         opt = max(v for s, v in value.items() if size(s) <= budget)
         for tolerance in (0.2, 0.5, 0.9):
             selection = select(examples, budget, budget_unit=budget_unit, greedy_tolerance=tolerance)
-            assert selection.objective[-1] >= guaranteed_ratio(budget_unit, tolerance) * opt - 1e-9
+            assert selection.guaranteed_ratio >= guaranteed_ratio(budget_unit, tolerance)
+            assert selection.objective[-1] >= selection.guaranteed_ratio * opt - 1e-9
             assert selection.upper_bound >= opt - 1e-9
 
 
@@ -130,6 +131,30 @@ def test_guaranteed_ratio_is_the_classical_one_without_a_tolerance():
     assert guaranteed_ratio("tokens") == pytest.approx((1 - 1 / math.e) / 2)
     assert guaranteed_ratio("examples", 0.5) == pytest.approx(1 - math.exp(-0.5))
     assert guaranteed_ratio("tokens", 0.5) == pytest.approx(0.25 * (1 - math.exp(-0.5)))
+    # Small examples next to the budget: cost-benefit alone is within 1 − e^(−α(1 − c_max/B)).
+    assert guaranteed_ratio("tokens", 0.3, 0.25) == pytest.approx(1 - math.exp(-0.7 * 0.75))
+    assert guaranteed_ratio("tokens", 0.3, 0.25, unit_cost_run=False) == pytest.approx(1 - math.exp(-0.7 * 0.75))
+    assert guaranteed_ratio("tokens", 0.3, 0.9, unit_cost_run=False) == pytest.approx(1 - math.exp(-0.7 * 0.1))
+
+
+def test_the_selection_records_its_guarantee_and_a_tolerant_token_run_skips_unit_cost_when_it_cannot_help():
+    examples = near_tie_examples(np.random.default_rng(5), 80, 6)
+    tokens = sum(len(X) for X in examples)
+    share = max(len(X) for X in examples) / (0.3 * tokens)
+    assert select(examples, 8).guaranteed_ratio == pytest.approx(1 - 1 / math.e)
+    exact = select(examples, 0.3 * tokens, budget_unit="tokens")
+    assert exact.guaranteed_ratio == pytest.approx(guaranteed_ratio("tokens", 0.0, share))
+    checkpoints = []
+    tolerant = select(examples, 0.3 * tokens, budget_unit="tokens", greedy_tolerance=0.2,
+                      hooks=Hooks(checkpoint=checkpoints.append))
+    assert {c["running"] for c in checkpoints} == {"cost_benefit"}
+    assert tolerant.guaranteed_ratio == pytest.approx(1 - math.exp(-0.8 * (1 - share)))
+    # A budget under twice the largest example keeps both runs (the pair's bound can be the better).
+    small = max(len(X) for X in examples) * 1.5
+    checkpoints.clear()
+    select(examples, small, budget_unit="tokens", greedy_tolerance=0.2, hooks=Hooks(checkpoint=checkpoints.append))
+    assert {c["running"] for c in checkpoints} == {"cost_benefit", "unit_cost"}
+    assert run_method("uniform", FeatureSet.from_examples(examples), SelectionRequest(8)).guaranteed_ratio is None
 
 
 def test_tolerance_is_checked_and_kept_to_lazy_greedy_on_a_submodular_objective():

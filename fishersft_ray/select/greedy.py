@@ -17,8 +17,10 @@ as apricot separates its functions from its optimizers). What it provides:
   restricted to what fits, the better of the two is kept (Leskovec et al. 2007, "CELF");
 * an opt-in tolerance ε (``SelectionRequest.greedy_tolerance``): lazy greedy takes an entry
   once its fresh priority is within 1 − ε of every other stale bound, which saves the
-  re-evaluations that only separate near-ties; the a-priori guarantee becomes
-  ``guaranteed_ratio`` (a proof is in ``_lazy_greedy``);
+  re-evaluations that only separate near-ties; under a token budget of at least twice the
+  largest candidate's cost it runs the cost-benefit variant alone (its own guarantee is then
+  the better one). The a-priori guarantee is ``Selection.guaranteed_ratio`` (proofs in
+  ``_lazy_greedy``);
 * the certificate, for submodular objectives only: for any step t and any feasible OPT,
   f(OPT) ≤ f(S_t) + Σ_{i∈OPT∖S_t} Δ(i|S_t) ≤ f(S_t) + (n largest stale bounds), or for a
   token budget B the fractional-knapsack value of the stale bounds under B. The smallest
@@ -78,7 +80,9 @@ class Selection:
     ``excluded_near_duplicates``: candidates the near-duplicate guard dropped (0 when off).
     ``logdet_value``: TokenOD's f(S) (token-level log det) of the picks whatever the method,
     so A/B runs compare in one unit (``methods.run_method`` fills it; None if not reported).
-    ``greedy_tolerance``: the ε lazy greedy ran with (0: exact greedy).
+    ``greedy_tolerance``: the ε lazy greedy ran with (0: exact greedy). ``guaranteed_ratio``:
+    the a-priori f(S) ≥ ratio · f(OPT) of the run (``guaranteed_ratio``; None when the
+    objective is not submodular or the selection did not come from the greedy driver).
     """
 
     indices: np.ndarray
@@ -93,6 +97,7 @@ class Selection:
     logdet_value: float | None = None
     bound_updates: int = 0
     greedy_tolerance: float = 0.0
+    guaranteed_ratio: float | None = None
 
     @property
     def certificate_ratio(self) -> float | None:
@@ -281,14 +286,19 @@ def knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_co
     return value
 
 
-def guaranteed_ratio(budget_unit: str, greedy_tolerance: float = 0.0) -> float:
+def guaranteed_ratio(budget_unit: str, greedy_tolerance: float = 0.0, largest_share: float = 1.0,
+                     unit_cost_run: bool = True) -> float:
     """A-priori f(S) ≥ ratio · f(OPT) of lazy greedy on a monotone submodular f with f(∅) = 0,
-    α = 1 − ``greedy_tolerance``: 1 − e^(−α) under an example budget, α(1 − e^(−α))/2 under a
-    token budget (the better of the cost-benefit and unit-cost runs). Exact greedy (α = 1):
-    1 − 1/e and (1 − 1/e)/2. Proof: ``_lazy_greedy``."""
+    α = 1 − ``greedy_tolerance``. Example budget: 1 − e^(−α). Token budget, with s =
+    ``largest_share`` (the largest candidate's cost / the budget): the cost-benefit run alone
+    guarantees 1 − e^(−α(1 − s)), the better of it and the unit-cost run (``unit_cost_run``)
+    also α(1 − e^(−α))/2. Exact greedy (α = 1): 1 − 1/e, and at least (1 − 1/e)/2. Proofs:
+    ``_lazy_greedy``."""
     alpha = 1.0 - greedy_tolerance
-    ratio = 1.0 - math.exp(-alpha)
-    return ratio if budget_unit == "examples" else alpha * ratio / 2
+    if budget_unit == "examples":
+        return 1.0 - math.exp(-alpha)
+    cost_benefit = 1.0 - math.exp(-alpha * max(0.0, 1.0 - largest_share))
+    return max(cost_benefit, alpha * (1.0 - math.exp(-alpha)) / 2) if unit_cost_run else cost_benefit
 
 
 class _Run:
@@ -459,9 +469,10 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
     submodularity gives φ(S) ≤ Σ_{OPT∖S} Δ(o|S) ≤ B·Δ(u|S)/c_u. While u fits the budget left,
     the pick s has Δ(s|S)/c_s ≥ αφ(S)/B, so φ shrinks by 1 − αc_s/B ≤ e^(−αc_s/B). At the
     first step where u does not fit (without one, the run ends with OPT ⊆ S), with S_l the
-    picks so far, c(S_l) + c_u > B and φ(S_l ∪ {u}) ≤ (1 − c_u/B)φ(S_l) ≤ e^(−α)f(OPT), so
-    f(S) + f({u}) ≥ (1 − e^(−α))f(OPT). The unit-cost run's first pick is worth ≥ α·f({u}),
-    so the better run is worth ≥ α(1 − e^(−α))/2 · f(OPT). Under an example budget u always
+    picks so far, c(S_l) + c_u > B: so f(S) ≥ f(S_l) ≥ (1 − e^(−α(1 − c_max/B)))f(OPT), and
+    φ(S_l ∪ {u}) ≤ (1 − c_u/B)φ(S_l) ≤ e^(−α)f(OPT) gives f(S) + f({u}) ≥ (1 − e^(−α))f(OPT).
+    The unit-cost run's first pick is worth ≥ α·f({u}), so the better run is worth
+    ≥ α(1 − e^(−α))/2 · f(OPT). Under an example budget u always
     fits: (1 − α/k)^k ≤ e^(−α) leaves 1 − e^(−α), for every prefix too. The picks depend on
     the bounds (a resumed run may pick others, also within the guarantee). ε = 0 leaves the
     keys equal to the bounds: exact greedy, bit for bit.
@@ -668,6 +679,7 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
     """
     budget, budget_unit = request.budget, request.budget_unit
     batch_size, tolerance = request.batch_size, request.greedy_tolerance
+    largest_share = 0.0  # the largest candidate's cost / a token budget
     if tolerance and (method != "lazy" or not objective.submodular):
         raise ValueError("greedy_tolerance applies to lazy greedy on a submodular objective only "
                          f"(method {method!r}, {label})")
@@ -687,6 +699,9 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
             all_variants = {"cost_benefit": np.where(costs > 0, 1.0 / costs, 0.0),
                             "unit_cost": np.ones(n)}
         variants = {name: all_variants[name] for name in objective.knapsack_variants}
+        largest_share = float(costs[candidates].max()) / budget if len(candidates) else 0.0
+        if tolerance and largest_share <= 0.5:  # cost-benefit alone then guarantees more than the pair
+            variants = {"cost_benefit": variants["cost_benefit"]}
     extra = {}
     if label != "tokenod":
         extra["objective"] = label
@@ -741,9 +756,11 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
     results = [run(name, weights) for name, weights in variants.items()]
     best = max(results, key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
     upper_bound = min(r.upper_bound for r in results) if objective.submodular else None
+    ratio = guaranteed_ratio(budget_unit, tolerance, largest_share, "unit_cost" in variants) \
+        if objective.submodular else None
     return replace(best, evaluations=sum(r.evaluations for r in results) + initial.evaluations,
                    bound_updates=sum(r.bound_updates for r in results), upper_bound=upper_bound,
-                   greedy_tolerance=tolerance)
+                   greedy_tolerance=tolerance, guaranteed_ratio=ratio)
 
 
 def empty_selection(budget_unit: str, certified: bool, label: str) -> Selection:
