@@ -442,12 +442,12 @@ class SelectSettings:
     method: str = option("tokenod", help="selection method: tokenod (the default), or a baseline for an A/B "
                                          "run (vopt, sentence_od, uniform, longest_first, density; balanced "
                                          "needs --group-field or --group-by-file); for a target set "
-                                         "(--target): targeted, targeted_logdet, rds")
+                                         "(--target): targeted, targeted_vopt, rds")
     seed: int = option(0, help="seed of the random methods (uniform, density)")
     prior: str | None = option(None, help="corpus already trained on: its information conditions the "
                                           "selection (log-det methods)")
     target: str | None = option(None, help="examples of the task you fine-tune for (the formats, field flags and "
-                                           "storage of --input): --method targeted, targeted_logdet or rds select "
+                                           "storage of --input): --method targeted, targeted_vopt or rds select "
                                            "for it")
     target_format: str | None = option(None, choices=CORPUS_FORMATS, help="format of --target (default: --format; "
                                                                           "the field flags are shared)")
@@ -577,7 +577,8 @@ class SplitOptions:
                                                          "(instead of --validation-size)")
     target_group: str | None = option(None, metavar="GROUP", help="with groups: this group's validation rows are "
                                                                   "the target set of the targeted methods "
-                                                                  "(targeted, targeted_tokens, rds, rds_tokens); "
+                                                                  "(targeted, targeted_tokens, targeted_vopt_tokens, "
+                                                                  "rds, rds_tokens); "
                                                                   "its test rows score them (nll_GROUP)")
     pool_shares: dict | None = option(None, parse=shares, metavar="GROUP=SHARE,...",
                                       help="with groups: subsample the pool to these shares of its rows (the "

@@ -104,8 +104,8 @@ def test_v_optimal_runs_through_the_driver_naive_lazy_and_registry_agree():
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
     assert METHODS == ("tokenod", "vopt", "sentence_od", "uniform", "longest_first", "density", "balanced",
-                       "targeted", "targeted_logdet", "rds")
-    assert CERTIFIED == {"tokenod", "sentence_od", "targeted_logdet"}
+                       "targeted", "targeted_vopt", "rds")
+    assert CERTIFIED == {"tokenod", "sentence_od", "targeted"}
     with pytest.raises(ValueError, match="unknown selection method 'best'.*tokenod.*density"):
         run_method("best", feature_pool(), SelectionRequest(3))
 

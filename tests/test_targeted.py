@@ -8,7 +8,7 @@ from fishersft_ray.features import FeatureSet
 from fishersft_ray.select import SelectionRequest, run_method
 from fishersft_ray.select.logdet import run_objective
 from fishersft_ray.select.request import Hooks
-from fishersft_ray.select.targeted import principal_directions, rds_scores, run_targeted
+from fishersft_ray.select.targeted import principal_directions, rds_scores, run_targeted_vopt
 from fishersft_ray.select.vopt import VOptimalObjective
 
 D = 8
@@ -58,14 +58,14 @@ def test_the_bound_holds_for_every_later_design():
 
 
 @pytest.mark.parametrize("budget_unit, budget", [("examples", 8), ("tokens", 40)])
-def test_targeted_lazy_picks_what_naive_and_a_brute_force_greedy_pick(budget_unit, budget):
+def test_targeted_vopt_lazy_picks_what_naive_and_a_brute_force_greedy_pick(budget_unit, budget):
     pool, target = _pool_and_target(0)
     features = FeatureSet.from_examples(pool)
     request = SelectionRequest(budget, budget_unit=budget_unit, target=target)
-    lazy = run_method("targeted", features, request)
-    naive = run_targeted(features, request, method="naive")
+    lazy = run_method("targeted_vopt", features, request)
+    naive = run_targeted_vopt(features, request, method="naive")
     np.testing.assert_array_equal(lazy.indices, naive.indices)
-    assert lazy.upper_bound is None and lazy.method == "targeted"
+    assert lazy.upper_bound is None and lazy.method == "targeted_vopt"
     assert lazy.evaluations < naive.evaluations
     # The definition, by hand: the target's variance along its principal directions U.
     gram = sum(np.asarray(X, np.float64).T @ np.asarray(X, np.float64) for X in target)
@@ -98,22 +98,22 @@ def test_vopt_lazy_is_exact_through_the_same_bound():
     np.testing.assert_array_equal(lazy.indices, naive.indices)
 
 
-def test_targeted_resumes_from_a_checkpoint_to_the_same_picks():
+def test_targeted_vopt_resumes_from_a_checkpoint_to_the_same_picks():
     pool, target = _pool_and_target(4)
     features = FeatureSet.from_examples(pool)
     request = SelectionRequest(8, target=target)
     states = []
-    full = run_method("targeted", features, request, Hooks(checkpoint=states.append))
+    full = run_method("targeted_vopt", features, request, Hooks(checkpoint=states.append))
     state = states[3]
-    resumed = run_method("targeted", features, request, Hooks(resume=state))
+    resumed = run_method("targeted_vopt", features, request, Hooks(resume=state))
     np.testing.assert_array_equal(resumed.indices, full.indices)
 
 
-def test_targeted_logdet_is_certified_tokenod_on_the_targets_directions():
+def test_targeted_is_certified_tokenod_on_the_targets_directions():
     pool, target = _pool_and_target(5)
     features = FeatureSet.from_examples(pool)
     request = SelectionRequest(6, target=target)
-    picked = run_method("targeted_logdet", features, request)
+    picked = run_method("targeted", features, request)
     gram = sum(np.asarray(X).T @ np.asarray(X) for X in target)
     directions = principal_directions(gram)
     assert 1 <= directions.shape[1] < D
@@ -152,7 +152,7 @@ def test_targeted_methods_accept_a_target_featureset_and_arrays_alike():
     pool, target = _pool_and_target(7)
     features = FeatureSet.from_examples(pool)
     as_features = FeatureSet.from_examples(target, dtype=np.float64)
-    for name in ("targeted", "targeted_logdet", "rds"):
+    for name in ("targeted", "targeted_vopt", "rds"):
         a = run_method(name, features, SelectionRequest(5, target=target))
         b = run_method(name, features, SelectionRequest(5, target=as_features))
         np.testing.assert_array_equal(a.indices, b.indices)
@@ -161,7 +161,7 @@ def test_targeted_methods_accept_a_target_featureset_and_arrays_alike():
 def test_bad_targets_get_one_line_errors():
     pool, target = _pool_and_target(8)
     features = FeatureSet.from_examples(pool)
-    for name in ("targeted", "targeted_logdet", "rds"):
+    for name in ("targeted", "targeted_vopt", "rds"):
         with pytest.raises(ValueError, match="none was given"):
             run_method(name, features, SelectionRequest(5))
         with pytest.raises(ValueError, match="no target tokens"):

@@ -140,13 +140,13 @@ def _certificate(record: RunRecord) -> str:
     """What the selection's upper bound certifies, in words."""
     method = record.selection.method
     if record.selection.upper_bound is None:
-        if method in ("targeted", "vopt"):
+        if method in ("targeted_vopt", "vopt"):
             return (f"none: {method} (V-optimal) is not submodular, so no bound on OPT; its lazy greedy is exact "
                     "(it picks what naive greedy picks)")
         return f"none: {method} is not a log-det greedy ({', '.join(sorted(CERTIFIED))} are)"
     return ("f(OPT) ≤ upper_bound for the same budget and λ"
             + (" (f: the log det on the target's principal directions, method_objective)"
-               if method == "targeted_logdet" else "")
+               if method == "targeted" else "")
             + (" (two-stage: the sum of the parts' certificates, see two_stage)" if record.two_stage else "")
             + (", OPT over the examples the near-duplicate guard leaves eligible (not over the whole corpus)"
                if record.settings.rules.near_dup_cosine is not None else ""))

@@ -7,9 +7,9 @@ Two kinds of method:
   certificate) and ``sentence_od`` (log det over one row per example, its ``embeddings``
   row, costing the example's ``num_targets``). Their ``Selection.gains``/``objective`` are
   in their own objective's units;
-* methods aimed at a target set (targeted.py, ``request.target``): ``targeted`` (V-optimal
-  for the target: exact lazy greedy, no certificate), ``targeted_logdet`` (log det on the
-  target's principal directions: certified in its own units) and ``rds`` (RDS+, a ranking
+* methods aimed at a target set (targeted.py, ``request.target``): ``targeted`` (log det on
+  the target's principal directions: certified in its own units), ``targeted_vopt``
+  (V-optimal for the target: exact lazy greedy, no certificate) and ``rds`` (RDS+, a ranking
   by similarity to the target, walked as a sampler's order);
 * samplers (samplers.py): ``uniform`` (seeded permutation), ``longest_first``, ``density``
   (seeded inverse-density sampling), ``balanced`` (seeded random, equal target tokens per
@@ -43,7 +43,7 @@ from .greedy import Selection, checked_eligible, make_guard, with_threads
 from .logdet import LogDetObjective, logdet_gains, run_objective
 from .request import Hooks, SelectionRequest
 from .samplers import balanced_order, density_order, longest_order, num_targets_of, uniform_order, walk_order
-from .targeted import rds_order, run_targeted, run_targeted_logdet
+from .targeted import rds_order, run_targeted, run_targeted_vopt
 from .vopt import run_vopt
 
 
@@ -136,10 +136,10 @@ _REGISTRY: dict[str, _Method] = {
         np.asarray(f.embeddings)[p], r.seed)), False, "inverse-density sampling (seeded)"),
     "balanced": _Method(_sampler(lambda f, p, r: balanced_order(num_targets_of(f)[p], r.groups[p], r.seed)),
                         False, "random with equal target tokens per group (seeded; needs groups)", labelled=True),
-    "targeted": _Method(run_targeted, False, "V-optimal for a target set: its prediction variance (needs --target)",
+    "targeted": _Method(run_targeted, True, "log-det on a target set's principal directions (needs --target)",
                         False, targeted=True),
-    "targeted_logdet": _Method(run_targeted_logdet, True, "log-det on the target's principal directions "
-                               "(needs --target)", False, targeted=True),
+    "targeted_vopt": _Method(run_targeted_vopt, False, "V-optimal for a target set: its prediction variance "
+                             "(needs --target)", False, targeted=True),
     "rds": _Method(_sampler(rds_order), False, "RDS+: max cosine of mean states to the target's (needs --target)",
                    targeted=True),
 }
