@@ -16,7 +16,7 @@ class HFBackend:
 
     def load_tokenizer(self, model_ref: ModelRef):
         """(tokenizer, model config): what the tokenise stage needs, without the weights."""
-        path = model_ref.local_path()  # fetched or converted once per node
+        path = model_ref.tokenizer_path()  # fetched (without weights) or converted once per node
         return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
 
     def load(self, model_ref: ModelRef, *, device, dtype, with_head: bool):

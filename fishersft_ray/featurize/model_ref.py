@@ -109,6 +109,16 @@ class ModelRef:
             return str(_materialise(self.fingerprint, lambda out: _fetch_url(self, out)))
         return _hub_snapshot(self)
 
+    def tokenizer_path(self) -> str:
+        """A directory on THIS node with the model's configs and tokenizer files: the model
+        itself (``local_path``), except for a model on object storage, whose weights are not
+        fetched (cache_root()/models/<fingerprint>-tokenizer): the CPU tokenise stage needs
+        no more, and its nodes need not hold the weights."""
+        if self.kind != "url":
+            return self.local_path()
+        return str(_materialise(f"{self.fingerprint}-tokenizer",
+                                lambda out: _fetch_url(self, out, weights=False)))
+
     def hidden_size(self) -> int | None:
         """The width d of the last hidden state, read from ``config.json`` alone (never the
         weights; a GGUF is converted once, as ``local_path``); None when it cannot be read."""
@@ -493,14 +503,15 @@ def _resolve_url(url: str, options: dict) -> ModelRef:
     return ModelRef(url.rstrip("/"), "url", _url_fingerprint(files), name, storage_options=options)
 
 
-def _fetch_url(ref: ModelRef, out: Path) -> None:
-    """Copy the model directory's files into ``out`` (checked against the planned fingerprint)."""
+def _fetch_url(ref: ModelRef, out: Path, weights: bool = True) -> None:
+    """Copy the model directory's files into ``out`` (checked against the planned fingerprint);
+    ``weights=False``: all but the weights."""
     location, files = _list_model_dir(ref.source, ref.storage_options, bounded=False)
     _check_model_files(ref.source, files)
     if _url_fingerprint(files) != ref.fingerprint:
         raise ModelUnavailable(f"model {ref.source} changed since the job was planned (its objects' "
                                "sizes or ETags differ): rerun the job")
-    names = _fetch_set(files)
+    names = [name for name in _fetch_set(files) if weights or not name.endswith(WEIGHT_SUFFIXES)]
     log.info("fetching model %s (%d files, %.1f MB) into %s", ref.source, len(names),
              sum(files[n].get("size") or 0 for n in names) / 1e6, out.parent)
     try:
