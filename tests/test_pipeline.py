@@ -441,7 +441,7 @@ def test_cli_rejects_bad_partitions_in_one_line(tmp_path, capsys):
         _select_one_line_corpus(tmp_path, "--partitions", "0")
     assert exited.value.code == 2 and "--partitions: expected auto or an integer >= 1" in capsys.readouterr().err
     assert _select_one_line_corpus(tmp_path, "--partitions", "2", "--method", "uniform") == 2
-    assert "runs a certified method (sentence_od, tokenod) only" in capsys.readouterr().err
+    assert "runs a certified method (sentence_od, targeted, tokenod) only" in capsys.readouterr().err
 
 
 def test_selection_runs_on_the_driver_cpu_when_gpu_actors_featurize_for_a_cpu_head(monkeypatch, caplog):
