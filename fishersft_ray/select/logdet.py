@@ -629,6 +629,17 @@ def select(examples, budget: float, *, method: str = "lazy", label: str = "token
     The token budget runs cost-benefit lazy greedy (gain / cost) and unit-cost lazy greedy
     restricted to what fits, and keeps the better objective (Leskovec et al. 2007); its
     ``upper_bound`` is the min over both runs of the fractional-knapsack certificate.
+    ``Selection.guaranteed_ratio`` is the a-priori f(S)/f(OPT) (``greedy.guaranteed_ratio``).
+
+    ``greedy_tolerance=ε`` (lazy only; 0, exact, by default): a pick is taken once its
+    priority is within 1 − ε of every other bound, which saves the re-evaluations that only
+    separate near-ties (measured: benchmarks/RESULTS.md, "Token-budget selection at scale");
+    the guarantee becomes ``guaranteed_ratio(unit, ε, …)`` and, under a token budget of at
+    least twice the largest candidate, only the cost-benefit run is made. The picks then
+    depend on the bounds: naive greedy does not reproduce them and a resumed run may pick
+    others (each within the same guarantee); a checkpoint records ε and resumes only a call
+    with it.
+
     ``hooks.progress(step, total)`` is called after each pick.
 
     ``near_dup_cosine=T``: a candidate whose embedding (a FeatureSet's ``embeddings`` row,
