@@ -9,9 +9,24 @@ import socket
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, taken: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """`count` distinct free ports, none in `taken`. Every socket stays bound until all are
+    chosen: ports asked for one at a time can repeat (the kernel may hand a just-released port
+    out again), and Ray refuses to start when two of its components share one."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
+        return ports
 
 
 class LocalRayCluster:
@@ -29,7 +44,8 @@ class LocalRayCluster:
         self.env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{self.env['PATH']}"
         self.env["RAY_AUTH_MODE"] = "token"
         self.env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-        self.port, self.dashboard = free_port(), free_port()
+        self.port, self.dashboard = free_ports(2)
+        self.ports_in_use = {self.port, self.dashboard}
         self.temp_dir = f"/tmp/fsr-ray-{os.getpid()}-{self.port}"
 
     @property
@@ -40,14 +56,21 @@ class LocalRayCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard}"
 
+    def _fresh_ports(self, count: int) -> list[int]:
+        """Ports free now and used by no other node of this cluster."""
+        ports = free_ports(count, taken=self.ports_in_use)
+        self.ports_in_use.update(ports)
+        return ports
+
     def _start(self, args: list[str], num_cpus: int, resources: dict | None, env: dict | None) -> None:
         import json
         import subprocess
 
-        ports = ["--node-ip-address=127.0.0.1", f"--node-manager-port={free_port()}",
-                 f"--object-manager-port={free_port()}", f"--metrics-export-port={free_port()}",
-                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--runtime-env-agent-port={free_port()}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        node_manager, object_manager, metrics, agent_http, agent_grpc, runtime_env = self._fresh_ports(6)
+        ports = ["--node-ip-address=127.0.0.1", f"--node-manager-port={node_manager}",
+                 f"--object-manager-port={object_manager}", f"--metrics-export-port={metrics}",
+                 f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                 f"--runtime-env-agent-port={runtime_env}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
         if resources:
             ports.append(f"--resources={json.dumps(resources)}")
         started = subprocess.run([self.ray, "start", *args, *ports], env={**self.env, **(env or {})},
@@ -57,7 +80,7 @@ class LocalRayCluster:
     def start_head(self, num_cpus: int = 2, resources: dict | None = None, env: dict | None = None) -> None:
         self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard}",
                      "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                     f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}"],
+                     f"--ray-client-server-port={self._fresh_ports(1)[0]}", f"--temp-dir={self.temp_dir}"],
                     num_cpus, resources, env)
 
     def add_worker(self, num_cpus: int = 2, resources: dict | None = None, env: dict | None = None) -> None:
