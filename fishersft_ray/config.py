@@ -470,6 +470,14 @@ class SelectSettings:
                                                              "memory or spill disk, else enough parts that one "
                                                              "fits its memory budget)")
     part_oversample: float = option(1.0, help="two-stage: each part returns this many times --budget candidates")
+    greedy_tolerance: float = option(0.0, help="log-det methods: lazy greedy takes a pick once its gain per cost "
+                                               "is within 1 - this of every other candidate's bound (0: exact "
+                                               "greedy; e.g. 0.3: fewer evaluations; the manifest states the "
+                                               "guarantee)")
+    stochastic_greedy: float = option(0.0, metavar="DELTA", help="log-det methods: each greedy step takes the best "
+                                                                 "of a random sample of (n/k)·ln(1/DELTA) candidates "
+                                                                 "(0: off; e.g. 0.05): work grows linearly with the "
+                                                                 "corpus; the manifest states the guarantee")
     config_file: str | None = option(None, flag="--config", metavar="FILE", help=CONFIG_HELP)
     select_threads: int | None = None  # torch threads for the selection (None: torch's default)
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
@@ -509,6 +517,13 @@ class SelectSettings:
                              f"({', '.join(sorted(CERTIFIED))}) only, not --method {self.method}")
         if self.driver_memory_gb is not None and not self.driver_memory_gb >= 0:
             raise ValueError(f"--driver-memory-gb must be >= 0, got {self.driver_memory_gb}")
+        for flag, value in (("--greedy-tolerance", self.greedy_tolerance),
+                            ("--stochastic-greedy", self.stochastic_greedy)):
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"{flag} must be a number in [0, 1), got {value!r}")
+            if value and self.method not in CERTIFIED:
+                raise ValueError(f"{flag} applies to the log-det greedy methods ({', '.join(sorted(CERTIFIED))}), "
+                                 f"not to --method {self.method}")
 
     build = classmethod(build)
 

@@ -220,6 +220,8 @@ def _select(settings: SelectSettings, record: RunRecord, featurized: Featurized,
     selection_key = fingerprint(record.features_info["key"], featurized.prior_key, settings.budget,
                                 settings.budget_unit, record.lam, record.length_cap and record.length_cap["tokens"],
                                 settings.method, settings.seed, settings.rules.near_dup_cosine, featurized.target_key,
+                                *((settings.greedy_tolerance, settings.stochastic_greedy)
+                                  if settings.greedy_tolerance or settings.stochastic_greedy else ()),
                                 *((plan.parts, settings.part_oversample) if plan.parts > 1 else ()))
     # Every check passed: an earlier complete run here stops being complete as we rewrite it.
     output.remove(MANIFEST_NAME)
@@ -228,7 +230,8 @@ def _select(settings: SelectSettings, record: RunRecord, featurized: Featurized,
                                prior=featurized.prior, eligible=eligible,
                                near_dup_cosine=settings.rules.near_dup_cosine, seed=settings.seed,
                                device=selection_device(settings.featurize.device), threads=settings.select_threads,
-                               target=featurized.target)
+                               target=featurized.target, greedy_tolerance=settings.greedy_tolerance,
+                               stochastic_delta=settings.stochastic_greedy)
 
     def run(pool: FeatureSet, request: SelectionRequest) -> Selection:
         codes = None if groups is None else groups.codes_of(pool.row_index)

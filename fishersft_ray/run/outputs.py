@@ -127,6 +127,7 @@ def _selection_account(record: RunRecord) -> dict:
         "upper_bound": float(selection.upper_bound) if certified else None,
         "certificate_ratio": float(selection.certificate_ratio) if certified else None,
         "certificate": _certificate(record),
+        "guarantee": _guarantee(selection, bool(record.two_stage)),
         "evaluations": int(selection.evaluations),
         "bound_updates": int(selection.bound_updates),
         "variant": selection.variant,
@@ -134,6 +135,25 @@ def _selection_account(record: RunRecord) -> dict:
         "groups": record.group_shares,  # io/groups.group_account: each group's share of the corpus and of the picks
         "near_duplicates": _near_duplicates(record),
     }
+
+
+def _guarantee(selection, two_stage: bool) -> dict | None:
+    """How the greedy ran and what it guarantees before the run (the certificate proves a
+    bound after it); None for the methods that are not a log-det greedy."""
+    if selection.guaranteed_ratio is None and not selection.stochastic_delta:
+        return None
+    ratio, tolerance, delta = selection.guaranteed_ratio, selection.greedy_tolerance, selection.stochastic_delta
+    greedy = ("stochastic greedy" if delta else "lazy greedy") + (f" with tolerance {tolerance:g}" if tolerance else "")
+    if ratio is None:
+        text = (f"{greedy} under a token budget: no a-priori guarantee; the certificate proves "
+                "f(S) ≥ certificate_ratio · f(OPT) for this run")
+    elif delta:
+        text = f"{greedy}: E[f(S)] ≥ {ratio:.3f} · f(OPT) over its random samples (δ = {delta:g})"
+    else:
+        text = f"{greedy}: f(S) ≥ {ratio:.3f} · f(OPT)" + ("" if tolerance else " (lazy greedy is exact greedy)")
+    if two_stage:
+        text += " against the best subset of the parts' candidates (two-stage: see two_stage)"
+    return {"greedy_tolerance": tolerance, "stochastic_delta": delta, "guaranteed_ratio": ratio, "text": text}
 
 
 def _certificate(record: RunRecord) -> str:

@@ -21,6 +21,12 @@ as apricot separates its functions from its optimizers). What it provides:
   largest candidate's cost it runs the cost-benefit variant alone (its own guarantee is then
   the better one). The a-priori guarantee is ``Selection.guaranteed_ratio`` (proofs in
   ``_lazy_greedy``);
+* an opt-in stochastic greedy (``SelectionRequest.stochastic_delta`` δ): each step takes the
+  best of a random sample of the candidates, found lazily; O(n·log(1/δ)) evaluations where
+  lazy greedy's count grows faster than the pool under a share-of-the-pool budget. Under an
+  example budget E[f(S)] ≥ (1 − e^(−(1−ε)(1−δ)))·f(OPT); under a token budget no a-priori
+  guarantee, and a lazily tightened certificate at the end proves one for the run
+  (``_stochastic_lazy_greedy``, ``_certify_lazily``);
 * the certificate, for submodular objectives only: for any step t and any feasible OPT,
   f(OPT) ≤ f(S_t) + Σ_{i∈OPT∖S_t} Δ(i|S_t) ≤ f(S_t) + (n largest stale bounds), or for a
   token budget B the fractional-knapsack value of the stale bounds under B. The smallest
@@ -80,9 +86,11 @@ class Selection:
     ``excluded_near_duplicates``: candidates the near-duplicate guard dropped (0 when off).
     ``logdet_value``: TokenOD's f(S) (token-level log det) of the picks whatever the method,
     so A/B runs compare in one unit (``methods.run_method`` fills it; None if not reported).
-    ``greedy_tolerance``: the ε lazy greedy ran with (0: exact greedy). ``guaranteed_ratio``:
-    the a-priori f(S) ≥ ratio · f(OPT) of the run (``guaranteed_ratio``; None when the
-    objective is not submodular or the selection did not come from the greedy driver).
+    ``greedy_tolerance``: the ε lazy greedy ran with (0: exact greedy). ``stochastic_delta``:
+    the δ of stochastic greedy (0: off). ``guaranteed_ratio``: the a-priori f(S) ≥ ratio ·
+    f(OPT) of the run, in expectation over the samples for stochastic greedy
+    (``guaranteed_ratio``; None when the objective is not submodular, for stochastic greedy
+    under a token budget, or when the selection did not come from the greedy driver).
     """
 
     indices: np.ndarray
@@ -98,6 +106,7 @@ class Selection:
     bound_updates: int = 0
     greedy_tolerance: float = 0.0
     guaranteed_ratio: float | None = None
+    stochastic_delta: float = 0.0
 
     @property
     def certificate_ratio(self) -> float | None:
@@ -287,14 +296,17 @@ def knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_co
 
 
 def guaranteed_ratio(budget_unit: str, greedy_tolerance: float = 0.0, largest_share: float = 1.0,
-                     unit_cost_run: bool = True) -> float:
+                     unit_cost_run: bool = True, stochastic_delta: float = 0.0) -> float | None:
     """A-priori f(S) ≥ ratio · f(OPT) of lazy greedy on a monotone submodular f with f(∅) = 0,
     α = 1 − ``greedy_tolerance``. Example budget: 1 − e^(−α). Token budget, with s =
     ``largest_share`` (the largest candidate's cost / the budget): the cost-benefit run alone
     guarantees 1 − e^(−α(1 − s)), the better of it and the unit-cost run (``unit_cost_run``)
     also α(1 − e^(−α))/2. Exact greedy (α = 1): 1 − 1/e, and at least (1 − 1/e)/2. Proofs:
-    ``_lazy_greedy``."""
+    ``_lazy_greedy``. Stochastic greedy (δ > 0): 1 − e^(−α(1−δ)) in expectation under an
+    example budget, None under a token budget (``_stochastic_lazy_greedy``)."""
     alpha = 1.0 - greedy_tolerance
+    if stochastic_delta:
+        return 1.0 - math.exp(-alpha * (1.0 - stochastic_delta)) if budget_unit == "examples" else None
     if budget_unit == "examples":
         return 1.0 - math.exp(-alpha)
     cost_benefit = 1.0 - math.exp(-alpha * max(0.0, 1.0 - largest_share))
@@ -549,6 +561,116 @@ def _lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_siz
         run.take_best(i)
 
 
+def stochastic_sample_size(candidates: int, picks: float, delta: float) -> int:
+    """Stochastic greedy's sample per step, ⌈(n/k)·ln(1/δ)⌉ (Mirzasoleiman et al. 2015): with n
+    candidates and k picks, a sample that large meets OPT ∖ S with probability ≥ 1 − δ."""
+    return max(1, math.ceil(candidates / max(picks, 1.0) * math.log(1.0 / delta)))
+
+
+def _stochastic_lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, tolerance: float,
+                            delta: float, seed: int):
+    """Stochastic greedy ("lazier than lazy greedy", Mirzasoleiman et al. AAAI 2015): each
+    step draws s candidates uniformly at random (with replacement; seeded by ``seed`` and the
+    step, so a resumed run draws what the first one would have) from those that still fit and
+    takes the best of the sample, found lazily: the sample's entries are evaluated in order of
+    their stale bounds (valid upper bounds: f is submodular) until the best fresh priority,
+    times 1/(1 − ε) with a ``tolerance`` ε, reaches the next bound. A step's work is set by s,
+    not by the pool, so the run costs O(n·log(1/δ)) evaluations instead of lazy greedy's
+    superlinear count (benchmarks/bench_token_scale.py).
+
+    Guarantee, example budget k over n candidates, s = ⌈(n/k)·ln(1/δ)⌉, α = 1 − ε: given S,
+    the sample meets OPT ∖ S (x ≤ k elements) with probability ≥ 1 − (1 − x/n)^s ≥ 1 − e^(−sx/n),
+    and then holds a uniformly random element of OPT ∖ S, so E[Δ(pick|S)] ≥ α(1 − e^(−sx/n))/x ·
+    Σ_{OPT∖S} Δ(o|S) ≥ α(1 − δ)/k · (f(OPT) − f(S)) ((1 − e^(−sx/n))/x falls with x). Taking
+    expectations step by step, E[f(S_k)] ≥ (1 − e^(−α(1−δ))) f(OPT), ``guaranteed_ratio``.
+    Under a token budget there is no a-priori guarantee: s uses k̂ = the picks the budget left
+    holds at the mean cost of the picks so far (the median candidate's cost before the first)
+    over the candidates that still fit; ``_certify_lazily`` then proves a bound for the run.
+    """
+    guard = run.guard
+    evaluated_step = run.evaluated_step
+    candidate_costs = run.costs[eligible]
+    is_open = ~np.isin(eligible, run.picks)  # by position in ``eligible``
+    inflate = 1.0 / (1.0 - tolerance)
+    log_inverse_delta = math.log(1.0 / delta)
+    example_sample = stochastic_sample_size(len(eligible), run.max_picks, delta) if run.unit_cost else 0
+    typical_cost = float(np.median(candidate_costs)) if len(eligible) else 1.0
+    while run.step < run.max_picks:
+        run.certify()
+        step = run.step
+        # O(n) per step, a small part of a step's evaluations; the open list (and so the
+        # sample) is a function of the picks so far, as a resumed run needs.
+        open_positions = np.flatnonzero(is_open & (candidate_costs <= run.remaining))
+        if len(open_positions) == 0:
+            break
+        if run.unit_cost:
+            size = example_sample
+        else:
+            mean_cost = float(run.costs[run.picks].mean()) if run.picks else typical_cost
+            size = math.ceil(len(open_positions) * mean_cost / max(run.remaining, mean_cost) * log_inverse_delta)
+        if size < len(open_positions):
+            drawn = np.random.default_rng([seed, step]).integers(0, len(open_positions), size)
+            open_positions = np.unique(open_positions[drawn])
+        sample = eligible[open_positions]
+        if guard is not None:
+            blocked = guard.blocked(sample)
+            if blocked.any():
+                run.excluded(sample[blocked])
+                is_open[open_positions[blocked]] = False
+                sample, open_positions = sample[~blocked], open_positions[~blocked]
+                if len(sample) == 0:
+                    continue
+        priorities = run.bounds[sample] * weights[sample]
+        order = np.lexsort((sample, -priorities))  # highest bound first, lowest index among ties
+        sample, priorities = sample[order], priorities[order]
+        best, best_i, position, batch = -math.inf, -1, 0, 1
+        while position < len(sample) and best * inflate < priorities[position]:
+            ids = sample[position:position + batch]
+            stale = ids[evaluated_step[ids] != step]
+            if len(stale):
+                run.evaluate(stale)
+            fresh = run.bounds[ids] * weights[ids]
+            top = int(np.argmax(fresh))  # first maximum: the lowest index among equal priorities
+            if fresh[top] > best:
+                best, best_i = float(fresh[top]), int(ids[top])
+            position += len(ids)
+            batch *= 2
+        if best_i < 0:  # every sampled entry has a zero bound: nothing left adds anything
+            best_i = int(sample[0])
+        is_open[np.searchsorted(eligible, best_i)] = False  # eligible is sorted
+        run.take_best(best_i)
+
+
+def _certify_lazily(run: _Run, eligible: np.ndarray, max_evaluations: int):
+    """Tighten ``run.upper_bound`` at the final S with the fewest evaluations: f(OPT) ≤ f(S) +
+    Σ_{OPT∖S} Δ(o|S), at most the fractional knapsack of the bounds (``knapsack_bound``);
+    entries that fill it with a stale bound are evaluated (fresh gains are the smallest valid
+    bounds), round after round, until the knapsack is filled by fresh gains alone or
+    ``max_evaluations`` were spent. Only the top of the knapsack is ever evaluated."""
+    if not run.certified:
+        return
+    if run.tightener is not None:  # one O(rows) pass lowers every stale bound first
+        run.tightener.advance(run.step)
+        run.lower(np.flatnonzero(run.bounds > 0), full=True)
+    candidates = eligible[run.bounds[eligible] > 0]
+    spent = 0
+    while len(candidates) and spent < max_evaluations:
+        bounds = run.bounds[candidates]
+        if run.unit_cost:
+            count = min(int(run.budget), len(candidates))
+            support = candidates[np.argpartition(-bounds, count - 1)[:count]] if count else candidates[:0]
+        else:
+            order = np.argsort(-bounds / run.costs[candidates], kind="stable")
+            filled = np.cumsum(run.costs[candidates[order]])
+            support = candidates[order[:int(np.searchsorted(filled, run.budget, side="left")) + 1]]
+        stale = support[run.evaluated_step[support] != run.step][:max_evaluations - spent]
+        if len(stale) == 0:
+            break
+        run.evaluate(stale)
+        spent += len(stale)
+    run.certify(force=True)
+
+
 def _bounded_lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray, batch_size: int | None,
                          initial: InitialBounds):
     """Exact lazy greedy for an objective that is not submodular but has a proven bound
@@ -650,7 +772,8 @@ def _checkpoint_header(n: int, budget: float, budget_unit: str, settings: dict,
 def _check_resume(resume: dict, header: dict, variants: tuple[str, ...]) -> dict:
     """The per-variant records of a checkpoint, after checking it belongs to this call."""
     mismatched = [key for key, value in header.items() if resume.get(key) != value]
-    mismatched += [key for key in ("objective", "eligible", "near_dup_cosine", "greedy_tolerance")
+    mismatched += [key for key in ("objective", "eligible", "near_dup_cosine", "greedy_tolerance",
+                                   "stochastic_delta", "seed")
                    if key in resume and key not in header]
     if mismatched:
         raise ValueError(f"resume: checkpoint does not match this call ({', '.join(mismatched)} "
@@ -678,11 +801,12 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
     certificate, checkpoint and resume semantics: see ``logdet.select``.
     """
     budget, budget_unit = request.budget, request.budget_unit
-    batch_size, tolerance = request.batch_size, request.greedy_tolerance
+    batch_size, tolerance, delta = request.batch_size, request.greedy_tolerance, request.stochastic_delta
     largest_share = 0.0  # the largest candidate's cost / a token budget
-    if tolerance and (method != "lazy" or not objective.submodular):
-        raise ValueError("greedy_tolerance applies to lazy greedy on a submodular objective only "
-                         f"(method {method!r}, {label})")
+    for name, value in (("greedy_tolerance", tolerance), ("stochastic_delta", delta)):
+        if value and (method != "lazy" or not objective.submodular):
+            raise ValueError(f"{name} applies to lazy greedy on a submodular objective only "
+                             f"(method {method!r}, {label})")
     progress, checkpoint, resume = hooks.progress, hooks.checkpoint, hooks.resume
     n = objective.n
     if budget_unit == "examples":
@@ -700,7 +824,7 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
                             "unit_cost": np.ones(n)}
         variants = {name: all_variants[name] for name in objective.knapsack_variants}
         largest_share = float(costs[candidates].max()) / budget if len(candidates) else 0.0
-        if tolerance and largest_share <= 0.5:  # cost-benefit alone then guarantees more than the pair
+        if (tolerance or delta) and largest_share <= 0.5:  # cost-benefit alone then guarantees more than the pair
             variants = {"cost_benefit": variants["cost_benefit"]}
     extra = {}
     if label != "tokenod":
@@ -711,6 +835,8 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
         extra["near_dup_cosine"] = guard.threshold
     if tolerance:
         extra["greedy_tolerance"] = tolerance
+    if delta:
+        extra.update(stochastic_delta=delta, seed=request.seed)
     header = _checkpoint_header(n, budget, budget_unit, {"lam": request.lam}, method, extra)
     records = {} if resume is None else _check_resume(resume, header, tuple(variants))
     initial = InitialBounds(np.zeros(n), None, 0, False)
@@ -744,6 +870,9 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
         if not records.get(variant, {}).get("finished"):
             if method == "naive":
                 _naive_greedy(state, candidates, weights)
+            elif delta:
+                _stochastic_lazy_greedy(state, candidates, weights, tolerance, delta, request.seed)
+                _certify_lazily(state, candidates, max_evaluations=len(candidates))
             elif hasattr(objective, "bound_scale"):
                 _bounded_lazy_greedy(state, candidates, weights, batch_size, initial)
             else:
@@ -756,11 +885,11 @@ def run_greedy(objective: Objective, request: SelectionRequest, hooks: Hooks = H
     results = [run(name, weights) for name, weights in variants.items()]
     best = max(results, key=lambda s: s.objective[-1] if len(s.objective) else 0.0)
     upper_bound = min(r.upper_bound for r in results) if objective.submodular else None
-    ratio = guaranteed_ratio(budget_unit, tolerance, largest_share, "unit_cost" in variants) \
+    ratio = guaranteed_ratio(budget_unit, tolerance, largest_share, "unit_cost" in variants, delta) \
         if objective.submodular else None
     return replace(best, evaluations=sum(r.evaluations for r in results) + initial.evaluations,
                    bound_updates=sum(r.bound_updates for r in results), upper_bound=upper_bound,
-                   greedy_tolerance=tolerance, guaranteed_ratio=ratio)
+                   greedy_tolerance=tolerance, guaranteed_ratio=ratio, stochastic_delta=delta)
 
 
 def empty_selection(budget_unit: str, certified: bool, label: str) -> Selection:

@@ -35,6 +35,9 @@ class SelectionRequest:
     targeted methods only, which need it (select/targeted.py). ``greedy_tolerance``: ε of
     lazy greedy on a submodular objective (0: exact greedy; ε > 0: each pick's priority is
     within 1 − ε of the best, see ``greedy.guaranteed_ratio`` for what that guarantees).
+    ``stochastic_delta``: δ of stochastic greedy on a submodular objective (0: off; δ in (0, 1):
+    each step takes the best of a random sample of (n/k)·ln(1/δ) candidates, seeded by
+    ``seed``; see ``greedy._stochastic_lazy_greedy``).
     """
 
     budget: float
@@ -51,6 +54,7 @@ class SelectionRequest:
     groups: np.ndarray | None = None
     target: Any = None
     greedy_tolerance: float = 0.0
+    stochastic_delta: float = 0.0
 
     def __post_init__(self):
         check_budget_unit(self.budget_unit)
@@ -63,6 +67,8 @@ class SelectionRequest:
         check_near_dup_cosine(self.near_dup_cosine)
         if not (isinstance(self.greedy_tolerance, _NUMBER) and 0 <= self.greedy_tolerance < 1):
             raise ValueError(f"greedy_tolerance must be a number in [0, 1), got {self.greedy_tolerance!r}")
+        if not (isinstance(self.stochastic_delta, _NUMBER) and 0 <= self.stochastic_delta < 1):
+            raise ValueError(f"stochastic_delta must be a number in [0, 1) (0: off), got {self.stochastic_delta!r}")
         if self.groups is not None:
             object.__setattr__(self, "groups", np.asarray(self.groups))
 
