@@ -257,7 +257,7 @@ class FeaturizeConfig:
 
     model: Any = option(None, help="Hugging Face id, local directory or .gguf file "
                                    "(default: the offline SmolLM2-135M-Instruct when installed)")
-    backend: str = "hf"                    # what loads the model: a name in featurize/featurizer.BACKENDS
+    backend: str = "hf"                    # what loads the model: a name in featurize/backends.BACKENDS
     device: str = option("auto", choices=DEVICES, help="featurizer device (auto: GPU actors where the cluster has GPUs); the "
                                                         "selection runs on the driver's GPU too unless cpu or it has none")
     max_length: int | None = option(None, help="truncate examples to this many tokens "
