@@ -583,16 +583,16 @@ def _stochastic_lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray
     and then holds a uniformly random element of OPT ∖ S, so E[Δ(pick|S)] ≥ α(1 − e^(−sx/n))/x ·
     Σ_{OPT∖S} Δ(o|S) ≥ α(1 − δ)/k · (f(OPT) − f(S)) ((1 − e^(−sx/n))/x falls with x). Taking
     expectations step by step, E[f(S_k)] ≥ (1 − e^(−α(1−δ))) f(OPT), ``guaranteed_ratio``.
-    Under a token budget there is no a-priori guarantee: s uses k̂ = the picks the budget left
-    holds at the mean cost of the picks so far (the median candidate's cost before the first)
-    over the candidates that still fit; ``_certify_lazily`` then proves a bound for the run.
+    Under a token budget there is no a-priori guarantee: s uses k̂ = the picks the budget holds
+    at the mean cost of the picks so far (the median candidate's cost before the first), so
+    the run still draws about n·ln(1/δ) in all; ``_certify_lazily`` then proves a bound for
+    the run.
     """
     guard = run.guard
     evaluated_step = run.evaluated_step
     candidate_costs = run.costs[eligible]
     is_open = ~np.isin(eligible, run.picks)  # by position in ``eligible``
     inflate = 1.0 / (1.0 - tolerance)
-    log_inverse_delta = math.log(1.0 / delta)
     example_sample = stochastic_sample_size(len(eligible), run.max_picks, delta) if run.unit_cost else 0
     typical_cost = float(np.median(candidate_costs)) if len(eligible) else 1.0
     while run.step < run.max_picks:
@@ -607,7 +607,7 @@ def _stochastic_lazy_greedy(run: _Run, eligible: np.ndarray, weights: np.ndarray
             size = example_sample
         else:
             mean_cost = float(run.costs[run.picks].mean()) if run.picks else typical_cost
-            size = math.ceil(len(open_positions) * mean_cost / max(run.remaining, mean_cost) * log_inverse_delta)
+            size = stochastic_sample_size(len(eligible), run.budget / mean_cost, delta)
         if size < len(open_positions):
             drawn = np.random.default_rng([seed, step]).integers(0, len(open_positions), size)
             open_positions = np.unique(open_positions[drawn])
