@@ -157,15 +157,16 @@ def test_the_selection_records_its_guarantee_and_a_tolerant_token_run_skips_unit
     assert run_method("uniform", FeatureSet.from_examples(examples), SelectionRequest(8)).guaranteed_ratio is None
 
 
-def test_tolerance_is_checked_and_kept_to_lazy_greedy_on_a_submodular_objective():
+@pytest.mark.parametrize("option", ["greedy_tolerance", "stochastic_delta"])
+def test_the_options_are_checked_and_kept_to_lazy_greedy_on_a_submodular_objective(option):
     examples = near_tie_examples(np.random.default_rng(3), 20, 4)
     for bad in (-0.1, 1.0, float("nan"), True):
-        with pytest.raises(ValueError, match="greedy_tolerance"):
-            SelectionRequest(5, greedy_tolerance=bad)
-    with pytest.raises(ValueError, match="greedy_tolerance"):
-        select(examples, 5, method="naive", greedy_tolerance=0.1)
-    with pytest.raises(ValueError, match="greedy_tolerance"):
-        run_method("vopt", FeatureSet.from_examples(examples), SelectionRequest(5, greedy_tolerance=0.1))
+        with pytest.raises(ValueError, match=option):
+            SelectionRequest(5, **{option: bad})
+    with pytest.raises(ValueError, match=option):
+        select(examples, 5, method="naive", **{option: 0.1})
+    with pytest.raises(ValueError, match=option):
+        run_method("vopt", FeatureSet.from_examples(examples), SelectionRequest(5, **{option: 0.1}))
 
 
 @pytest.mark.parametrize("budget_unit", ["examples", "tokens"])
