@@ -275,6 +275,24 @@ def make_guard(embeddings, near_dup_cosine: float | None) -> NearDuplicateGuard 
     return None if near_dup_cosine is None else NearDuplicateGuard(embeddings, near_dup_cosine)
 
 
+def _by_ratio(bounds: np.ndarray, costs: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """The positive bounds' positions by decreasing bound / cost, cut after the one that fills
+    ``budget``, and their cumulative costs: the fractional knapsack's fill order."""
+    positive = np.flatnonzero(bounds > 0)
+    order = positive[np.argsort(-(bounds[positive] / costs[positive]), kind="stable")]
+    filled = np.cumsum(costs[order])
+    stop = int(np.searchsorted(filled, budget, side="left")) + 1
+    return order[:stop], filled[:stop]
+
+
+def knapsack_support(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_cost: bool) -> np.ndarray:
+    """Positions whose bounds make ``knapsack_bound`` (the last one may count in part)."""
+    if unit_cost:
+        k = min(int(budget), len(bounds))
+        return np.argpartition(-bounds, k - 1)[:k] if k else np.zeros(0, np.int64)
+    return _by_ratio(bounds, costs, budget)[0]
+
+
 def knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_cost: bool) -> float:
     """Largest Σ bounds over a set of cost ≤ budget, relaxed to the fractional knapsack.
 
@@ -283,10 +301,7 @@ def knapsack_bound(bounds: np.ndarray, costs: np.ndarray, budget: float, unit_co
     if unit_cost:
         k = min(int(budget), len(bounds))
         return float(np.partition(bounds, len(bounds) - k)[len(bounds) - k:].sum()) if k else 0.0
-    positive = np.flatnonzero(bounds > 0)
-    ratios = bounds[positive] / costs[positive]
-    order = positive[np.argsort(-ratios, kind="stable")]
-    filled = np.cumsum(costs[order])
+    order, filled = _by_ratio(bounds, costs, budget)
     whole = int(np.searchsorted(filled, budget, side="right"))
     value = float(bounds[order[:whole]].sum())
     if whole < len(order):
@@ -655,14 +670,8 @@ def _certify_lazily(run: _Run, eligible: np.ndarray, max_evaluations: int):
     candidates = eligible[run.bounds[eligible] > 0]
     spent = 0
     while len(candidates) and spent < max_evaluations:
-        bounds = run.bounds[candidates]
-        if run.unit_cost:
-            count = min(int(run.budget), len(candidates))
-            support = candidates[np.argpartition(-bounds, count - 1)[:count]] if count else candidates[:0]
-        else:
-            order = np.argsort(-bounds / run.costs[candidates], kind="stable")
-            filled = np.cumsum(run.costs[candidates[order]])
-            support = candidates[order[:int(np.searchsorted(filled, run.budget, side="left")) + 1]]
+        support = candidates[knapsack_support(run.bounds[candidates], run.costs[candidates], run.budget,
+                                              run.unit_cost)]
         stale = support[run.evaluated_step[support] != run.step][:max_evaluations - spent]
         if len(stale) == 0:
             break
